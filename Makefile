@@ -1,0 +1,31 @@
+# Two commands: `make demo` and `make test`. Both create .venv on first use.
+PY ?= python3.11
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU torch lies on local disk where this machine kind keeps it; harmless elsewhere.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# CPU torch first, so nothing later can pull a CUDA build of it.
+	$(VPY) -m pip install -q $(FIND_LINKS) torch==2.13.0
+	$(VPY) -m pip install -q $(FIND_LINKS) -e '.[cpu,test]'
+	# pip drags in CUDA builds of these through vllm; they break imports next to CPU torch.
+	$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(VPY) -c "import torch, megatron.core, vllm; assert not torch.version.cuda, torch.__version__"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m megatron_hapo.cli demo
+
+test: $(STAMP)
+	$(VPY) -m pytest tests -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV)

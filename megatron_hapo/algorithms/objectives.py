@@ -1,0 +1,155 @@
+"""The algorithms as the trainer sees them: one config, HAPO/DAPO/GRPO presets, one loss call.
+
+HAPO is DAPO plus four switches (A–D); each can be turned off alone, which is the paper's
+ablation. Dynamic sampling and overlong shaping are trainer settings shared by all three.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from ._checks import as_mask, one_of
+from .advantages import grpo_advantages, token_group_advantages_with_fallback
+from .entropy import SIGN_MODES, EntropyStats, entropy_stats, normalized_entropy
+from .loss import AGGREGATIONS, adaptive_clip_bounds, aggregate_loss, ppo_token_losses, redistribute_advantages, truncated_is_weights
+
+ALGORITHMS = ("hapo", "dapo", "grpo")
+LOSS_STATS = ("step_old", "micro_batch_current")
+ROLLOUT_CORRECTIONS = (None, "tis")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+    name: str = "hapo"
+    # HAPO's four components (HAPO.md §A–§D).
+    adaptive_temperature: bool = True
+    token_level_advantage: bool = True
+    redistribute: bool = True
+    adaptive_clip: bool = True
+    tau: float = 0.05  # the released code; the paper's text says 0.1
+    beta: float = 1.0
+    alpha: float = 1.0
+    pivot: float = 0.8
+    sign_mode: str = "signed"
+    fallback_threshold: Optional[float] = 5.0
+    loss_stats: str = "step_old"
+    # PPO loss shared by all algorithms.
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    clip_ratio_c: Optional[float] = 10.0
+    agg: str = "token-mean"
+    rollout_correction: Optional[str] = None
+    tis_cap: float = 2.0
+
+    def __post_init__(self):
+        one_of("algorithm.name", self.name, ALGORITHMS)
+        one_of("algorithm.sign_mode", self.sign_mode, SIGN_MODES)
+        one_of("algorithm.loss_stats", self.loss_stats, LOSS_STATS)
+        one_of("algorithm.agg", self.agg, AGGREGATIONS)
+        if self.rollout_correction not in ROLLOUT_CORRECTIONS:
+            raise ValueError(f"algorithm.rollout_correction: unknown value {self.rollout_correction!r}; expected None or 'tis'")
+        for field, lo, hi in (("tau", 0.0, 1.0), ("eps_low", 0.0, 1.0), ("pivot", 0.0, 1.0)):
+            v = getattr(self, field)
+            if not lo <= v <= hi:
+                raise ValueError(f"algorithm.{field}: must lie in [{lo}, {hi}], got {v}")
+        for field in ("beta", "alpha", "eps_high", "tis_cap"):
+            if not getattr(self, field) >= 0:
+                raise ValueError(f"algorithm.{field}: must be non-negative, got {getattr(self, field)}")
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
+            raise ValueError(f"algorithm.clip_ratio_c: must be > 1 or None, got {self.clip_ratio_c}")
+        if self.name != "hapo" and self.uses_entropy:
+            raise ValueError(f"algorithm.name={self.name!r} cannot enable HAPO components; use name='hapo'")
+
+    @property
+    def uses_entropy(self) -> bool:
+        """Whether the loss needs h̃ (HAPO C or D)."""
+        return self.redistribute or self.adaptive_clip
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "AlgorithmConfig":
+        """hapo: all four components; dapo: none of them; grpo: none, symmetric clip, per-sequence mean."""
+        one_of("algorithm", name, ALGORITHMS)
+        off = dict(adaptive_temperature=False, token_level_advantage=False, redistribute=False, adaptive_clip=False)
+        base = {"hapo": {}, "dapo": off, "grpo": dict(off, eps_high=0.2, agg="seq-mean-token-mean")}[name]
+        return cls(name=name, **{**base, **overrides})
+
+
+def compute_advantages(cfg: AlgorithmConfig, rewards, lengths, group_ids):
+    """Per-sequence advantages and a per-sequence bool of groups that fell back to GRPO."""
+    if cfg.token_level_advantage:
+        return token_group_advantages_with_fallback(rewards, lengths, group_ids, cfg.fallback_threshold)
+    adv = grpo_advantages(rewards, group_ids)
+    return adv, torch.zeros_like(adv, dtype=torch.bool)
+
+
+def loss_entropy_scale(
+    cfg: AlgorithmConfig,
+    mask,
+    step_stats: Optional[EntropyStats] = None,
+    old_entropy: Optional[torch.Tensor] = None,
+    current_entropy: Optional[torch.Tensor] = None,
+) -> Optional[torch.Tensor]:
+    """h̃ for the loss side (C, D), or None when neither is on.
+
+    step_old: h̃ of the old-policy entropies under the step-wide statistics.
+    micro_batch_current: h̃ of the current policy's entropies under statistics of this micro-batch.
+    """
+    if not cfg.uses_entropy:
+        return None
+    if cfg.loss_stats == "step_old":
+        if step_stats is None or old_entropy is None:
+            raise ValueError("loss_stats='step_old' needs step_stats and old_entropy")
+        return normalized_entropy(old_entropy, step_stats, cfg.sign_mode)
+    if current_entropy is None:
+        raise ValueError("loss_stats='micro_batch_current' needs current_entropy")
+    ent = current_entropy.detach()
+    stats = entropy_stats(ent, mask, cfg.pivot)
+    return normalized_entropy(ent, stats, cfg.sign_mode)
+
+
+def compute_policy_loss(
+    cfg: AlgorithmConfig,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask,
+    h_hat: Optional[torch.Tensor] = None,
+    normalizer=None,
+    behaviour_logp: Optional[torch.Tensor] = None,
+):
+    """The loss of one micro-batch, and metric sums to be reduced across micro-batches and ranks.
+
+    Returns (loss, metrics) where metrics holds float tensors: tokens, clip_low, clip_high,
+    clip_dual, adv_redistributed, bounds_adapted, tis_weight (sums over valid tokens).
+    """
+    mask = as_mask("mask", mask, logp)
+    eps_low, eps_high = cfg.eps_low, cfg.eps_high
+    adv = advantages
+    metrics = {}
+    if cfg.uses_entropy and h_hat is None:
+        raise ValueError(f"algorithm {cfg.name!r} with redistribute/adaptive_clip needs h_hat")
+    if cfg.adaptive_clip:
+        eps_low, eps_high = adaptive_clip_bounds(h_hat, cfg.eps_low, cfg.eps_high, cfg.alpha)
+        metrics["bounds_adapted"] = (mask & ((eps_low != cfg.eps_low) | (eps_high != cfg.eps_high))).sum()
+    if cfg.redistribute:
+        ratio = torch.exp((logp.detach().float() - old_logp.float()).clamp(-20, 20))
+        adv = redistribute_advantages(advantages, h_hat, ratio, eps_low, eps_high, cfg.beta)
+        base = advantages if advantages.dim() == adv.dim() else advantages.unsqueeze(-1).expand_as(adv)
+        metrics["adv_redistributed"] = (mask & (adv != base)).sum()
+    token_loss, info = ppo_token_losses(logp, old_logp, adv, mask, eps_low, eps_high, cfg.clip_ratio_c)
+    if cfg.rollout_correction == "tis":
+        if behaviour_logp is None:
+            raise ValueError("rollout_correction='tis' needs behaviour_logp (the engine's log-probs at T_b)")
+        w = truncated_is_weights(old_logp, behaviour_logp, mask, cfg.tis_cap)
+        token_loss = token_loss * w
+        metrics["tis_weight"] = w.sum()
+    loss = aggregate_loss(token_loss, mask, cfg.agg, normalizer)
+    metrics.update(
+        tokens=mask.sum(),
+        clip_low=info["clip_low"].sum(),
+        clip_high=info["clip_high"].sum(),
+        clip_dual=info["clip_dual"].sum(),
+    )
+    return loss, {k: v.detach().to(torch.float64) for k, v in metrics.items()}
