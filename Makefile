@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(VPY) -m megatron_hapo.cli demo
 
 test: $(STAMP)
-	$(VPY) -m pytest tests -q -p no:cacheprovider
+	$(VPY) -m pytest -q
 
 clean:
 	rm -rf $(VENV)

@@ -37,17 +37,19 @@ def adaptive_clip_bounds(h_hat, eps_low: float = 0.2, eps_high: float = 0.28, al
 
 
 def _per_token(name: str, value, like: torch.Tensor) -> torch.Tensor:
-    """Broadcasts a per-sequence [B] tensor (or a float) to the token shape [B, T]."""
+    """A float, a per-sequence [B] tensor or a per-token [B, T] tensor, as [B, T]."""
     if isinstance(value, torch.Tensor):
         t = value.to(device=like.device)
     else:  # a float or a list: take the token tensor's precision
         t = as_tensor(name, value, dtype=like.dtype if like.is_floating_point() else None).to(like.device)
     if t.dim() == like.dim() - 1 and tuple(t.shape) == tuple(like.shape[:-1]):
         t = t.unsqueeze(-1)
-    try:
-        return torch.broadcast_to(t, like.shape)
-    except RuntimeError:
-        raise ValueError(f"{name}: shape {tuple(t.shape)} does not fit the token shape {tuple(like.shape)}") from None
+    elif t.dim() != 0 and tuple(t.shape) != tuple(like.shape):
+        raise ValueError(
+            f"{name}: shape {tuple(t.shape)} is neither per sequence {tuple(like.shape[:-1])} "
+            f"nor per token {tuple(like.shape)}"
+        )
+    return t.expand(like.shape)
 
 
 def redistribute_advantages(advantages, h_hat, ratio, eps_low_t, eps_high_t, beta: float = 1.0) -> torch.Tensor:

@@ -1,0 +1,36 @@
+"""`megatron-hapo` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _demo(args) -> int:
+    from .toy import ToyConfig, run
+
+    print("megatron-hapo demo: the HAPO algorithm core (megatron_hapo.algorithms) training a tiny PyTorch")
+    print("policy on the 'digit sum' task from reward alone, on this CPU. Not yet Megatron-Core or vLLM:")
+    print("this is the smallest honest slice of the pipeline until the trainer lands.\n")
+    for algo in args.algorithms.split(","):
+        result = run(ToyConfig(algorithm=algo, steps=args.steps, seed=args.seed))
+        print()
+        if result["end_accuracy"] <= result["start_accuracy"]:
+            print(f"{algo}: no improvement from reward; something is wrong", file=sys.stderr)
+            return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="megatron-hapo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the embedded CPU demo")
+    demo.add_argument("--algorithms", default="hapo,dapo", help="comma-separated: hapo, dapo, grpo")
+    demo.add_argument("--steps", type=int, default=40)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
