@@ -54,3 +54,9 @@ def test_tools_run():
     assert reqs and not any(r.split("=")[0].split("<")[0].split(">")[0] == "torch" for r in reqs)
     env = subprocess.run([sys.executable, str(ROOT / "tools" / "check_env.py")], capture_output=True, text=True)
     assert env.returncode == 0 and "megatron-core: 0.16.1" in env.stdout
+
+
+def test_examples_run():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "algorithms_walkthrough.py")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "loss:" in out.stdout
