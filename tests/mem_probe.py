@@ -15,13 +15,16 @@ def measure(tokens: int, vocab: int, chunk, entropy_grad: bool):
     temp = torch.rand(tokens) + 0.5
     small = torch.randn(8, vocab).requires_grad_()  # warm up code paths and allocator
     vocab_parallel_logprobs_and_entropy(small, target[:8], temp[:8], chunk_size=chunk)[0].sum().backward()
-    with PeakRSS() as m:
+    with PeakRSS() as fwd:
         logp, ent = vocab_parallel_logprobs_and_entropy(logits, target, temp, chunk_size=chunk, entropy_grad=entropy_grad)
-        (logp.sum() + (ent.sum() if entropy_grad else 0)).backward()
+        loss = logp.sum() + (ent.sum() if entropy_grad else 0)
+    with PeakRSS() as bwd:
+        loss.backward()
     grad_bytes = logits.grad.numel() * logits.grad.element_size()
-    return m.extra - grad_bytes  # what the function needed beyond its unavoidable output gradient
+    # what each pass needed beyond its inputs and the unavoidable gradient of the logits
+    return {"forward": fwd.extra, "backward": bwd.extra - grad_bytes}
 
 
 if __name__ == "__main__":
     tokens, vocab, chunk = (int(a) if a != "None" else None for a in sys.argv[1:4])
-    print(json.dumps({"extra": measure(tokens, vocab, chunk, sys.argv[4] == "1")}))
+    print(json.dumps(measure(tokens, vocab, chunk, sys.argv[4] == "1")))

@@ -61,10 +61,16 @@ def _chunks(n: int, chunk_size: Optional[int]):
         yield start, min(start + step, n)
 
 
-def _scaled_chunk(rows, start, end, temp, pad_from, dtype):
-    """fp32 (or fp64) copy of rows[start:end] / T with padded vocabulary entries at −inf."""
-    x = rows[start:end].to(dtype, copy=True)
-    x.div_(temp[start:end, None])
+def _local_max(raw: torch.Tensor, pad_from: int, inv_t: torch.Tensor) -> torch.Tensor:
+    """max_v z_v over this shard's real vocabulary, from the raw logits (scaling by 1/T is monotonic)."""
+    if pad_from == 0:  # this shard holds only padding
+        return torch.full_like(inv_t, -torch.inf)
+    return raw[:, :pad_from].amax(dim=-1).to(inv_t.dtype) * inv_t
+
+
+def _shifted_chunk(raw, inv_t, shift, pad_from, out=None):
+    """raw / T − shift in the compute dtype, one fused pass; padded vocabulary entries at −inf."""
+    x = torch.addcmul((-shift)[:, None], raw, inv_t[:, None], out=out)
     if pad_from < x.shape[1]:
         x[:, pad_from:] = -torch.inf
     return x
@@ -81,7 +87,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         rows, order = _rows_view(logits)
         n = rows.shape[0]
         tgt = _per_row(target, order)
-        temp = _per_row(temperature, order).to(compute)
+        inv_t = 1.0 / _per_row(temperature, order).to(compute)
         local_t = tgt - start_id
         owned = (local_t >= 0) & (local_t < shard)
         local_t = local_t.clamp(0, shard - 1)
@@ -90,12 +96,11 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         entropy = torch.empty(n, dtype=compute, device=logits.device)
         logp = torch.empty(n, dtype=compute, device=logits.device)
         for s, e in _chunks(n, chunk_size):
-            x = _scaled_chunk(rows, s, e, temp, pad_from, compute)
-            m = x.amax(dim=-1)
+            m = _local_max(rows[s:e], pad_from, inv_t[s:e])
             if world > 1:
                 dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows of all −inf: keep NaN-free
-            x.sub_(m[:, None])
+            x = _shifted_chunk(rows[s:e], inv_t[s:e], m, pad_from)  # z − m, the only chunk-sized buffer
             d_y = x.gather(1, local_t[s:e, None]).squeeze(1)
             d_y = torch.where(owned[s:e], d_y, torch.zeros_like(d_y))
             x.exp_()
@@ -129,16 +134,18 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         rows, order = _rows_view(logits)
         grad_rows = torch.empty(rows.shape, dtype=logits.dtype, device=logits.device)
         tgt = _per_row(target, order)
-        temp = _per_row(temperature, order).to(compute)
+        inv_t = 1.0 / _per_row(temperature, order).to(compute)
         local_t = tgt - start_id
         owned = (local_t >= 0) & (local_t < shard)
         local_t = local_t.clamp(0, shard - 1)
-        g_lp = _per_row(g_logp, order).to(compute) if g_logp is not None else torch.zeros_like(log_z)
-        g_h = _per_row(g_entropy, order).to(compute) if g_entropy is not None else None
+        # d/dlogits = d/dz · 1/T: fold 1/T into the upstream gradients once
+        g_lp = (_per_row(g_logp, order).to(compute) if g_logp is not None else torch.zeros_like(log_z)) * inv_t
+        g_h = _per_row(g_entropy, order).to(compute) * inv_t if g_entropy is not None else None
+        g_target = torch.where(owned, g_lp, torch.zeros_like(g_lp))
+        in_place = grad_rows.dtype == compute  # write straight into the gradient, no extra buffer
 
         for s, e in _chunks(rows.shape[0], ctx.chunk_size):
-            x = _scaled_chunk(rows, s, e, temp, pad_from, compute)
-            x.sub_(log_z[s:e, None])  # log p
+            x = _shifted_chunk(rows[s:e], inv_t[s:e], log_z[s:e], pad_from, out=grad_rows[s:e] if in_place else None)
             if g_h is None:
                 x.exp_().mul_(-g_lp[s:e, None])  # −g·p
             else:
@@ -150,12 +157,9 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
                     p = torch.exp(blk)
                     blk.add_(entropy[s:e, None]).mul_(b).add_(a).mul_(p).neg_()
                     del p
-            own = owned[s:e]
-            x.scatter_add_(1, local_t[s:e, None], torch.where(own, g_lp[s:e], torch.zeros_like(g_lp[s:e]))[:, None])
-            x.div_(temp[s:e, None])
-            if pad_from < shard:
-                x[:, pad_from:] = 0
-            grad_rows[s:e].copy_(x)
+            x.scatter_add_(1, local_t[s:e, None], g_target[s:e, None])
+            if not in_place:
+                grad_rows[s:e].copy_(x)
             del x
         grad = _unrow(grad_rows, logits.shape, order + [logits.dim() - 1])
         return grad, None, None, None, None, None, None

@@ -1,0 +1,175 @@
+"""Hugging Face config.json → Megatron-Core TransformerConfig and GPTModel arguments.
+
+Families: Llama (llama), Qwen2 (qkv bias), Qwen3 (qk-norm, explicit head_dim). Parallel sizes
+are checked here, so a bad layout fails at start-up naming the setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import torch
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The architecture facts the model builder and the HF ↔ Megatron mapping need."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    rope_scaling: Optional[dict] = None
+
+    @classmethod
+    def from_hf(cls, config) -> "ModelSpec":
+        """From a config.json path, a folder holding one, a dict or a transformers PretrainedConfig."""
+        if isinstance(config, (str, os.PathLike)):
+            path = os.path.join(config, "config.json") if os.path.isdir(config) else config
+            with open(path) as f:
+                config = json.load(f)
+        elif not isinstance(config, dict):
+            config = config.to_dict()
+        family = config.get("model_type")
+        if family not in FAMILIES:
+            raise ValueError(f"config.model_type: {family!r} is not supported; expected one of {FAMILIES}")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in config]
+        if missing:
+            raise ValueError(f"config: missing {missing}")
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        rope_scaling = config.get("rope_scaling")
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in ("llama3", "default"):
+            raise ValueError(f"config.rope_scaling: {rope_scaling} is not supported (only llama3-style)")
+        return cls(
+            family=family,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            ffn_hidden_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=config.get("rope_theta", 10000.0),
+            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
+            qk_norm=family == "qwen3",
+            rope_scaling=rope_scaling if rope_scaling and rope_scaling.get("rope_type") == "llama3" else None,
+        )
+
+
+def check_layout(spec: ModelSpec, tp: int, pp: int, vpp: Optional[int] = None) -> None:
+    """Raises ValueError naming the setting when the model cannot be split this way."""
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp}: must be ≥ 1")
+    if spec.num_heads % tp:
+        raise ValueError(f"tensor_model_parallel_size={tp} does not divide num_attention_heads={spec.num_heads}")
+    if spec.num_kv_heads % tp:
+        raise ValueError(f"tensor_model_parallel_size={tp} does not divide num_key_value_heads={spec.num_kv_heads} "
+                         "(KV groups are not replicated across TP ranks)")
+    if spec.ffn_hidden_size % tp:
+        raise ValueError(f"tensor_model_parallel_size={tp} does not divide intermediate_size={spec.ffn_hidden_size}")
+    stages = pp * (vpp or 1)
+    if stages > spec.num_layers:
+        raise ValueError(f"pipeline_model_parallel_size={pp}" + (f" × virtual {vpp}" if vpp else "")
+                         + f" exceeds num_hidden_layers={spec.num_layers}")
+    if spec.num_layers % stages:
+        raise ValueError(f"pipeline_model_parallel_size={pp}" + (f" × virtual {vpp}" if vpp else "")
+                         + f" does not divide num_hidden_layers={spec.num_layers}")
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron's padding: a multiple of divisible_by × TP."""
+    m = divisible_by * tp
+    return ((vocab_size + m - 1) // m) * m
+
+
+def transformer_config(spec: ModelSpec, tp: int = 1, pp: int = 1, *, dtype=torch.float32, sequence_parallel=False,
+                       vpp: Optional[int] = None, init_std: float = 0.02):
+    from megatron.core.transformer import TransformerConfig
+
+    check_layout(spec, tp, pp, vpp)
+    bf16 = dtype == torch.bfloat16
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_heads,
+        num_query_groups=spec.num_kv_heads,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=dtype,
+        bf16=bf16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=True,
+        init_method_std=init_std,
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+    )
+
+
+def build_gpt_model(spec: ModelSpec, config, *, pre_process: bool, post_process: bool, vp_stage=None, use_te=None):
+    """One GPTModel chunk for this rank (local layer spec on CPU, Transformer Engine on GPU)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    if use_te is None:
+        use_te = torch.cuda.is_available()
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
+    else:
+        layer_spec = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    kwargs = {}
+    if spec.rope_scaling:
+        kwargs.update(rope_scaling=True, rope_scaling_factor=spec.rope_scaling.get("factor", 8.0))
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=padded_vocab_size(spec.vocab_size, config.tensor_model_parallel_size),
+        max_sequence_length=spec.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(spec.rope_theta),
+        vp_stage=vp_stage,
+        **kwargs,
+    )

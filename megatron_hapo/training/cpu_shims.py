@@ -1,0 +1,111 @@
+"""Lets megatron-core 0.16.1 run on CPU with gloo: every CUDA assumption it makes, in one place.
+
+Applied only when CUDA is absent (`apply()` is a no-op on a GPU machine). What it covers, each
+measured on megatron-core 0.16.1:
+- torch.cuda.current_device() in rotary embeddings, p2p receive buffers, checkpoint saving → "cpu";
+- torch.cuda.synchronize / streams / empty_cache → no-ops;
+- the CUDA RNG tracker → the CPU default generator (torch.cuda.manual_seed must not recurse into
+  torch.manual_seed, which itself calls torch.cuda.manual_seed_all);
+- hard-coded device="cuda" tensors (the schedules' token counter, grad-norm buffers, the loss
+  scale) → a TorchFunctionMode that rewrites the device of factory calls;
+- Tensor.cuda()/Module.cuda() (tied embeddings with PP > 1, optimizer state) → stay on CPU;
+- tensor.type() checks that expect "torch.cuda.FloatTensor" (grad clipping, optimizers) → report
+  CPU tensors under their CUDA type name.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_APPLIED = False
+_FACTORIES = {
+    torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.arange, torch.randn, torch.rand,
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.as_tensor, torch.eye, torch.randint,
+}
+
+
+def _is_cuda_device(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int)  # an ordinal from current_device()
+
+
+class _CudaToCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        elif func in (torch.Tensor.to,) and args and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _Stream:
+    def __init__(self, *a, **k):
+        pass
+
+    def wait_stream(self, *a, **k):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, *a, **k):
+        return None
+
+
+@contextlib.contextmanager
+def _null_ctx(*a, **k):
+    yield
+
+
+def apply() -> bool:
+    """Installs the shims once if CUDA is absent; returns whether they are active."""
+    global _APPLIED
+    if _APPLIED:
+        return True
+    if torch.cuda.is_available():
+        return False
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda *a, **k: None
+    cuda.set_device = lambda *a, **k: None
+    cuda.device_count = lambda: 0
+    cuda.current_stream = lambda *a, **k: _Stream()
+    cuda.default_stream = lambda *a, **k: _Stream()
+    cuda.Stream = _Stream
+    cuda.stream = _null_ctx
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: None
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+    original_type = torch.Tensor.type
+
+    def _type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original_type(self)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        return original_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = _type
+    _CudaToCpu().__enter__()  # for the life of the process: megatron builds cuda tensors anywhere
+    _APPLIED = True
+    return True
