@@ -139,7 +139,6 @@ def transformer_config(spec: ModelSpec, tp: int = 1, pp: int = 1, *, dtype=torch
         pipeline_dtype=dtype,
         use_cpu_initialization=True,
         init_method_std=init_std,
-        share_embeddings_and_output_weights=spec.tie_word_embeddings,
     )
 
 

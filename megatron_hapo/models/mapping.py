@@ -1,0 +1,197 @@
+"""Hugging Face ↔ Megatron-Core parameter names and layouts (Llama, Qwen2, Qwen3).
+
+Shared by the policy (loading weights), the weight sync into vLLM and the conversion tools.
+Layout facts (megatron-core, local and TE specs alike):
+- linear_qkv rows are grouped per KV group: [q heads of group g; k_g; v_g] for g = 0..G-1;
+- linear_fc1 is [gate; up]; a TP rank holds [gate_r; up_r];
+- column-parallel weights (qkv, fc1, embeddings, output layer) split on dim 0, row-parallel
+  ones (linear_proj, linear_fc2) on dim 1; norms are replicated;
+- the vocabulary is padded to a multiple of 128·TP (padding rows are zero);
+- with PP, each stage numbers its layers from 0; the global index adds the stage's offset.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+
+from .hf_config import ModelSpec, padded_vocab_size
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+# Megatron suffix inside a layer → (HF suffix, kind); kind tells how TP splits it.
+_LAYER_PARAMS = {
+    "input_layernorm.weight": ("input_layernorm.weight", "replicated"),
+    "self_attention.linear_qkv.weight": (None, "qkv"),
+    "self_attention.linear_qkv.bias": (None, "qkv"),
+    "self_attention.q_layernorm.weight": ("self_attn.q_norm.weight", "replicated"),
+    "self_attention.k_layernorm.weight": ("self_attn.k_norm.weight", "replicated"),
+    "self_attention.linear_proj.weight": ("self_attn.o_proj.weight", "row"),
+    "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight", "replicated"),
+    "mlp.linear_fc1.weight": (None, "fc1"),
+    "mlp.linear_fc2.weight": ("mlp.down_proj.weight", "row"),
+}
+# TE spec fuses the norms into the following linear layer.
+_TE_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def layer_offset(spec: ModelSpec, pp_rank: int, pp: int, vp_stage: Optional[int] = None, vpp: Optional[int] = None) -> int:
+    """Global index of a stage's first layer (Megatron's interleaved order with virtual stages)."""
+    per_chunk = spec.num_layers // (pp * (vpp or 1))
+    return ((vp_stage or 0) * pp + pp_rank) * per_chunk
+
+
+# ---- HF → Megatron ---------------------------------------------------------------------------
+
+def _qkv_full(hf: Dict[str, torch.Tensor], prefix: str, spec: ModelSpec, kind: str) -> torch.Tensor:
+    q, k, v = (hf[f"{prefix}self_attn.{n}_proj.{kind}"] for n in ("q", "k", "v"))
+    g, d = spec.num_kv_heads, spec.head_dim
+    per = spec.num_heads // g
+    q = q.reshape(g, per * d, *q.shape[1:])
+    k = k.reshape(g, d, *k.shape[1:])
+    v = v.reshape(g, d, *v.shape[1:])
+    return torch.cat([q, k, v], dim=1).reshape(-1, *q.shape[2:])
+
+
+def _split(t: torch.Tensor, kind: str, tp_rank: int, tp: int) -> torch.Tensor:
+    if kind == "replicated" or tp == 1:
+        return t
+    if kind in ("column", "qkv"):
+        return t.chunk(tp, dim=0)[tp_rank]
+    if kind == "row":
+        return t.chunk(tp, dim=1)[tp_rank]
+    if kind == "fc1":  # t = [gate; up]
+        gate, up = t.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]], dim=0)
+    raise ValueError(kind)
+
+
+def _pad_vocab(t: torch.Tensor, spec: ModelSpec, tp: int) -> torch.Tensor:
+    padded = padded_vocab_size(spec.vocab_size, tp)
+    if t.shape[0] != spec.vocab_size:
+        raise ValueError(f"vocabulary rows: {t.shape[0]} in the checkpoint, {spec.vocab_size} in the config")
+    return torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])]) if padded > t.shape[0] else t
+
+
+def hf_to_megatron(
+    hf: Dict[str, torch.Tensor],
+    spec: ModelSpec,
+    tp_rank: int = 0,
+    tp: int = 1,
+    pp_rank: int = 0,
+    pp: int = 1,
+    vp_stage: Optional[int] = None,
+    vpp: Optional[int] = None,
+) -> Dict[str, torch.Tensor]:
+    """The state dict of one model chunk (Megatron names, local layer numbering) from HF tensors."""
+    stages = pp * (vpp or 1)
+    per_chunk = spec.num_layers // stages
+    first = layer_offset(spec, pp_rank, pp, vp_stage, vpp)
+    chunk_index = (vp_stage or 0) * pp + pp_rank
+    out: Dict[str, torch.Tensor] = {}
+    if chunk_index == 0:
+        out["embedding.word_embeddings.weight"] = _split(_pad_vocab(hf["model.embed_tokens.weight"], spec, tp), "column", tp_rank, tp)
+    for local in range(per_chunk):
+        p = f"model.layers.{first + local}."
+        for m_suffix, (hf_suffix, kind) in _LAYER_PARAMS.items():
+            if kind == "qkv":
+                which = m_suffix.rsplit(".", 1)[1]
+                if which == "bias" and not spec.qkv_bias:
+                    continue
+                full = _qkv_full(hf, p, spec, which)
+            elif kind == "fc1":
+                full = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]], dim=0)
+            else:
+                if "layernorm" in m_suffix and ("q_layernorm" in m_suffix or "k_layernorm" in m_suffix) and not spec.qk_norm:
+                    continue
+                full = hf[p + hf_suffix]
+            out[f"decoder.layers.{local}.{m_suffix}"] = _split(full, kind, tp_rank, tp)
+    if chunk_index == stages - 1:
+        out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
+        if not spec.tie_word_embeddings:
+            out["output_layer.weight"] = _split(_pad_vocab(hf["lm_head.weight"], spec, tp), "column", tp_rank, tp)
+    return out
+
+
+# ---- Megatron → HF ---------------------------------------------------------------------------
+
+def param_kind(megatron_name: str) -> str:
+    """How TP splits a parameter: column, row, qkv, fc1 or replicated."""
+    if megatron_name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return "column"
+    m = _LAYER.match(megatron_name)
+    if m is None:
+        return "replicated"
+    suffix = _TE_ALIASES.get(m.group(2), m.group(2))
+    if suffix not in _LAYER_PARAMS:
+        raise KeyError(f"unknown Megatron parameter {megatron_name!r}")
+    return _LAYER_PARAMS[suffix][1]
+
+
+def merge_tp(name: str, shards) -> torch.Tensor:
+    """Joins the TP shards of one Megatron parameter into its TP = 1 form."""
+    kind = param_kind(name)
+    if kind == "replicated" or len(shards) == 1:
+        return shards[0]
+    if kind in ("column", "qkv"):
+        return torch.cat(list(shards), dim=0)
+    if kind == "row":
+        return torch.cat(list(shards), dim=1)
+    gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
+    return torch.cat(list(gates) + list(ups), dim=0)
+
+
+def megatron_to_hf(name: str, tensor: torch.Tensor, spec: ModelSpec, layer_base: int = 0) -> Iterator[Tuple[str, torch.Tensor]]:
+    """HF (name, tensor) pairs of one TP-merged Megatron parameter; layer_base = the chunk's offset."""
+    if name == "embedding.word_embeddings.weight":
+        yield "model.embed_tokens.weight", tensor[: spec.vocab_size]
+        return
+    if name == "output_layer.weight":
+        yield "lm_head.weight", tensor[: spec.vocab_size]
+        return
+    if name == "decoder.final_layernorm.weight":
+        yield "model.norm.weight", tensor
+        return
+    m = _LAYER.match(name)
+    if m is None:
+        raise KeyError(f"unknown Megatron parameter {name!r}")
+    p = f"model.layers.{layer_base + int(m.group(1))}."
+    suffix = _TE_ALIASES.get(m.group(2), m.group(2))
+    hf_suffix, kind = _LAYER_PARAMS[suffix]
+    if kind == "qkv":
+        g, d = spec.num_kv_heads, spec.head_dim
+        per = spec.num_heads // g
+        grouped = tensor.reshape(g, (per + 2) * d, *tensor.shape[1:])
+        q, k, v = grouped.split([per * d, d, d], dim=1)
+        which = suffix.rsplit(".", 1)[1]
+        for n, t in (("q", q), ("k", k), ("v", v)):
+            yield f"{p}self_attn.{n}_proj.{which}", t.reshape(-1, *tensor.shape[1:])
+    elif kind == "fc1":
+        gate, up = tensor.chunk(2, dim=0)
+        yield p + "mlp.gate_proj.weight", gate
+        yield p + "mlp.up_proj.weight", up
+    else:
+        yield p + hf_suffix, tensor
+
+
+def hf_param_names(spec: ModelSpec) -> list:
+    """Every HF parameter name of the model, in a stable order."""
+    names = ["model.embed_tokens.weight"]
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        names += [p + "input_layernorm.weight"]
+        names += [f"{p}self_attn.{n}_proj.weight" for n in "qkv"]
+        if spec.qkv_bias:
+            names += [f"{p}self_attn.{n}_proj.bias" for n in "qkv"]
+        if spec.qk_norm:
+            names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+        names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight"]
+        names += [p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
+    names.append("model.norm.weight")
+    if not spec.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names
