@@ -6,6 +6,7 @@ so on timeout every rank is killed and the test fails with what each rank said.
 from __future__ import annotations
 
 import datetime
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -29,7 +30,9 @@ def _worker(rank, world_size, port, fn, args, results, timeout):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
         out = fn(rank, world_size, *args)
-        results.put((rank, "ok", out))
+        buf = io.BytesIO()  # plain bytes: tensors shared through file descriptors die with the worker
+        torch.save(out, buf)
+        results.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -61,7 +64,9 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 240.0):
                     raise RuntimeError(f"ranks {dead} died (exit codes {[procs[i].exitcode for i in dead]}); errors: {errors}")
                 continue
             if status == "ok":
-                got[rank] = payload
+                import torch
+
+                got[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
     finally:

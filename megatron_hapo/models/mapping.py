@@ -114,6 +114,8 @@ def hf_to_megatron(
         out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
         if not spec.tie_word_embeddings:
             out["output_layer.weight"] = _split(_pad_vocab(hf["lm_head.weight"], spec, tp), "column", tp_rank, tp)
+        elif stages > 1:  # tied, but the last stage keeps its own copy of the embedding (synced by Megatron)
+            out["output_layer.weight"] = _split(_pad_vocab(hf["model.embed_tokens.weight"], spec, tp), "column", tp_rank, tp)
     return out
 
 

@@ -1,0 +1,391 @@
+"""The policy as a Megatron-Core GPTModel: old-policy pass and HAPO/DAPO/GRPO updates inside
+Megatron's own forward-backward schedules (no pipelining, or 1F1B with PP > 1) and optimizer.
+
+Per-token tensors are aligned with label positions: entry t of a row scores token t+1, so a
+response token at position p is scored at p − 1 (`loss_mask` marks those positions). Prompt
+positions and padding never enter the loss.
+
+Normalization: the loss function returns the local *sum* of the per-token (or per-sequence)
+losses and its count; Megatron runs with calculate_per_token_loss and divides the gradients by
+the count summed over micro-batches and data-parallel ranks, so token-mean is over the whole
+mini-batch whatever the split (HAPO.md, "Policy loss").
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from functools import partial
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..algorithms import AlgorithmConfig, compute_policy_loss, loss_entropy_scale
+from ..models.hf_config import ModelSpec, build_gpt_model, transformer_config
+from ..models.mapping import hf_to_megatron, layer_offset, megatron_to_hf, merge_tp, param_kind
+from ..parallel import vocab_parallel_logprobs_and_entropy
+
+
+@dataclasses.dataclass
+class PolicyConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    micro_batch_size: int = 1
+    dtype: str = "float32"  # bfloat16 on GPU
+    lr: float = 1e-6
+    min_lr: Optional[float] = None
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 10
+    train_steps: int = 100000
+    logprob_chunk_size: Optional[int] = 1024
+    seed: int = 1234
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"policy.dtype: {self.dtype!r}; expected 'float32' or 'bfloat16'")
+        return getattr(torch, self.dtype)
+
+
+@dataclasses.dataclass
+class PolicyBatch:
+    """One data-parallel rank's share of a (mini-)batch. Shapes: [B, S] unless said.
+
+    input_ids: prompt + response tokens, right-padded. loss_mask: True at positions t whose
+    next token t+1 is a response token. advantages: [B] or [B, S]. old_logp / h_hat /
+    behaviour_logp: per position, aligned like loss_mask. segment_ids: for packed rows, the
+    sequence each token belongs to (attention stays within a segment, positions restart).
+    """
+
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    advantages: Optional[torch.Tensor] = None
+    old_logp: Optional[torch.Tensor] = None
+    h_hat: Optional[torch.Tensor] = None
+    behaviour_logp: Optional[torch.Tensor] = None
+    segment_ids: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected [batch, seq], got shape {tuple(self.input_ids.shape)}")
+        shape = tuple(self.input_ids.shape)
+        for name in ("loss_mask", "old_logp", "h_hat", "behaviour_logp", "segment_ids"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"{name}: shape {tuple(t.shape)} does not match input_ids {shape}")
+        if self.advantages is not None and tuple(self.advantages.shape) not in ((shape[0],), shape):
+            raise ValueError(f"advantages: shape {tuple(self.advantages.shape)}; expected ({shape[0]},) or {shape}")
+        self.loss_mask = self.loss_mask.bool()
+        if bool(self.loss_mask[:, -1].any()):
+            raise ValueError("loss_mask: the last position has no next token to score")
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx) -> "PolicyBatch":
+        return PolicyBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
+                              for f in dataclasses.fields(self)})
+
+
+def model_inputs(input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None):
+    """(position_ids, attention_mask, labels): causal mask (True = masked), block-diagonal when packed."""
+    b, s = input_ids.shape
+    causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu(1)
+    if segment_ids is None:
+        position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        mask = causal[None, None].expand(b, 1, s, s)
+    else:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = (causal[None] | ~same)[:, None]
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        idx = torch.arange(s, device=input_ids.device).expand(b, s)
+        seg_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+        position_ids = idx - seg_start
+    labels = torch.zeros_like(input_ids)
+    labels[:, :-1] = input_ids[:, 1:]
+    return position_ids.contiguous(), mask.contiguous(), labels
+
+
+class MegatronPolicy:
+    """A Megatron GPTModel (DDP-wrapped chunks), its optimizer and LR schedule, and the RL passes."""
+
+    def __init__(self, spec: ModelSpec, cfg: PolicyConfig, algo: AlgorithmConfig):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.spec, self.cfg, self.algo = spec, cfg, algo
+        tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+        vpp = cfg.virtual_pipeline_model_parallel_size
+        if ps.get_tensor_model_parallel_world_size() != tp or ps.get_pipeline_model_parallel_world_size() != pp:
+            raise ValueError(f"parallel state has TP={ps.get_tensor_model_parallel_world_size()}, "
+                             f"PP={ps.get_pipeline_model_parallel_world_size()}; the policy config asks for TP={tp}, PP={pp}")
+        if cfg.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size: must be ≥ 1, got {cfg.micro_batch_size}")
+        if cfg.sequence_parallel and not torch.cuda.is_available():
+            raise ValueError("sequence_parallel: needs Transformer Engine norms (GPU); the CPU torch norms refuse it")
+        dtype = cfg.torch_dtype()
+        self.config = transformer_config(spec, tp, pp, dtype=dtype, sequence_parallel=cfg.sequence_parallel, vpp=vpp)
+        self.config.calculate_per_token_loss = True
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.dp_group = ps.get_data_parallel_group()
+        self.pp_rank, self.pp_size = ps.get_pipeline_model_parallel_rank(), pp
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=cfg.use_distributed_optimizer
+        )
+        self.chunks = []
+        for vp in range(vpp or 1):
+            vp_stage = vp if vpp else None
+            module = build_gpt_model(
+                spec, self.config,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage,
+            ).to(dtype)
+            self.chunks.append(DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=module,
+                                                       disable_bucketing=vp > 0))
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr if cfg.min_lr is not None else cfg.lr,
+            weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+            clip_grad=cfg.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, self.chunks)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if cfg.lr_warmup_steps else cfg.lr, max_lr=cfg.lr,
+            min_lr=opt_config.min_lr, lr_warmup_steps=cfg.lr_warmup_steps,
+            lr_decay_steps=max(cfg.train_steps, cfg.lr_warmup_steps + 1), lr_decay_style="constant",
+            start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=max(cfg.train_steps, 1),
+            wd_incr_style="constant",
+        )
+        self.steps_done = 0
+        self.skipped_steps = 0
+
+    # ---- weights ------------------------------------------------------------------------------
+
+    def _chunk_layer_base(self, i: int) -> int:
+        vpp = self.cfg.virtual_pipeline_model_parallel_size
+        return layer_offset(self.spec, self.pp_rank, self.pp_size, i if vpp else None, vpp)
+
+    def load_hf_state_dict(self, hf: Dict[str, torch.Tensor]) -> None:
+        """Loads full HF-named tensors (every rank holds them; small models and tests)."""
+        vpp = self.cfg.virtual_pipeline_model_parallel_size
+        for i, chunk in enumerate(self.chunks):
+            sd = hf_to_megatron(hf, self.spec, self.tp_rank, self.cfg.tensor_model_parallel_size, self.pp_rank,
+                                self.pp_size, i if vpp else None, vpp)
+            own = chunk.module.state_dict()
+            missing = [k for k in own if not k.endswith("_extra_state") and k not in sd]
+            if missing:
+                raise KeyError(f"HF state dict lacks tensors for {missing[:5]}")
+            with torch.no_grad():
+                for k, v in sd.items():
+                    if k not in own:
+                        raise KeyError(f"unexpected parameter {k}")
+                    if tuple(own[k].shape) != tuple(v.shape):
+                        raise ValueError(f"{k}: shape {tuple(v.shape)} from HF, {tuple(own[k].shape)} in the model")
+                    own[k].copy_(v)
+        self.optimizer.reload_model_params()
+
+    def named_tp_merged_parameters(self):
+        """(chunk layer base, Megatron name, TP-merged tensor) for this PP stage's parameters."""
+        tp = self.cfg.tensor_model_parallel_size
+        for i, chunk in enumerate(self.chunks):
+            for name, p in chunk.module.state_dict().items():
+                if name.endswith("_extra_state"):
+                    continue
+                t = p.detach()
+                if tp > 1 and param_kind(name) != "replicated":
+                    parts = [torch.empty_like(t) for _ in range(tp)]
+                    dist.all_gather(parts, t.contiguous(), group=self.tp_group)
+                    t = merge_tp(name, parts)
+                yield self._chunk_layer_base(i), name, t
+
+    def hf_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The full model under HF names on every rank (TP all-gather, PP all_gather_object)."""
+        local = {}
+        for base, name, t in self.named_tp_merged_parameters():
+            if name == "output_layer.weight" and self.spec.tie_word_embeddings:
+                continue
+            for hf_name, hf_t in megatron_to_hf(name, t, self.spec, base):
+                local[hf_name] = hf_t.clone()
+        if self.pp_size > 1:
+            parts: List[dict] = [None] * self.pp_size
+            dist.all_gather_object(parts, local, group=self.pp_group)
+            for part in parts:
+                local.update(part)
+        return local
+
+    # ---- passes -------------------------------------------------------------------------------
+
+    def _micro_batches(self, batch: PolicyBatch) -> List[dict]:
+        mbs = self.cfg.micro_batch_size
+        if batch.size % mbs:
+            raise ValueError(f"micro_batch_size={mbs} does not divide the batch of {batch.size} sequences on this rank")
+        out = []
+        for start in range(0, batch.size, mbs):
+            part = batch.select(slice(start, start + mbs))
+            position_ids, mask, labels = model_inputs(part.input_ids, part.segment_ids)
+            out.append(dict(batch=part, position_ids=position_ids, attention_mask=mask, labels=labels))
+        return out
+
+    def _run(self, batch: PolicyBatch, loss_fn, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        micro = self._micro_batches(batch)
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            output = model(mb["batch"].input_ids, mb["position_ids"], mb["attention_mask"])
+            return output, partial(loss_fn, mb)
+
+        iters = [iter(micro) for _ in self.chunks] if len(self.chunks) > 1 else iter(micro)
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iters,
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(micro),
+            seq_length=batch.input_ids.shape[1],
+            micro_batch_size=self.cfg.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _logprobs(self, mb, logits, temperature=1.0, entropy_grad=False):
+        return vocab_parallel_logprobs_and_entropy(
+            logits, mb["labels"], temperature, group=self.tp_group if self.cfg.tensor_model_parallel_size > 1 else None,
+            chunk_size=self.cfg.logprob_chunk_size, vocab_size=self.spec.vocab_size, entropy_grad=entropy_grad,
+        )
+
+    def _from_last_stage(self, t: Optional[torch.Tensor], shape, dtype) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        if self.pp_size == 1:
+            return t
+        if t is None:
+            t = torch.empty(shape, dtype=dtype)
+        t = t.contiguous()
+        dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=self.pp_group)
+        return t
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: PolicyBatch, temperature=1.0):
+        """No-grad forward: (log-prob, entropy) per label position [B, S] at T = 1 (or per-token T),
+        on every rank of this data-parallel replica."""
+        for c in self.chunks:
+            c.eval()
+        temps = None
+        if isinstance(temperature, torch.Tensor):
+            if tuple(temperature.shape) != tuple(batch.input_ids.shape):
+                raise ValueError(f"temperature: shape {tuple(temperature.shape)} does not match input_ids {tuple(batch.input_ids.shape)}")
+            temps = temperature
+
+        start = [0]
+
+        def loss_fn(mb, logits):
+            n = mb["batch"].size
+            t = temperature if temps is None else temps[start[0]:start[0] + n].clamp(min=1e-6)
+            start[0] += n
+            logp, ent = self._logprobs(mb, logits, t)
+            return torch.zeros((), dtype=torch.float32), {"logp": logp.float(), "entropy": ent.float()}
+
+        store = self._run(batch, loss_fn, forward_only=True)
+        for c in self.chunks:
+            c.train()
+        shape = tuple(batch.input_ids.shape)
+        logp = torch.cat([s["logp"] for s in store]) if store else None
+        ent = torch.cat([s["entropy"] for s in store]) if store else None
+        stacked = torch.stack([logp, ent]) if store else None
+        stacked = self._from_last_stage(stacked, (2,) + shape, torch.float32)
+        mask = batch.loss_mask
+        return torch.where(mask, stacked[0], 0.0), torch.where(mask, stacked[1], 0.0)
+
+    def train_step(self, batch: PolicyBatch) -> Dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch (split into micro-batches)."""
+        if batch.advantages is None or batch.old_logp is None:
+            raise ValueError("train_step needs advantages and old_logp")
+        if self.algo.uses_entropy and self.algo.loss_stats == "step_old" and batch.h_hat is None:
+            raise ValueError("loss_stats='step_old' needs h_hat (from the old-policy entropies and the step statistics)")
+        if self.algo.rollout_correction == "tis" and batch.behaviour_logp is None:
+            raise ValueError("rollout_correction='tis' needs behaviour_logp")
+        t0 = time.perf_counter()
+        algo = self.algo
+
+        def loss_fn(mb, logits):
+            b: PolicyBatch = mb["batch"]
+            mask = b.loss_mask
+            need_current = algo.uses_entropy and algo.loss_stats == "micro_batch_current"
+            logp, ent = self._logprobs(mb, logits)
+            h = b.h_hat
+            if need_current:
+                h = (loss_entropy_scale(algo, mask, current_entropy=ent) if bool(mask.any())
+                     else torch.zeros_like(ent))
+            loss_sum, m = compute_policy_loss(algo, logp, b.old_logp, b.advantages, mask, h_hat=h, normalizer=1.0,
+                                              behaviour_logp=b.behaviour_logp)
+            if algo.agg == "token-mean":
+                count = mask.sum()
+            else:
+                count = (mask.sum(-1) > 0).sum()
+            m["loss_sum"] = loss_sum.detach().double()
+            m["count"] = count.double()
+            m["entropy_sum"] = (ent.detach() * mask).sum().double()
+            m["drift_sum"] = ((logp.detach() - b.old_logp).abs() * mask).sum().double()
+            return loss_sum, count.to(torch.int), m
+
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        store = self._run(batch, loss_fn, forward_only=False)
+
+        keys = ["loss_sum", "count", "tokens", "entropy_sum", "drift_sum", "clip_low", "clip_high", "clip_dual",
+                "adv_redistributed", "bounds_adapted", "tis_weight"]
+        sums = torch.zeros(len(keys), dtype=torch.float64)
+        for s in store:
+            for i, k in enumerate(keys):
+                if k in s:
+                    sums[i] += s[k].double()
+        sums = self._from_last_stage(sums, (len(keys),), torch.float64)
+        dist.all_reduce(sums, group=self.dp_group)
+        total = dict(zip(keys, sums.tolist()))
+
+        # LR for this update (warm-up reaches the full LR at step lr_warmup_steps), then the step.
+        self.scheduler.step(increment=1)
+        found_inf = self.optimizer.prepare_grads()
+        grad_norm = self.optimizer.get_grad_norm()
+        skipped = bool(found_inf) or grad_norm is None or not math.isfinite(grad_norm)
+        if skipped:
+            self.optimizer.zero_grad()
+            self.skipped_steps += 1
+        else:
+            ok, grad_norm, _ = self.optimizer.step()
+            skipped = not ok
+        self.steps_done += 1
+        tokens = max(total["tokens"], 1.0)
+        return {
+            "loss": total["loss_sum"] / max(total["count"], 1.0),
+            "entropy": total["entropy_sum"] / tokens,
+            "clip_frac_low": total["clip_low"] / tokens,
+            "clip_frac_high": total["clip_high"] / tokens,
+            "clip_frac_dual": total["clip_dual"] / tokens,
+            "hapo_adv_changed_frac": total["adv_redistributed"] / tokens,
+            "hapo_bounds_changed_frac": total["bounds_adapted"] / tokens,
+            "policy_drift": total["drift_sum"] / tokens,
+            "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+            "skipped": float(skipped),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens": total["tokens"],
+            "tokens_per_s": total["tokens"] / max(time.perf_counter() - t0, 1e-9),
+        }
