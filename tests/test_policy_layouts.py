@@ -26,7 +26,7 @@ def global_batch():
     return ids, mask, rewards, groups
 
 
-def run_layout(rank, world, tp, pp, n_micro, algo_name, family, steps=2):
+def run_layout(rank, world, tp, pp, n_micro, algo_name, family, steps=2, dist_opt=False):
     from megatron.core import parallel_state as ps
 
     from megatron_hapo.algorithms import AlgorithmConfig, compute_advantages, normalized_entropy
@@ -43,7 +43,8 @@ def run_layout(rank, world, tp, pp, n_micro, algo_name, family, steps=2):
     spec = ModelSpec.from_hf(hf.config)
     algo = AlgorithmConfig.preset(algo_name)
     cfg = PolicyConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=B // dp // n_micro,
-                       lr=4e-5, adam_eps=1e-2, lr_warmup_steps=0, clip_grad=1.0, logprob_chunk_size=5)
+                       lr=4e-5, adam_eps=1e-2, lr_warmup_steps=0, clip_grad=1.0, logprob_chunk_size=5,
+                       use_distributed_optimizer=dist_opt)
     policy = MegatronPolicy(spec, cfg, algo)
     policy.load_hf_state_dict(hf.state_dict())
 
@@ -60,16 +61,18 @@ def run_layout(rank, world, tp, pp, n_micro, algo_name, family, steps=2):
     metrics = [policy.train_step(train) for _ in range(steps)]
     new_logp, _ = policy.compute_logprobs(batch)
     weights = policy.hf_state_dict()
+    with torch.no_grad():  # the same weights in Hugging Face transformers, float64
+        ref = torch.log_softmax(hf.double()(ids[mine]).logits, -1)[:, :-1].gather(-1, ids[mine][:, 1:, None]).squeeze(-1)
     ps.destroy_model_parallel()
     return dict(metrics=metrics, weights=weights, old_logp=old_logp, new_logp=new_logp, mine=(mine.start, mine.stop),
-                adv=adv[mine])
+                adv=adv[mine], hf_logp=torch.where(batch.loss_mask[:, :-1], ref, 0.0).float())
 
 
 def layouts_worker(rank, world, layouts):
     out = {}
-    for name, (tp, pp, n_micro) in layouts.items():
+    for name, (tp, pp, n_micro, *opt) in layouts.items():
         for algo, family in ALGOS.items():
-            out[(name, algo)] = run_layout(rank, world, tp, pp, n_micro, algo, family)
+            out[(name, algo)] = run_layout(rank, world, tp, pp, n_micro, algo, family, dist_opt=bool(opt))
     return out
 
 
@@ -99,14 +102,23 @@ def test_ratios_stay_away_from_hapo_band_edges(reference):
         assert 0 < drift.max().item() < 0.05, (algo, drift.max())
 
 
+def test_megatron_model_matches_transformers(reference):
+    """Qwen3 (qk-norm), Qwen2 (qkv bias, tied) and Llama built from their HF configs reproduce the
+    transformers forward on the same weights."""
+    for algo, family in ALGOS.items():
+        r = reference[("ref", algo)]
+        assert torch.allclose(r["old_logp"][:, :-1], r["hf_logp"], atol=2e-5), (family, (r["old_logp"][:, :-1] - r["hf_logp"]).abs().max())
+
+
 def test_micro_batches_do_not_change_the_update(reference):
     for algo in ALGOS:
         assert_same(reference[("ref", algo)], reference[("micro4", algo)], f"micro4/{algo}")
 
 
 def test_two_rank_layouts_match_reference(reference):
-    results = run_ranks(2, layouts_worker, {"tp2": (2, 1, 2), "pp2": (1, 2, 2), "dp2": (1, 1, 2)}, timeout=600)
-    for name in ("tp2", "pp2", "dp2"):
+    layouts = {"tp2": (2, 1, 2), "pp2": (1, 2, 2), "dp2": (1, 1, 2), "dp2_distributed_optimizer": (1, 1, 1, True)}
+    results = run_ranks(2, layouts_worker, layouts, timeout=600)
+    for name in layouts:
         for algo in ALGOS:
             ref = reference[("ref", algo)]
             for rank_result in results:

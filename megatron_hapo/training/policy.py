@@ -95,6 +95,13 @@ class PolicyBatch:
                               for f in dataclasses.fields(self)})
 
 
+def num_micro_batches(batch_size: int, micro_batch_size: int) -> int:
+    if micro_batch_size < 1 or batch_size % micro_batch_size:
+        raise ValueError(f"micro_batch_size={micro_batch_size} does not divide the batch of {batch_size} sequences "
+                         "on this data-parallel rank")
+    return batch_size // micro_batch_size
+
+
 def model_inputs(input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None):
     """(position_ids, attention_mask, labels): causal mask (True = masked), block-diagonal when packed."""
     b, s = input_ids.shape
@@ -132,6 +139,11 @@ class MegatronPolicy:
                              f"PP={ps.get_pipeline_model_parallel_world_size()}; the policy config asks for TP={tp}, PP={pp}")
         if cfg.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size: must be ≥ 1, got {cfg.micro_batch_size}")
+        if vpp and not torch.cuda.is_available():
+            # Measured: the interleaved 1F1B schedule over gloo feeds the training forward with
+            # mismatched activations (forward-only passes match). Validated paths only.
+            raise ValueError("virtual_pipeline_model_parallel_size: the interleaved schedule is GPU-only here "
+                             "(over gloo its training forward does not match PP without interleaving)")
         if cfg.sequence_parallel and not torch.cuda.is_available():
             raise ValueError("sequence_parallel: needs Transformer Engine norms (GPU); the CPU torch norms refuse it")
         dtype = cfg.torch_dtype()
@@ -234,10 +246,8 @@ class MegatronPolicy:
 
     def _micro_batches(self, batch: PolicyBatch) -> List[dict]:
         mbs = self.cfg.micro_batch_size
-        if batch.size % mbs:
-            raise ValueError(f"micro_batch_size={mbs} does not divide the batch of {batch.size} sequences on this rank")
         out = []
-        for start in range(0, batch.size, mbs):
+        for start in range(0, num_micro_batches(batch.size, mbs) * mbs, mbs):
             part = batch.select(slice(start, start + mbs))
             position_ids, mask, labels = model_inputs(part.input_ids, part.segment_ids)
             out.append(dict(batch=part, position_ids=position_ids, attention_mask=mask, labels=labels))
@@ -285,6 +295,16 @@ class MegatronPolicy:
     def compute_logprobs(self, batch: PolicyBatch, temperature=1.0):
         """No-grad forward: (log-prob, entropy) per label position [B, S] at T = 1 (or per-token T),
         on every rank of this data-parallel replica."""
+        n_rows, mbs = batch.size, self.cfg.micro_batch_size
+        if n_rows % mbs:  # forward-only: pad with empty rows to whole micro-batches, drop them after
+            extra = mbs - n_rows % mbs
+            pad = batch.select(torch.zeros(extra, dtype=torch.long))
+            pad.loss_mask = torch.zeros_like(pad.loss_mask)
+            batch = PolicyBatch(**{f.name: (None if getattr(batch, f.name) is None
+                                            else torch.cat([getattr(batch, f.name), getattr(pad, f.name)]))
+                                   for f in dataclasses.fields(batch)})
+            if isinstance(temperature, torch.Tensor):
+                temperature = torch.cat([temperature, torch.ones_like(temperature[:extra])])
         for c in self.chunks:
             c.eval()
         temps = None
@@ -311,7 +331,7 @@ class MegatronPolicy:
         stacked = torch.stack([logp, ent]) if store else None
         stacked = self._from_last_stage(stacked, (2,) + shape, torch.float32)
         mask = batch.loss_mask
-        return torch.where(mask, stacked[0], 0.0), torch.where(mask, stacked[1], 0.0)
+        return torch.where(mask, stacked[0], 0.0)[:n_rows], torch.where(mask, stacked[1], 0.0)[:n_rows]
 
     def train_step(self, batch: PolicyBatch) -> Dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch (split into micro-batches)."""
