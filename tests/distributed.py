@@ -37,7 +37,10 @@ def _worker(rank, world_size, port, fn, args, results, timeout):
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except (ValueError, RuntimeError):  # vLLM may already have torn the group down
+                pass
 
 
 def run_ranks(world_size: int, fn, *args, timeout: float = 240.0):

@@ -20,7 +20,7 @@ from .loss import (
     redistribute_advantages,
     truncated_is_weights,
 )
-from .objectives import AlgorithmConfig, compute_advantages, compute_policy_loss, loss_entropy_scale
+from .objectives import AlgorithmConfig, compute_advantages, compute_policy_loss, logprob_mismatch, loss_entropy_scale
 
 __all__ = [
     "AGGREGATIONS",
@@ -35,6 +35,7 @@ __all__ = [
     "entropy_stats",
     "grpo_advantages",
     "informative_groups",
+    "logprob_mismatch",
     "loss_entropy_scale",
     "normalized_entropy",
     "overlong_penalty",

@@ -153,3 +153,15 @@ def compute_policy_loss(
         clip_dual=info["clip_dual"].sum(),
     )
     return loss, {k: v.detach().to(torch.float64) for k, v in metrics.items()}
+
+
+def logprob_mismatch(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, mask) -> dict:
+    """Rollout-vs-trainer agreement on the sampled tokens at the same temperature: the number that
+    catches a broken weight sync or numerics. Returns mean and max |Δ log p| and the mean of
+    exp(Δ) − 1 (a biased importance ratio), over valid tokens."""
+    mask = as_mask("mask", mask, trainer_logp)
+    d = (engine_logp.double() - trainer_logp.double())[mask]
+    if d.numel() == 0:
+        return {"logp_mismatch_mean": 0.0, "logp_mismatch_max": 0.0, "ratio_bias": 0.0}
+    return {"logp_mismatch_mean": d.abs().mean().item(), "logp_mismatch_max": d.abs().max().item(),
+            "ratio_bias": (torch.exp(-d) - 1).mean().item()}

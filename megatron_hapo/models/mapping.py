@@ -180,20 +180,25 @@ def megatron_to_hf(name: str, tensor: torch.Tensor, spec: ModelSpec, layer_base:
         yield p + hf_suffix, tensor
 
 
-def hf_param_names(spec: ModelSpec) -> list:
-    """Every HF parameter name of the model, in a stable order."""
-    names = ["model.embed_tokens.weight"]
+def hf_param_shapes(spec: ModelSpec) -> Dict[str, tuple]:
+    """Every HF parameter name of the model with its shape, in a stable order."""
+    h, d, f = spec.hidden_size, spec.head_dim, spec.ffn_hidden_size
+    q, kv = spec.num_heads * d, spec.num_kv_heads * d
+    shapes: Dict[str, tuple] = {"model.embed_tokens.weight": (spec.vocab_size, h)}
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
-        names += [p + "input_layernorm.weight"]
-        names += [f"{p}self_attn.{n}_proj.weight" for n in "qkv"]
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h)})
         if spec.qkv_bias:
-            names += [f"{p}self_attn.{n}_proj.bias" for n in "qkv"]
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
         if spec.qk_norm:
-            names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
-        names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight"]
-        names += [p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
-    names.append("model.norm.weight")
+            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+        shapes.update({p + "self_attn.o_proj.weight": (h, q), p + "post_attention_layernorm.weight": (h,),
+                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                       p + "mlp.down_proj.weight": (h, f)})
+    shapes["model.norm.weight"] = (h,)
     if not spec.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names
+        shapes["lm_head.weight"] = (spec.vocab_size, h)
+    return shapes

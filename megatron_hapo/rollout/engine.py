@@ -1,0 +1,296 @@
+"""The vLLM rollout engine: generation with HAPO's per-token temperature and exact per-token records,
+and in-place weight updates from the trainer.
+
+The engine runs in the trainer's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): one engine per
+inference-TP group, colocated with Megatron (`distributed_executor_backend="external_launcher"`
+when the inference TP spans ranks). The temperature processor is vLLM's V1 interface, so the V1
+model runner is selected (VLLM_USE_V2_MODEL_RUNNER=0) before vLLM is imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..algorithms import EntropyStats
+from ..algorithms.entropy import SIGN_MODES
+
+
+def _vllm_env() -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the temperature processor is a V1 processor
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_tokens: int
+    base_temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    adaptive: bool = True  # HAPO A; False: T_base everywhere (DAPO, GRPO, evaluation)
+    tau: float = 0.05
+    sign_mode: str = "signed"
+    stop_token_ids: Tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"sampling.max_tokens: must be ≥ 1, got {self.max_tokens}")
+        if not (self.base_temperature > 0 and math.isfinite(self.base_temperature)):
+            raise ValueError(f"sampling.base_temperature: must be positive, got {self.base_temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p: must lie in (0, 1], got {self.top_p}")
+        if not 0 <= self.tau < 1:
+            raise ValueError(f"sampling.tau: must lie in [0, 1), got {self.tau}")
+        if self.sign_mode not in SIGN_MODES:
+            raise ValueError(f"sampling.sign_mode: unknown value {self.sign_mode!r}")
+
+
+@dataclasses.dataclass
+class Response:
+    """One generated response and, per generated token, what the engine did."""
+
+    prompt_index: int
+    sample_index: int
+    token_ids: List[int]
+    temperatures: List[float]
+    entropies: List[float]  # of the raw (T = 1) distribution
+    logprobs: List[float]  # under the distribution sampled from (at its temperature)
+    logprobs_t1: List[float]  # at T = 1
+    finish_reason: Optional[str]
+    error: Optional[str] = None
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+
+class RolloutEngine:
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        max_model_len: int,
+        kv_cache_memory_bytes: int = 256 * 2**20,
+        seed: int = 0,
+        tensor_parallel_size: int = 1,
+        dtype: str = "float32",
+        max_num_seqs: int = 256,
+        distributed_executor_backend: Optional[str] = None,
+        gpu_memory_utilization: Optional[float] = None,
+        enable_sleep_mode: bool = False,
+    ):
+        _vllm_env()
+        from vllm import LLM
+
+        from .temperature_processor import HapoTemperatureProcessor
+
+        kwargs = dict(
+            model=model_dir, skip_tokenizer_init=True, max_model_len=max_model_len, seed=seed, dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size, max_num_seqs=max_num_seqs, enforce_eager=True,
+            logits_processors=[HapoTemperatureProcessor], enable_prefix_caching=True,
+        )
+        if torch.cuda.is_available():
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization or 0.5, enable_sleep_mode=enable_sleep_mode)
+        else:
+            kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes)
+        if distributed_executor_backend:
+            kwargs["distributed_executor_backend"] = distributed_executor_backend
+        self.llm = LLM(**kwargs)
+        self.max_model_len = max_model_len
+        self._counter = itertools.count()
+        self.weight_version = 0
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        sampling: SamplingConfig,
+        stats: Optional[EntropyStats] = None,
+        seeds: Optional[Sequence[int]] = None,
+    ) -> List[List[Response]]:
+        """n responses per prompt (token-id prompts). seeds: one per prompt; sample j of prompt i
+        uses seeds[i] + j, so results do not depend on batch composition."""
+        from vllm import SamplingParams, TokensPrompt
+
+        from .temperature_processor import RECORDER
+
+        if n < 1:
+            raise ValueError(f"n: must be ≥ 1, got {n}")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds: {len(seeds)} seeds for {len(prompts)} prompts")
+        if stats is not None and not isinstance(stats, EntropyStats):
+            raise TypeError(f"stats: expected EntropyStats or None, got {type(stats).__name__}")
+        out: List[List[Response]] = [[None] * n for _ in prompts]
+        requests, params, keys = [], [], []
+        for i, prompt in enumerate(prompts):
+            prompt = list(prompt)
+            problem = None
+            if not prompt:
+                problem = "empty prompt"
+            elif len(prompt) >= self.max_model_len:
+                problem = f"prompt of {len(prompt)} tokens leaves no room to generate (max_model_len={self.max_model_len})"
+            if problem:
+                for j in range(n):
+                    out[i][j] = Response(i, j, [], [], [], [], [], None, error=problem)
+                continue
+            for j in range(n):
+                tag = f"r{next(self._counter)}"
+                hapo = {"tag": tag, "stats": stats.to_dict() if (stats is not None and sampling.adaptive) else None,
+                        "base_temperature": sampling.base_temperature, "tau": sampling.tau, "sign_mode": sampling.sign_mode}
+                params.append(SamplingParams(
+                    n=1, temperature=1.0, top_p=sampling.top_p, top_k=sampling.top_k,
+                    max_tokens=min(sampling.max_tokens, self.max_model_len - len(prompt)), logprobs=0,
+                    seed=None if seeds is None else int(seeds[i]) + j, stop_token_ids=list(sampling.stop_token_ids),
+                    detokenize=False, extra_args={"hapo": hapo},
+                ))
+                requests.append(TokensPrompt(prompt_token_ids=prompt))
+                keys.append((i, j, tag))
+        if requests:
+            self._check_usable()
+            results = self.llm.generate(requests, params, use_tqdm=False)
+            records = RECORDER.pop({k[2] for k in keys})
+            for (i, j, tag), res in zip(keys, results):
+                out[i][j] = self._response(i, j, res.outputs[0], records[tag])
+        return out
+
+    @staticmethod
+    def _response(i, j, completion, record) -> Response:
+        ids = list(completion.token_ids)
+        temps, ents, lp, lp1 = [], [], [], []
+        for pos, tok in enumerate(ids):
+            if pos not in record:
+                raise RuntimeError(f"temperature processor kept no record for token {pos} of a response")
+            t, h, lz1, lzt = record[pos]
+            raw = completion.logprobs[pos][tok].logprob  # vLLM's default logprobs are of the raw (T = 1) logits
+            temps.append(t)
+            ents.append(h)
+            lp1.append(raw)
+            lp.append((raw + lz1) / t - lzt)
+        return Response(i, j, ids, temps, ents, lp, lp1, completion.finish_reason)
+
+    # ---- weights ------------------------------------------------------------------------------
+
+    def model_state_shapes(self) -> dict:
+        """{name: shape} the engine's model expects (HF checkpoint names)."""
+        return self.llm.collective_rpc(_checkpoint_shapes)[0]
+
+    def update_weights(
+        self,
+        named_tensors: Iterable[Tuple[str, torch.Tensor]],
+        names_and_shapes: Optional[dict] = None,
+    ) -> int:
+        """Loads a complete set of HF-named weights in place, then resets the prefix cache.
+
+        With `names_and_shapes` (what the stream will hold), the set is checked against the
+        engine's model before a byte moves and the tensors stream through in bounded memory;
+        without it, the tensors are collected and checked first. Either way a wrong name, shape
+        or a missing tensor raises before loading, and the engine keeps serving its weights.
+        A tensor that turns out non-finite or mismatched mid-stream raises too and marks the
+        engine unusable until the next complete update (vLLM has no partial rollback).
+        Returns the number of bytes loaded.
+        """
+        expected = self._expected
+        # A tied model's lm_head is the embedding. vLLM's layerwise reload still wants to be handed
+        # lm_head.weight (without it, it reports "ParallelLMHead: Failed to load weights" and the
+        # model comes out wrong), so it is sent as a copy of the embedding, whatever the caller gave.
+        tied = "lm_head.weight" not in expected
+        named_tensors = _with_tied_head(named_tensors) if tied else named_tensors
+        if names_and_shapes is not None and tied:
+            names_and_shapes = {n: s for n, s in names_and_shapes.items() if n != "lm_head.weight"}
+        if names_and_shapes is None:
+            tensors = list(named_tensors)
+            names_and_shapes = {n: tuple(t.shape) for n, t in tensors if not (tied and n == "lm_head.weight")}
+            for n, t in tensors:
+                _check_tensor(n, t, expected)
+            stream = iter(tensors)
+        else:
+            stream = (_check_tensor(n, t, expected) for n, t in named_tensors)
+        for name, shape in names_and_shapes.items():
+            if name not in expected:
+                raise KeyError(f"weight {name!r}: the engine's model has no such parameter")
+            if tuple(shape) != tuple(expected[name]):
+                raise ValueError(f"weight {name!r}: shape {tuple(shape)}, the engine expects {tuple(expected[name])}")
+        missing = sorted(set(expected) - set(names_and_shapes))
+        if missing:
+            raise KeyError(f"weights: {len(missing)} parameters missing, e.g. {missing[:3]} (a partial update would corrupt the model)")
+        loaded = [0]
+
+        def counted():
+            for n, t in stream:
+                loaded[0] += t.numel() * t.element_size()
+                yield n, t
+
+        self._usable = False
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted()})
+        self.llm.reset_prefix_cache()  # KV blocks computed with the old weights must not be reused
+        self._usable = True
+        self.weight_version += 1
+        return loaded[0]
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> List[List[float]]:
+        """log p(token t | tokens < t) at T = 1 for t ≥ 1 of each sequence (vLLM prompt log-probs)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        self._check_usable()
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
+        results = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
+        out = []
+        for seq, res in zip(sequences, results):
+            out.append([res.prompt_logprobs[t][seq[t]].logprob for t in range(1, len(seq))])
+        return out
+
+    def _check_usable(self):
+        if not getattr(self, "_usable", True):
+            raise RuntimeError("rollout engine: the last weight update failed mid-stream; load a complete set first")
+
+    @property
+    def _expected(self) -> dict:
+        if not hasattr(self, "_expected_cache"):
+            self._expected_cache = self.model_state_shapes()
+        return self._expected_cache
+
+    def sleep(self) -> None:
+        """Frees the engine's GPU memory during the update (no-op on CPU, where vLLM's sleep does nothing)."""
+        if torch.cuda.is_available():
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if torch.cuda.is_available():
+            self.llm.wake_up()
+
+
+def _with_tied_head(named_tensors):
+    for name, t in named_tensors:
+        if name == "lm_head.weight":
+            continue
+        yield name, t
+        if name == "model.embed_tokens.weight":
+            yield "lm_head.weight", t
+
+
+def _check_tensor(name: str, t: torch.Tensor, expected: dict):
+    if name == "lm_head.weight" and name not in expected:  # the tied head, checked as the embedding
+        name = "model.embed_tokens.weight"
+    if name not in expected:
+        raise KeyError(f"weight {name!r}: the engine's model has no such parameter")
+    if tuple(t.shape) != tuple(expected[name]):
+        raise ValueError(f"weight {name!r}: shape {tuple(t.shape)}, the engine expects {tuple(expected[name])}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"weight {name!r}: non-finite values")
+    return name, t
+
+
+def _checkpoint_shapes(worker) -> dict:
+    """Runs inside the worker: HF checkpoint names and shapes of the loaded model."""
+    from ..models.hf_config import ModelSpec
+    from ..models.mapping import hf_param_shapes
+
+    return hf_param_shapes(ModelSpec.from_hf(worker.model_runner.model_config.hf_config))

@@ -1,0 +1,167 @@
+"""HAPO component A inside vLLM: a per-token temperature from each row's own entropy.
+
+vLLM V1 class-based logits processor (`LLM(logits_processors=[HapoTemperatureProcessor])`). A
+request opts in through `SamplingParams.extra_args["hapo"]`:
+
+    {"tag": str, "stats": {"q":…, "sigma":…, "z_pos":…, "z_neg":…} or None,
+     "base_temperature": float, "tau": float, "sign_mode": "signed" | "released"}
+
+and must leave vLLM's own temperature at 1.0 (this processor applies all of T_b). Every decoding
+step, for every HAPO row: H = entropy of softmax(raw logits), T = T_base·(1 + τ·h̃(H)) via
+`megatron_hapo.algorithms.adaptive_temperature`, logits ← logits / T. It records per generated
+token (T, H, log Z at T = 1, log Z at T) under the request's tag; with the raw (T = 1) log-prob
+of the sampled token that vLLM returns, the log-prob under the distribution actually sampled is
+exact: log p_T(y) = (log p_1(y) + log Z_1) / T − log Z_T.
+
+Requests without "hapo" are untouched. Not argmax-invariant, so vLLM hands it the raw logits
+before its own temperature. This is the V1 interface: on GPU select the V1 model runner
+(VLLM_USE_V2_MODEL_RUNNER=0, which `megatron_hapo.rollout.engine` enforces).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Dict, List, Optional
+
+import torch
+
+from ..algorithms import EntropyStats, adaptive_temperature
+from ..algorithms.entropy import SIGN_MODES
+
+try:
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+    from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+except ImportError:  # pragma: no cover - vLLM absent: the module still imports for docs/tools
+    LogitsProcessor = object  # type: ignore
+    BatchUpdate = None  # type: ignore
+    process_dict_updates = None  # type: ignore
+
+
+class _Recorder:
+    """Per-step tensors of every HAPO row, resolved per request tag on demand (no per-token Python)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.steps: List[tuple] = []
+
+    def add(self, tags, positions, temp, entropy, log_z1, log_zt):
+        with self.lock:
+            self.steps.append((tags, positions, temp, entropy, log_z1, log_zt))
+
+    def pop(self, wanted: set) -> Dict[str, Dict[int, tuple]]:
+        """{tag: {position: (T, H, log Z_1, log Z_T)}} for the wanted tags; forgets them."""
+        out: Dict[str, Dict[int, tuple]] = {t: {} for t in wanted}
+        keep = []
+        with self.lock:
+            for tags, positions, temp, ent, lz1, lzt in self.steps:
+                rows = [i for i, t in enumerate(tags) if t in wanted]
+                if rows:
+                    vals = torch.stack([temp, ent, lz1, lzt], dim=1).tolist()
+                    for i in rows:
+                        out[tags[i]][positions[i]] = tuple(vals[i])  # a recomputed step overwrites
+                if len(rows) < len(tags):
+                    keep.append((tags, positions, temp, ent, lz1, lzt))
+            self.steps = keep
+        return out
+
+    def clear(self):
+        with self.lock:
+            self.steps = []
+
+
+RECORDER = _Recorder()
+
+
+class _Request:
+    __slots__ = ("tag", "stats", "base", "tau", "sign_mode", "output_ids")
+
+    def __init__(self, tag, stats, base, tau, sign_mode, output_ids):
+        self.tag, self.stats, self.base, self.tau, self.sign_mode, self.output_ids = tag, stats, base, tau, sign_mode, output_ids
+
+
+def parse_hapo_args(args: dict) -> tuple:
+    """Validates extra_args["hapo"]; errors name the field."""
+    if not isinstance(args, dict):
+        raise ValueError(f"extra_args['hapo']: expected a dict, got {type(args).__name__}")
+    tag = args.get("tag")
+    if not isinstance(tag, str) or not tag:
+        raise ValueError("extra_args['hapo'].tag: a non-empty string is required to collect the record")
+    stats = args.get("stats")
+    if stats is not None:
+        stats = stats if isinstance(stats, EntropyStats) else EntropyStats.from_dict(stats)
+    base = float(args.get("base_temperature", 1.0))
+    if not (base > 0 and math.isfinite(base)):
+        raise ValueError(f"extra_args['hapo'].base_temperature: must be positive, got {base}")
+    tau = float(args.get("tau", 0.05))
+    if not 0 <= tau < 1:
+        raise ValueError(f"extra_args['hapo'].tau: must lie in [0, 1), got {tau}")
+    sign_mode = args.get("sign_mode", "signed")
+    if sign_mode not in SIGN_MODES:
+        raise ValueError(f"extra_args['hapo'].sign_mode: unknown value {sign_mode!r}")
+    return tag, stats, base, tau, sign_mode
+
+
+class HapoTemperatureProcessor(LogitsProcessor):
+    @classmethod
+    def validate_params(cls, sampling_params):
+        extra = sampling_params.extra_args or {}
+        if "hapo" in extra:
+            parse_hapo_args(extra["hapo"])
+            if sampling_params.temperature != 1.0:
+                raise ValueError("SamplingParams.temperature: must be 1.0 for HAPO requests; "
+                                 "put the base temperature in extra_args['hapo'].base_temperature")
+
+    def __init__(self, vllm_config, device, is_pin_memory: bool):
+        self.requests: Dict[int, _Request] = {}
+        self._rows: Optional[torch.Tensor] = None
+        self._groups: list = []
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update: Optional["BatchUpdate"]) -> None:
+        def new_state(params, prompt_ids, output_ids):
+            extra = params.extra_args or {}
+            if "hapo" not in extra:
+                return None
+            return _Request(*parse_hapo_args(extra["hapo"]), output_ids)
+
+        if process_dict_updates(self.requests, batch_update, new_state) or self._rows is None:
+            self._rebuild()
+
+    def _rebuild(self):
+        idx = sorted(self.requests)
+        self._rows = torch.tensor(idx, dtype=torch.long)
+        # rows sharing (stats, T_base, τ, sign mode) are handled by one vectorised call
+        groups: Dict[tuple, list] = {}
+        for pos, i in enumerate(idx):
+            r = self.requests[i]
+            groups.setdefault((r.stats, r.base, r.tau, r.sign_mode), []).append(pos)
+        self._groups = [(key, torch.tensor(p, dtype=torch.long)) for key, p in groups.items()]
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.requests:
+            return logits
+        rows = self._rows.to(logits.device)
+        all_rows = rows.numel() == logits.shape[0]
+        x = logits.float() if all_rows else logits.index_select(0, rows).float()
+        if x.data_ptr() == logits.data_ptr():
+            x = x.clone() if not all_rows else x  # fp32 logits of the whole batch: work in place
+        x.clamp_(min=torch.finfo(x.dtype).min)  # −inf → finite, so 0·x stays 0 below
+        log_z1 = torch.logsumexp(x, dim=-1)
+        entropy = log_z1 - torch.linalg.vecdot(torch.exp(x - log_z1[:, None]), x)
+        temp = torch.empty_like(entropy)
+        for (stats, base, tau, sign_mode), pos in self._groups:
+            pos = pos.to(logits.device)
+            temp[pos] = adaptive_temperature(entropy[pos], stats, base, tau, sign_mode).to(temp.dtype)
+        x.div_(temp[:, None])
+        log_zt = torch.logsumexp(x, dim=-1)
+        if all_rows:
+            if x.data_ptr() != logits.data_ptr():
+                logits.copy_(x)
+        else:
+            logits[rows] = x.to(logits.dtype)
+        reqs = [self.requests[int(i)] for i in self._rows]
+        RECORDER.add([r.tag for r in reqs], [len(r.output_ids) for r in reqs], temp.cpu(), entropy.cpu(),
+                     log_z1.cpu(), log_zt.cpu())
+        return logits
