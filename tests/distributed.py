@@ -56,8 +56,12 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 240.0):
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
     try:
         while len(got) + len(errors) < world_size:
+            if errors:  # a failed rank leaves the others blocked in a collective: short grace, then stop
+                deadline = min(deadline, datetime.datetime.now() + datetime.timedelta(seconds=15))
             remaining = (deadline - datetime.datetime.now()).total_seconds()
             if remaining <= 0:
+                if errors:
+                    break
                 raise TimeoutError(f"{world_size}-rank run exceeded {timeout:.0f}s; finished: {sorted(got)}; errors: {errors}")
             try:
                 rank, status, payload = results.get(timeout=min(remaining, 5.0))

@@ -277,12 +277,12 @@ def _with_tied_head(named_tensors):
 
 
 def _check_tensor(name: str, t: torch.Tensor, expected: dict):
-    if name == "lm_head.weight" and name not in expected:  # the tied head, checked as the embedding
-        name = "model.embed_tokens.weight"
-    if name not in expected:
+    # the tied head is checked as the embedding it copies
+    key = "model.embed_tokens.weight" if name == "lm_head.weight" and name not in expected else name
+    if key not in expected:
         raise KeyError(f"weight {name!r}: the engine's model has no such parameter")
-    if tuple(t.shape) != tuple(expected[name]):
-        raise ValueError(f"weight {name!r}: shape {tuple(t.shape)}, the engine expects {tuple(expected[name])}")
+    if tuple(t.shape) != tuple(expected[key]):
+        raise ValueError(f"weight {name!r}: shape {tuple(t.shape)}, the engine expects {tuple(expected[key])}")
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"weight {name!r}: non-finite values")
     return name, t
