@@ -131,6 +131,7 @@ class HapoTemperatureProcessor(LogitsProcessor):
 
     def _rebuild(self):
         idx = sorted(self.requests)
+        self._row_list = idx
         self._rows = torch.tensor(idx, dtype=torch.long)
         # rows sharing (stats, T_base, τ, sign mode) are handled by one vectorised call
         groups: Dict[tuple, list] = {}
@@ -144,24 +145,35 @@ class HapoTemperatureProcessor(LogitsProcessor):
             return logits
         rows = self._rows.to(logits.device)
         all_rows = rows.numel() == logits.shape[0]
-        x = logits.float() if all_rows else logits.index_select(0, rows).float()
-        if x.data_ptr() == logits.data_ptr():
-            x = x.clone() if not all_rows else x  # fp32 logits of the whole batch: work in place
-        x.clamp_(min=torch.finfo(x.dtype).min)  # −inf → finite, so 0·x stays 0 below
-        log_z1 = torch.logsumexp(x, dim=-1)
-        entropy = log_z1 - torch.linalg.vecdot(torch.exp(x - log_z1[:, None]), x)
+        if all_rows:
+            x = logits if logits.dtype == torch.float32 else logits.float()
+        else:
+            x = logits.index_select(0, rows).float()
+        # torch's fused softmax/log_softmax kernels are several times faster on CPU than a plain
+        # exp() pass, so the statistics are read off them:
+        #   log Z = max x − max log p;  H = −Σ p·log p (a batched dot);  log Z_T likewise after x/T.
+        logp = torch.log_softmax(x, dim=-1)
+        p = torch.softmax(x, dim=-1)
+        log_z1 = x.amax(dim=-1) - logp.amax(dim=-1)
+        entropy = -torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).view(-1)
+        if bool(entropy.isnan().any()):  # −inf logits: 0·(−inf); redo those rows without them
+            bad = entropy.isnan()
+            entropy[bad] = -(p[bad] * torch.nan_to_num(logp[bad], neginf=0.0)).sum(-1)
+        del p, logp
         temp = torch.empty_like(entropy)
         for (stats, base, tau, sign_mode), pos in self._groups:
             pos = pos.to(logits.device)
             temp[pos] = adaptive_temperature(entropy[pos], stats, base, tau, sign_mode).to(temp.dtype)
-        x.div_(temp[:, None])
-        log_zt = torch.logsumexp(x, dim=-1)
-        if all_rows:
-            if x.data_ptr() != logits.data_ptr():
-                logits.copy_(x)
+        inv_t = (1.0 / temp)[:, None]
+        if all_rows and x.data_ptr() == logits.data_ptr():
+            y = logits.mul_(inv_t)
+        elif all_rows:
+            y = logits.copy_(x.mul_(inv_t))
         else:
-            logits[rows] = x.to(logits.dtype)
-        reqs = [self.requests[int(i)] for i in self._rows]
+            y = x.mul_(inv_t)
+            logits[rows] = y.to(logits.dtype)
+        log_zt = y.amax(dim=-1) - torch.log_softmax(y, dim=-1).amax(dim=-1)
+        reqs = [self.requests[i] for i in self._row_list]
         RECORDER.add([r.tag for r in reqs], [len(r.output_ids) for r in reqs], temp.cpu(), entropy.cpu(),
                      log_z1.cpu(), log_zt.cpu())
         return logits
