@@ -149,17 +149,16 @@ class HapoTemperatureProcessor(LogitsProcessor):
             x = logits if logits.dtype == torch.float32 else logits.float()
         else:
             x = logits.index_select(0, rows).float()
-        # torch's fused softmax/log_softmax kernels are several times faster on CPU than a plain
-        # exp() pass, so the statistics are read off them:
-        #   log Z = max x − max log p;  H = −Σ p·log p (a batched dot);  log Z_T likewise after x/T.
-        logp = torch.log_softmax(x, dim=-1)
-        p = torch.softmax(x, dim=-1)
-        log_z1 = x.amax(dim=-1) - logp.amax(dim=-1)
-        entropy = -torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).view(-1)
+        # torch's fused log_softmax kernel is several times faster on CPU than a plain logsumexp,
+        # so the statistics are read off it (three full passes over the row in all):
+        #   log Z = max x − max log p;  p = exp(log p) in place;  H = log Z − Σ p·x (a batched dot).
+        buf = torch.log_softmax(x, dim=-1)
+        log_z1 = x.amax(dim=-1) - buf.amax(dim=-1)
+        p = buf.exp_()
+        entropy = log_z1 - torch.bmm(p.unsqueeze(1), x.unsqueeze(2)).view(-1)
         if bool(entropy.isnan().any()):  # −inf logits: 0·(−inf); redo those rows without them
             bad = entropy.isnan()
-            entropy[bad] = -(p[bad] * torch.nan_to_num(logp[bad], neginf=0.0)).sum(-1)
-        del p, logp
+            entropy[bad] = log_z1[bad] - (p[bad] * torch.nan_to_num(x[bad], neginf=0.0)).sum(-1)
         temp = torch.empty_like(entropy)
         for (stats, base, tau, sign_mode), pos in self._groups:
             pos = pos.to(logits.device)
@@ -172,7 +171,12 @@ class HapoTemperatureProcessor(LogitsProcessor):
         else:
             y = x.mul_(inv_t)
             logits[rows] = y.to(logits.dtype)
-        log_zt = y.amax(dim=-1) - torch.log_softmax(y, dim=-1).amax(dim=-1)
+        if buf.shape == y.shape:
+            torch.ops.aten._log_softmax.out(y, -1, False, out=buf)
+        else:
+            buf = torch.log_softmax(y, dim=-1)
+        log_zt = y.amax(dim=-1) - buf.amax(dim=-1)
+        del buf, p
         reqs = [self.requests[i] for i in self._row_list]
         RECORDER.add([r.tag for r in reqs], [len(r.output_ids) for r in reqs], temp.cpu(), entropy.cpu(),
                      log_z1.cpu(), log_zt.cpu())
