@@ -48,7 +48,7 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 240.0):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, timeout), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, timeout), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -1,0 +1,206 @@
+"""Training checkpoints: Megatron distributed checkpoints, written atomically, resumable at any TP/PP.
+
+Layout of a run's checkpoint folder:
+
+    ROOT/iter_0000010/           a complete checkpoint (has COMPLETE); only ever renamed into place
+        model + optimizer        megatron dist_checkpointing (layout-independent: load at any TP/PP)
+        trainer_state.pt         step, LR schedule, counters (rank 0)
+        trainer_state.json       data position, HAPO entropy statistics, the config (human readable)
+        rng_rank{R}.pt           every rank's RNG states
+        COMPLETE
+    ROOT/latest                  "iter_0000010", replaced atomically after the rename
+    ROOT/.tmp-iter_0000020/      a save in progress: invisible to `find_latest`, removed on the next save
+
+A process killed at any point of a save leaves the previous checkpoint complete and `latest`
+pointing at it (tested with SIGKILL).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+_ITER = re.compile(r"^iter_(\d{7})$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def complete_checkpoints(root: str) -> list:
+    """Complete checkpoints under root, oldest first: [(step, path)]."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _ITER.match(name)
+        if m and os.path.exists(os.path.join(root, name, "COMPLETE")):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def find_latest(root: str) -> Optional[str]:
+    """The newest complete checkpoint (what `--resume auto` loads), or None."""
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def _sharded(policy, is_loading: bool = False):
+    model_sd = {}
+    for i, chunk in enumerate(policy.chunks):
+        model_sd.update(chunk.module.sharded_state_dict(prefix=f"model{i}." if len(policy.chunks) > 1 else ""))
+    sd = {"model": model_sd}
+    sd["optimizer"] = policy.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    return sd
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(root: str, step: int, policy, trainer_state: Optional[dict] = None, keep_last: Optional[int] = None) -> str:
+    """Saves a complete checkpoint of step `step` atomically; every rank calls it. Returns its path."""
+    from megatron.core import dist_checkpointing
+
+    if step < 0:
+        raise ValueError(f"step: must be ≥ 0, got {step}")
+    final = os.path.join(root, f"iter_{step:07d}")
+    tmp = os.path.join(root, f".tmp-iter_{step:07d}")
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):  # leftovers of saves that were killed
+            if name.startswith(".tmp-iter_"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        if os.path.exists(final):
+            raise FileExistsError(f"checkpoint {final} exists; refusing to overwrite a complete checkpoint")
+        os.makedirs(tmp)
+    _barrier()
+    dist_checkpointing.save(_sharded(policy), tmp)
+    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
+    if _rank() == 0:
+        torch.save({"step": step, "scheduler": policy.scheduler.state_dict(), "steps_done": policy.steps_done,
+                    "skipped_steps": policy.skipped_steps}, os.path.join(tmp, "trainer_state.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, **(trainer_state or {})}, f, indent=2, default=str)
+    _barrier()
+    pause = float(os.environ.get("MEGATRON_HAPO_TEST_PAUSE_BEFORE_COMMIT", "0"))
+    if pause and str(step) == os.environ.get("MEGATRON_HAPO_TEST_PAUSE_AT_STEP"):  # tests SIGKILL us here
+        open(os.path.join(tmp, "PAUSED"), "w").close()
+        time.sleep(pause)
+    if _rank() == 0:
+        for name in os.listdir(tmp):  # flush every file before the checkpoint becomes visible
+            path = os.path.join(tmp, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+            f.write(f"{step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _atomic_write(os.path.join(root, "latest"), os.path.basename(final) + "\n")
+        if keep_last is not None:
+            for _, old in complete_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str, policy, load_optimizer: bool = True, load_rng: bool = True) -> dict:
+    """Loads a complete checkpoint into the policy (at its own TP/PP); returns the trainer state."""
+    from megatron.core import dist_checkpointing
+
+    if not os.path.exists(os.path.join(path, "COMPLETE")):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
+    # A fresh torch optimizer has no state yet: build it (zero-step) so the loading dict has every key.
+    if load_optimizer:
+        _init_optimizer_state(policy)
+    sharded = _sharded(policy, is_loading=True)
+    if not load_optimizer:
+        sharded.pop("optimizer")
+    loaded = dist_checkpointing.load(sharded, path)
+    for i, chunk in enumerate(policy.chunks):
+        prefix = f"model{i}." if len(policy.chunks) > 1 else ""
+        own = {k[len(prefix):]: v for k, v in loaded["model"].items() if k.startswith(prefix)}
+        chunk.module.load_state_dict(own, strict=False)
+    if load_optimizer:
+        with torch.no_grad():
+            policy.optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_step(policy)
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    policy.scheduler.load_state_dict(state["scheduler"])
+    policy.steps_done, policy.skipped_steps = state["steps_done"], state["skipped_steps"]
+    rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
+    if load_rng and os.path.exists(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def _torch_optimizers(policy):
+    opt = policy.optimizer
+    subs = getattr(opt, "chained_optimizers", [opt])
+    return [o.optimizer for o in subs]
+
+
+def _init_optimizer_state(policy) -> None:
+    for opt in _torch_optimizers(policy):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p not in opt.state or not opt.state[p]:
+                    opt.state[p] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p),
+                                    "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _unshare_step(policy) -> None:
+    """Megatron restores one shared `step` object into every parameter's state; give each its own."""
+    for opt in _torch_optimizers(policy):
+        for state in opt.state.values():
+            if "step" in state and isinstance(state["step"], torch.Tensor):
+                state["step"] = state["step"].clone()

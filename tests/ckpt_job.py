@@ -1,0 +1,74 @@
+"""A deterministic little training job for checkpoint tests: batch k depends only on k.
+
+    python -m tests.ckpt_job ROOT STEPS SAVE_AT [--hold]    (one process; --hold: sleep after saving)
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+def batch_for(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, 200, (4, 12), generator=g)
+    mask = torch.zeros(4, 12, dtype=torch.bool)
+    mask[:, 3:11] = True
+    adv = torch.randn(4, generator=g)
+    return ids, mask, adv
+
+
+def build(tp=1, pp=1):
+    from megatron_hapo.algorithms import AlgorithmConfig
+    from megatron_hapo.models.hf_config import ModelSpec
+    from megatron_hapo.training.parallel import init_model_parallel
+    from megatron_hapo.training.policy import MegatronPolicy, PolicyConfig
+
+    from tests.tiny_models import hf_model
+
+    init_model_parallel(tp, pp)
+    hf = hf_model("qwen2")
+    policy = MegatronPolicy(ModelSpec.from_hf(hf.config),
+                            PolicyConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=2,
+                                         lr=1e-3, adam_eps=1e-2, lr_warmup_steps=3), AlgorithmConfig.preset("dapo"))
+    policy.load_hf_state_dict(hf.state_dict())
+    return policy
+
+
+def run(policy, root, start, stop, save_at=None, keep_last=None):
+    from megatron_hapo.training.checkpoint import save_checkpoint
+    from megatron_hapo.training.policy import PolicyBatch
+
+    metrics = []
+    for step in range(start, stop):
+        ids, mask, adv = batch_for(step)
+        old, _ = policy.compute_logprobs(PolicyBatch(ids, mask))
+        m = policy.train_step(PolicyBatch(ids, mask, advantages=adv, old_logp=old))
+        metrics.append({k: m[k] for k in ("loss", "grad_norm", "lr")})
+        if save_at is not None and step + 1 in save_at:
+            save_checkpoint(root, step + 1, policy, {"data_position": step + 1, "entropy_stats": None}, keep_last=keep_last)
+    return metrics
+
+
+def worker(rank, world, tp, pp, root, start, stop, resume):
+    from megatron_hapo.training.checkpoint import find_latest, load_checkpoint
+
+    policy = build(tp, pp)
+    state = None
+    if resume:
+        state = load_checkpoint(find_latest(root), policy)
+        start = state["data_position"]
+    metrics = run(policy, root, start, stop)
+    return {"metrics": metrics, "weights": policy.hf_state_dict(), "state": state}
+
+
+if __name__ == "__main__":
+    root, steps, save_at = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",") if x]
+    policy = build()
+    metrics = run(policy, root, 0, steps, save_at)
+    with open(os.path.join(root, "job_metrics.json"), "w") as f:
+        json.dump(metrics, f)
+    if "--hold" in sys.argv:
+        open(os.path.join(root, "HELD"), "w").close()
+        time.sleep(600)  # the test kills us here

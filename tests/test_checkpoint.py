@@ -1,0 +1,118 @@
+"""Training checkpoints: exact resume after a SIGKILL, resume at another layout, atomic saves."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from .distributed import run_ranks
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+N = 4
+
+
+def spawn_job(root, steps, save_at, hold=False, env=None):
+    args = [sys.executable, "-m", "tests.ckpt_job", str(root), str(steps), ",".join(map(str, save_at))]
+    if hold:
+        args.append("--hold")
+    return subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, proc, timeout=300):
+    t0 = time.time()
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise AssertionError(f"job exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise TimeoutError(path)
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    root = tmp_path_factory.mktemp("straight")
+    return run_ranks(1, __import__("tests.ckpt_job", fromlist=["worker"]).worker, 1, 1, str(root), 0, N, False,
+                     timeout=600)[0]
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """N/2 steps and a checkpoint, then SIGKILL."""
+    root = tmp_path_factory.mktemp("killed")
+    proc = spawn_job(root, N // 2, [N // 2], hold=True)
+    wait_for(root / "HELD", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return root
+
+
+def test_resume_after_kill_is_exact(straight, killed_run):
+    from .ckpt_job import worker
+
+    first_half = json.loads((killed_run / "job_metrics.json").read_text())
+    resumed = run_ranks(1, worker, 1, 1, str(killed_run), 0, N, True, timeout=600)[0]
+    assert resumed["state"]["data_position"] == N // 2
+    assert first_half + resumed["metrics"] == straight["metrics"]  # bit-identical losses, grad norms, LRs
+    for k, w in straight["weights"].items():
+        assert torch.equal(resumed["weights"][k], w), k
+
+
+def test_resume_at_another_layout(straight, killed_run):
+    from .ckpt_job import worker
+
+    for tp, pp in ((2, 1), (1, 2)):
+        results = run_ranks(tp * pp, worker, tp, pp, str(killed_run), 0, N, True, timeout=600)
+        for r in results:
+            for a, b in zip(r["metrics"], straight["metrics"][N // 2:]):
+                assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6) and a["lr"] == b["lr"]
+                assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+            for k, w in straight["weights"].items():
+                assert torch.allclose(r["weights"][k], w, atol=2e-5), (tp, pp, k)
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
+    from megatron_hapo.training.checkpoint import complete_checkpoints, find_latest
+
+    from .ckpt_job import worker
+
+    # save at step 2 completes; the save at step 4 is killed with every file written, before commit
+    proc = spawn_job(tmp_path, 4, [2, 4], env={"MEGATRON_HAPO_TEST_PAUSE_BEFORE_COMMIT": "600",
+                                               "MEGATRON_HAPO_TEST_PAUSE_AT_STEP": "4"})
+    wait_for(tmp_path / ".tmp-iter_0000004" / "PAUSED", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [2]
+    assert find_latest(tmp_path).endswith("iter_0000002")
+    assert (tmp_path / "latest").read_text().strip() == "iter_0000002"
+    # the previous checkpoint loads and training goes on; the next save sweeps the killed one away
+    resumed = run_ranks(1, worker, 1, 1, str(tmp_path), 0, 3, True, timeout=600)[0]
+    assert resumed["state"]["data_position"] == 2 and len(resumed["metrics"]) == 1
+
+
+def retention_worker(rank, world, root):
+    from megatron_hapo.training.checkpoint import complete_checkpoints, save_checkpoint
+
+    from .ckpt_job import build, run
+
+    policy = build()
+    run(policy, root, 0, 4, save_at=[1, 2, 3, 4], keep_last=2)
+    kept = [s for s, _ in complete_checkpoints(root)]
+    try:
+        save_checkpoint(root, 4, policy)
+        overwrite = None
+    except FileExistsError as exc:
+        overwrite = str(exc)
+    return kept, overwrite
+
+
+def test_retention_and_refusal_to_overwrite(tmp_path):
+    kept, overwrite = run_ranks(1, retention_worker, str(tmp_path), timeout=600)[0]
+    assert kept == [3, 4]
+    assert "iter_0000004 exists" in overwrite
