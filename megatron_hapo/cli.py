@@ -20,6 +20,13 @@ def _demo(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from .models import convert
+
+    fn = convert.main_hf_to_megatron if args.direction == "hf-to-megatron" else convert.main_megatron_to_hf
+    return fn(args.rest)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-hapo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,6 +35,10 @@ def main(argv=None) -> int:
     demo.add_argument("--steps", type=int, default=40)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    convert = sub.add_parser("convert", help="checkpoint conversion: hf-to-megatron | megatron-to-hf (see --help of each)")
+    convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    convert.add_argument("rest", nargs=argparse.REMAINDER)
+    convert.set_defaults(func=_convert)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -183,6 +183,22 @@ def load_checkpoint(path: str, policy, load_optimizer: bool = True, load_rng: bo
         return json.load(f)
 
 
+def load_model_checkpoint(path: str, policy) -> None:
+    """Loads only the model weights of a Megatron checkpoint (a converted HF model or a training
+    checkpoint) into the policy at its own TP/PP."""
+    from megatron.core import dist_checkpointing
+
+    model_sd = {}
+    for i, chunk in enumerate(policy.chunks):
+        model_sd.update(chunk.module.sharded_state_dict(prefix=f"model{i}." if len(policy.chunks) > 1 else ""))
+    loaded = dist_checkpointing.load({"model": model_sd}, path)
+    for i, chunk in enumerate(policy.chunks):
+        prefix = f"model{i}." if len(policy.chunks) > 1 else ""
+        chunk.module.load_state_dict({k[len(prefix):]: v for k, v in loaded["model"].items() if k.startswith(prefix)},
+                                     strict=False)
+    policy.optimizer.reload_model_params()
+
+
 def _torch_optimizers(policy):
     opt = policy.optimizer
     subs = getattr(opt, "chained_optimizers", [opt])
