@@ -101,18 +101,28 @@ def retention_worker(rank, world, root):
 
     from .ckpt_job import build, run
 
+    from megatron_hapo.models.convert import megatron_to_hf_checkpoint, read_hf_tensors
+
+    from .tiny_models import hf_config
+
     policy = build()
     run(policy, root, 0, 4, save_at=[1, 2, 3, 4], keep_last=2)
     kept = [s for s, _ in complete_checkpoints(root)]
+    # a training checkpoint converts to HF with the model's config.json given separately
+    hf_config("qwen2").save_pretrained(f"{root}/cfg")
+    megatron_to_hf_checkpoint(f"{root}/iter_0000004", f"{root}/hf_out", hf_config_dir=f"{root}/cfg", progress=False)
+    exported, live = read_hf_tensors(f"{root}/hf_out"), policy.hf_state_dict()
+    export_exact = sorted(exported) == sorted(live) and all(torch.equal(exported[k], live[k]) for k in live)
     try:
         save_checkpoint(root, 4, policy)
         overwrite = None
     except FileExistsError as exc:
         overwrite = str(exc)
-    return kept, overwrite
+    return kept, overwrite, export_exact
 
 
 def test_retention_and_refusal_to_overwrite(tmp_path):
-    kept, overwrite = run_ranks(1, retention_worker, str(tmp_path), timeout=600)[0]
+    kept, overwrite, export_exact = run_ranks(1, retention_worker, str(tmp_path), timeout=600)[0]
     assert kept == [3, 4]
+    assert export_exact, "a training checkpoint exported to HF must hold exactly the trained weights"
     assert "iter_0000004 exists" in overwrite
