@@ -141,7 +141,10 @@ def load_megatron_model(ckpt_dir: str, dtype: Optional[str] = None, hf_config_di
         dtype = json.load(open(meta))["dtype"] if os.path.exists(meta) else "fp32"
     model = _single_process_model(spec, _dtype(dtype))
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt_dir)
-    model.load_state_dict(loaded["model"], strict=False)
+    result = model.load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise KeyError(f"{ckpt_dir} does not fit config.json: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     return spec, model
 
 

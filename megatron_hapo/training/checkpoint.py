@@ -75,10 +75,29 @@ def find_latest(root: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
-def _sharded(policy, is_loading: bool = False):
+def _chunk_prefix(policy, i: int) -> str:
+    return f"model{i}." if len(policy.chunks) > 1 else ""
+
+
+def _model_sharded(policy) -> dict:
     model_sd = {}
     for i, chunk in enumerate(policy.chunks):
-        model_sd.update(chunk.module.sharded_state_dict(prefix=f"model{i}." if len(policy.chunks) > 1 else ""))
+        model_sd.update(chunk.module.sharded_state_dict(prefix=_chunk_prefix(policy, i)))
+    return model_sd
+
+
+def _load_model_state(policy, loaded_model: dict) -> None:
+    for i, chunk in enumerate(policy.chunks):
+        prefix = _chunk_prefix(policy, i)
+        result = chunk.module.load_state_dict(
+            {k[len(prefix):]: v for k, v in loaded_model.items() if k.startswith(prefix)}, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise KeyError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+
+
+def _sharded(policy, is_loading: bool = False):
+    model_sd = _model_sharded(policy)
     sd = {"model": model_sd}
     sd["optimizer"] = policy.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
     return sd
@@ -165,10 +184,7 @@ def load_checkpoint(path: str, policy, load_optimizer: bool = True, load_rng: bo
     if not load_optimizer:
         sharded.pop("optimizer")
     loaded = dist_checkpointing.load(sharded, path)
-    for i, chunk in enumerate(policy.chunks):
-        prefix = f"model{i}." if len(policy.chunks) > 1 else ""
-        own = {k[len(prefix):]: v for k, v in loaded["model"].items() if k.startswith(prefix)}
-        chunk.module.load_state_dict(own, strict=False)
+    _load_model_state(policy, loaded["model"])
     if load_optimizer:
         with torch.no_grad():
             policy.optimizer.load_state_dict(loaded["optimizer"])
@@ -188,14 +204,8 @@ def load_model_checkpoint(path: str, policy) -> None:
     checkpoint) into the policy at its own TP/PP."""
     from megatron.core import dist_checkpointing
 
-    model_sd = {}
-    for i, chunk in enumerate(policy.chunks):
-        model_sd.update(chunk.module.sharded_state_dict(prefix=f"model{i}." if len(policy.chunks) > 1 else ""))
-    loaded = dist_checkpointing.load({"model": model_sd}, path)
-    for i, chunk in enumerate(policy.chunks):
-        prefix = f"model{i}." if len(policy.chunks) > 1 else ""
-        chunk.module.load_state_dict({k[len(prefix):]: v for k, v in loaded["model"].items() if k.startswith(prefix)},
-                                     strict=False)
+    loaded = dist_checkpointing.load({"model": _model_sharded(policy)}, path)
+    _load_model_state(policy, loaded["model"])
     policy.optimizer.reload_model_params()
 
 
