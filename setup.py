@@ -12,6 +12,8 @@ CPU = [
     "sentencepiece",
     "psutil",  # megatron's distributed checkpoint writer spawns helper processes with it
     "pyyaml",
+    "math-verify",  # math rewards
+    "reasoning-gym",  # procedural/logic tasks and their checkers, generated offline
 ]
 # On GPU the NGC PyTorch image supplies torch, Transformer Engine and apex; we only add these.
 GPU = [
@@ -21,6 +23,8 @@ GPU = [
     "sentencepiece",
     "psutil",
     "pyyaml",
+    "math-verify",
+    "reasoning-gym",
 ]
 TEST = [
     "pytest",
