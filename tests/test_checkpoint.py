@@ -20,8 +20,15 @@ def spawn_job(root, steps, save_at, hold=False, env=None):
     args = [sys.executable, "-m", "tests.ckpt_job", str(root), str(steps), ",".join(map(str, save_at))]
     if hold:
         args.append("--hold")
+    # its own process group, so a "crash" kills the job and its helpers (Megatron's checkpoint writer
+    # keeps a multiprocessing Manager server that would otherwise outlive a SIGKILLed parent)
     return subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def crash(proc):
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def wait_for(path, proc, timeout=300):
@@ -48,8 +55,7 @@ def killed_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("killed")
     proc = spawn_job(root, N // 2, [N // 2], hold=True)
     wait_for(root / "HELD", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    crash(proc)
     return root
 
 
@@ -86,8 +92,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     proc = spawn_job(tmp_path, 4, [2, 4], env={"MEGATRON_HAPO_TEST_PAUSE_BEFORE_COMMIT": "600",
                                                "MEGATRON_HAPO_TEST_PAUSE_AT_STEP": "4"})
     wait_for(tmp_path / ".tmp-iter_0000004" / "PAUSED", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    crash(proc)
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [2]
     assert find_latest(tmp_path).endswith("iter_0000002")
     assert (tmp_path / "latest").read_text().strip() == "iter_0000002"
