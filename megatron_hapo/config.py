@@ -1,0 +1,145 @@
+"""One typed config for a run: YAML file + `key.sub=value` command-line overrides, validated at start.
+
+Parallelism uses Megatron's flag names; the algorithm section is `AlgorithmConfig` (every HAPO
+switch of docs/HAPO.md). `Config.load(path, overrides)` → validated config; `config.dump()` is what
+gets printed and saved with the run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from .algorithms import AlgorithmConfig
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    hf_path: Optional[str] = None  # an HF folder; None: the built-in tiny model of the demo task
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    use_distributed_optimizer: bool = False
+    inference_tensor_parallel_size: int = 1
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4
+    max_response_tokens: int = 8
+    base_temperature: float = 1.0
+    top_p: float = 1.0
+    kv_cache_memory_bytes: int = 64 * 2**20
+    dynamic_sampling: bool = True
+    max_num_gen_batches: int = 10  # 0 = unlimited
+    overlong_buffer: int = 0  # 0 = no overlong shaping
+    overlong_penalty_factor: float = 1.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 10
+    mini_batch_prompts: int = 4
+    micro_batch_size: int = 4
+    lr: float = 1e-5
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    seed: int = 0
+    run_dir: str = "runs/default"
+    save_interval: int = 0  # 0 = only at the end
+    keep_last: Optional[int] = 3
+    resume: str = "auto"  # auto | none | a checkpoint folder
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    algorithm: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "hapo"})
+
+    def algo(self) -> AlgorithmConfig:
+        a = dict(self.algorithm)
+        return AlgorithmConfig.preset(a.pop("name", "hapo"), **a)
+
+    def validate(self, world_size: int = 1) -> "Config":
+        p, r, t = self.parallel, self.rollout, self.train
+        tp_pp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+        if world_size % tp_pp:
+            raise ValueError(f"parallel: world size {world_size} is not divisible by tensor×pipeline = {tp_pp}")
+        if world_size % p.inference_tensor_parallel_size:
+            raise ValueError(f"parallel.inference_tensor_parallel_size={p.inference_tensor_parallel_size} does not divide "
+                             f"the world size {world_size}")
+        dp = world_size // tp_pp
+        if r.prompts_per_step % t.mini_batch_prompts:
+            raise ValueError(f"train.mini_batch_prompts={t.mini_batch_prompts} does not divide "
+                             f"rollout.prompts_per_step={r.prompts_per_step}")
+        seqs = t.mini_batch_prompts * r.samples_per_prompt
+        if seqs % dp or (seqs // dp) % t.micro_batch_size:
+            raise ValueError(f"train.micro_batch_size={t.micro_batch_size} does not divide the {seqs // max(dp, 1)} "
+                             f"sequences of a mini-batch on each of {dp} data-parallel ranks")
+        if r.overlong_buffer > r.max_response_tokens:
+            raise ValueError(f"rollout.overlong_buffer={r.overlong_buffer} exceeds rollout.max_response_tokens={r.max_response_tokens}")
+        if t.steps < 1:
+            raise ValueError(f"train.steps: must be ≥ 1, got {t.steps}")
+        self.algo()  # validates the algorithm section, naming the field
+        return self
+
+    def dump(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+    @classmethod
+    def load(cls, path: Optional[str] = None, overrides: Optional[List[str]] = None) -> "Config":
+        data: Dict[str, Any] = {}
+        if path:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        for item in overrides or []:
+            if "=" not in item:
+                raise ValueError(f"override {item!r}: expected key.sub=value")
+            key, value = item.split("=", 1)
+            node = data
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            parsed = yaml.safe_load(value)
+            if isinstance(parsed, str):  # YAML 1.1 reads "1e-4" as a string
+                try:
+                    parsed = float(parsed)
+                except ValueError:
+                    pass
+            node[parts[-1]] = parsed
+        return cls._from_dict(data)
+
+    @classmethod
+    def _from_dict(cls, data: Dict[str, Any]) -> "Config":
+        kwargs = {}
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            if key not in hints:
+                raise ValueError(f"config: unknown section {key!r}; expected one of {sorted(hints)}")
+            if key == "algorithm":
+                if not isinstance(value, dict):
+                    raise ValueError("config.algorithm: expected a mapping")
+                known = {f.name for f in dataclasses.fields(AlgorithmConfig)}
+                bad = sorted(set(value) - known)
+                if bad:
+                    raise ValueError(f"config.algorithm: unknown settings {bad}")
+                kwargs[key] = value
+                continue
+            section_cls = hints[key]
+            fields = {f.name: f for f in dataclasses.fields(section_cls)}
+            bad = sorted(set(value) - set(fields))
+            if bad:
+                raise ValueError(f"config.{key}: unknown settings {bad}; expected some of {sorted(fields)}")
+            kwargs[key] = section_cls(**value)
+        return cls(**kwargs)

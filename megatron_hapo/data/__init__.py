@@ -1,0 +1,1 @@
+"""Datasets and tasks. `addition`: the embedded demo task, generated in code."""
