@@ -6,17 +6,22 @@ import sys
 
 
 def _demo(args) -> int:
-    from .toy import ToyConfig, run
+    if args.toy:
+        from .toy import ToyConfig, run
 
-    print("megatron-hapo demo: the HAPO algorithm core (megatron_hapo.algorithms) training a tiny PyTorch")
-    print("policy on the 'digit sum' task from reward alone, on this CPU. Not yet Megatron-Core or vLLM:")
-    print("this is the smallest honest slice of the pipeline until the trainer lands.\n")
-    for algo in args.algorithms.split(","):
-        result = run(ToyConfig(algorithm=algo, steps=args.steps, seed=args.seed))
-        print()
-        if result["end_accuracy"] <= result["start_accuracy"]:
-            print(f"{algo}: no improvement from reward; something is wrong", file=sys.stderr)
-            return 1
+        print("megatron-hapo demo --toy: the algorithm core on a tiny PyTorch policy (no Megatron, no vLLM).\n")
+        for algo in args.algorithms.split(","):
+            result = run(ToyConfig(algorithm=algo, steps=40, seed=args.seed))
+            if result["end_accuracy"] <= result["start_accuracy"]:
+                print(f"{algo}: no improvement from reward; something is wrong", file=sys.stderr)
+                return 1
+        return 0
+    from .demo import run_demo
+
+    print("megatron-hapo demo: supervised warm-up, then HAPO and DAPO from the same warm-up, with Megatron-Core "
+          "updates and vLLM rollouts on this CPU (2-digit addition, a 0.5 M-parameter Qwen2-shaped model built in code).\n",
+          flush=True)
+    run_demo(args.run_dir, warmup_steps=args.warmup_steps, rl_steps=args.steps, algorithms=tuple(args.algorithms.split(",")))
     return 0
 
 
@@ -32,8 +37,11 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the embedded CPU demo")
     demo.add_argument("--algorithms", default="hapo,dapo", help="comma-separated: hapo, dapo, grpo")
-    demo.add_argument("--steps", type=int, default=40)
+    demo.add_argument("--steps", type=int, default=120, help="RL steps per algorithm")
+    demo.add_argument("--warmup-steps", type=int, default=300)
+    demo.add_argument("--run-dir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--toy", action="store_true", help="the pre-trainer toy (pure PyTorch, seconds)")
     demo.set_defaults(func=_demo)
     train = sub.add_parser("train", help="the RL loop: megatron-hapo train [--config FILE] [key.sub=value ...]")
     train.add_argument("rest", nargs=argparse.REMAINDER)

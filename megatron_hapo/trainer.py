@@ -200,6 +200,51 @@ class Trainer:
                  time_rollout=t_rollout, time_train=t_train, **mismatch, **sync)
         return m
 
+    def evaluate(self, n: int = 200, seed: int = 12345) -> float:
+        """Greedy accuracy on held-out prompts (adaptation off)."""
+        items = self.task.prompts(seed, n)
+        outs = self.engine.greedy([p for p, _ in items], self.cfg.rollout.max_response_tokens, (self.task.EOS,))
+        return sum(self.verifier_reward(o, a) for o, (_, a) in zip(outs, items)) / n
+
+    def supervised_warmup(self, steps: int, batch_size: int = 64, seed: int = 777) -> List[float]:
+        """Teacher-forced warm-up on gold answers through the same Megatron update: with a fresh
+        old-policy pass each step the ratio is 1 and the loss with A = 1 has the gradient of the
+        token-mean negative log-likelihood."""
+        from .rollout.weight_sync import sync_policy_to_engine
+        from .training.policy import PolicyBatch
+
+        losses = []
+        for k in range(steps):
+            items = self.task.prompts(seed * 100_003 + k, batch_size)
+            answers = [self.task.encode(a) + [self.task.EOS] for _, a in items]
+            ids, mask = _pad_batch([p + a for (p, _), a in zip(items, answers)], [len(p) for p, _ in items],
+                                   [len(a) for a in answers])
+            batch = PolicyBatch(ids, mask)
+            old, _ = self.policy.compute_logprobs(batch)
+            m = self.policy.train_step(PolicyBatch(ids, mask, advantages=torch.ones(len(items)), old_logp=old,
+                                                   h_hat=torch.zeros(ids.shape) if self.algo.uses_entropy else None))
+            losses.append(-old[mask].mean().item())
+        sync_policy_to_engine(self.policy, self.engine)
+        return losses
+
+    def export_hf(self, path: str) -> None:
+        """The current weights as a HF folder (rank 0 writes)."""
+        import torch.distributed as dist
+        from safetensors.torch import save_file
+
+        weights = self.policy.hf_state_dict()
+        if self.rank == 0:
+            os.makedirs(path, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(path, "model.safetensors"))
+            self.task.tiny_model_config().save_pretrained(path) if self.cfg.model.hf_path is None else None
+        dist.barrier()
+
+    def close(self) -> None:
+        from .training.parallel import destroy_model_parallel
+
+        del self.engine
+        destroy_model_parallel()
+
     def fit(self) -> List[Dict[str, float]]:
         t = self.cfg.train
         history = []

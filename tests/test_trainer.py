@@ -82,3 +82,22 @@ def test_dynamic_sampling_gives_up_with_a_clear_error(tmp_path):
 def test_config_errors_name_the_setting(overrides, match):
     with pytest.raises(ValueError, match=match):
         Config.load(None, overrides).validate(world_size=2)
+
+
+def demo_worker(rank, world, root):
+    import torch.distributed as dist
+
+    from megatron_hapo.demo import run_demo
+
+    dist.destroy_process_group()  # the demo starts its trainers the way `make demo` does
+    return run_demo(root, warmup_steps=200, rl_steps=2, algorithms=("hapo", "dapo"))
+
+
+def test_demo_pipeline_small(tmp_path):
+    results = run_ranks(1, demo_worker, str(tmp_path / "demo"), timeout=600)[0]
+    assert set(results) == {"hapo", "dapo"}
+    for r in results.values():
+        assert 0.0 <= r["before"] <= 1.0 and 0.0 <= r["after"] <= 1.0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["warmup"]["after"] > summary["warmup"]["before"], summary  # the warm-up learned something
+    assert (tmp_path / "demo" / "comparison.png").stat().st_size > 1000

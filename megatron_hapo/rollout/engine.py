@@ -25,6 +25,7 @@ def _vllm_env() -> None:
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the temperature processor is a V1 processor
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its per-engine INFO lines drown the training log
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +235,15 @@ class RolloutEngine:
         self._usable = True
         self.weight_version += 1
         return loaded[0]
+
+    def greedy(self, prompts: Sequence[Sequence[int]], max_tokens: int, stop_token_ids: Sequence[int] = ()) -> List[List[int]]:
+        """Greedy completions (evaluation), with vLLM's own sampler: no temperature adaptation."""
+        from vllm import SamplingParams, TokensPrompt
+
+        self._check_usable()
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_token_ids=list(stop_token_ids), detokenize=False)
+        results = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        return [list(r.outputs[0].token_ids) for r in results]
 
     def score(self, sequences: Sequence[Sequence[int]]) -> List[List[float]]:
         """log p(token t | tokens < t) at T = 1 for t ≥ 1 of each sequence (vLLM prompt log-probs)."""
