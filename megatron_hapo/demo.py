@@ -30,10 +30,10 @@ def _plot(runs: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for name, metrics in runs.items():
         steps = [m["step"] for m in metrics]
-        axes[0].plot(steps, [m["accuracy"] for m in metrics], label=name)
+        axes[0].plot(steps, [m["rollout_accuracy"] for m in metrics], label=name)
         axes[1].plot(steps, [m["entropy"] for m in metrics], label=name)
         axes[2].plot(steps, [m["temperature_max"] - m["temperature_min"] for m in metrics], label=name)
-    for ax, title in zip(axes, ("sampled accuracy", "policy entropy (old pass)", "temperature range per step")):
+    for ax, title in zip(axes, ("sampled accuracy (all rollouts)", "policy entropy (old pass)", "temperature range per step")):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend()
@@ -68,10 +68,11 @@ def run_demo(root: str = "runs/demo", warmup_steps: int = 300, rl_steps: int = 6
         after = tr.evaluate()
         tr.close()
         results[algo] = {"before": before, "after": after, "seconds": time.perf_counter() - t1,
-                         "sampled_first": history[0]["accuracy"], "sampled_last": sum(m["accuracy"] for m in history[-5:]) / 5}
+                         "sampled_first": history[0]["rollout_accuracy"],
+                         "sampled_last": sum(m["rollout_accuracy"] for m in history[-5:]) / 5}
         curves[algo] = history
         print(f"{algo}: held-out greedy accuracy {before:.3f} -> {after:.3f}; sampled accuracy "
-              f"{results[algo]['sampled_first']:.3f} -> {results[algo]['sampled_last']:.3f} (mean of the last 5 steps); "
+              f"{results[algo]['sampled_first']:.3f} -> {results[algo]['sampled_last']:.3f} (all rollouts, mean of the last 5 steps); "
               f"{rl_steps} steps in {results[algo]['seconds']:.0f} s", flush=True)
     _plot(curves, f"{root}/comparison.png")
     with open(f"{root}/summary.json", "w") as f:

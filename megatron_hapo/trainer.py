@@ -125,6 +125,7 @@ class Trainer:
         r = self.cfg.rollout
         need = r.prompts_per_step // self.dp
         groups, generated, gen_batches = [], 0, 0
+        self._raw = [0.0, 0.0]  # correct responses, responses: over everything generated, kept or not
         while len(groups) < need:
             gen_batches += 1
             if r.max_num_gen_batches and gen_batches > r.max_num_gen_batches:
@@ -141,6 +142,8 @@ class Trainer:
                     rewards = rewards + A.overlong_penalty([x.length for x in responses], r.max_response_tokens,
                                                            r.overlong_buffer, r.overlong_penalty_factor)
                 generated += 1
+                self._raw[0] += float(sum(self.verifier_reward(x.token_ids, answer) >= 1.0 for x in responses))
+                self._raw[1] += float(len(responses))
                 if not r.dynamic_sampling or bool(A.informative_groups(rewards, [0] * len(responses)).all()):
                     groups.append((prompt, responses, rewards))
         return groups[:need], generated, gen_batches
@@ -190,10 +193,11 @@ class Trainer:
 
         tvals = torch.tensor([t for ts in temps for t in ts]) if any(temps) else torch.ones(1)
         local = torch.tensor([sum(rewards), float(len(rewards)), float(sum(r >= 1.0 for r in rewards)), float(sum(rlens)),
-                              float(generated)], dtype=torch.float64)
+                              float(generated), *self._raw], dtype=torch.float64)
         dist.all_reduce(local, group=self.dp_group)
         m = {k: sum(x[k] for x in train_metrics) / len(train_metrics) for k in train_metrics[0]}
         m.update(step=self.step, reward=local[0].item() / local[1].item(), accuracy=local[2].item() / local[1].item(),
+                 rollout_accuracy=local[5].item() / max(local[6].item(), 1.0),
                  response_length=local[3].item() / local[1].item(), keep_rate=len(groups) * self.dp / max(local[4].item(), 1),
                  gen_batches=gen_batches, temperature_min=tvals.min().item(), temperature_mean=tvals.mean().item(),
                  temperature_max=tvals.max().item(), entropy_q=step_stats.q, adv_fallback_frac=fallback.float().mean().item(),
@@ -255,7 +259,7 @@ class Trainer:
             if self.rank == 0:
                 with open(path, "a") as f:
                     f.write(json.dumps(m) + "\n")
-                print(f"step {self.step:>4} reward {m['reward']:.3f} acc {m['accuracy']:.3f} entropy {m['entropy']:.3f} "
+                print(f"step {self.step:>4} reward {m['reward']:.3f} acc {m['rollout_accuracy']:.3f} (kept {m['accuracy']:.3f}) entropy {m['entropy']:.3f} "
                       f"T [{m['temperature_min']:.3f}, {m['temperature_max']:.3f}] clip {m['clip_frac_low']:.3f}/"
                       f"{m['clip_frac_high']:.3f} mismatch {m['logp_mismatch_mean']:.1e} keep {m['keep_rate']:.2f}", flush=True)
             if (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps:

@@ -38,7 +38,7 @@ def test_loop_writes_metrics_and_checkpoint(run):
     assert [m["step"] for m in first["history"]] == [1, 2, 3]
     lines = [json.loads(l) for l in (root / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
-    for key in ("reward", "accuracy", "entropy", "temperature_min", "temperature_max", "clip_frac_low", "clip_frac_high",
+    for key in ("reward", "accuracy", "rollout_accuracy", "entropy", "temperature_min", "temperature_max", "clip_frac_low", "clip_frac_high",
                 "hapo_adv_changed_frac", "logp_mismatch_mean", "keep_rate", "grad_norm", "weight_sync_s", "tokens_per_s"):
         assert key in lines[0], key
     assert (root / "checkpoints" / "iter_0000003" / "COMPLETE").exists()
