@@ -13,9 +13,9 @@ import dataclasses
 import time
 
 import torch
-import torch.nn.functional as F
 
 from . import algorithms as A
+from .parallel import vocab_parallel_logprobs_and_entropy
 
 EOS, VOCAB, MAX_LEN, MAX_TARGET = 0, 10, 6, 18
 
@@ -39,10 +39,7 @@ class BagPolicy(torch.nn.Module):
 
 
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor):
-    logp_all = F.log_softmax(logits.float(), dim=-1)
-    logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    return vocab_parallel_logprobs_and_entropy(logits, tokens)
 
 
 @torch.no_grad()

@@ -137,12 +137,13 @@ class Trainer:
                                        self.stats if self.algo.adaptive_temperature else None,
                                        seeds=[seed + i * 7919 for i in range(need)])
             for (prompt, answer), responses in zip(items, out):
-                rewards = torch.tensor([self.verifier_reward(x.token_ids, answer) for x in responses])
+                correct = [self.verifier_reward(x.token_ids, answer) for x in responses]
+                rewards = torch.tensor(correct)
                 if r.overlong_buffer:
                     rewards = rewards + A.overlong_penalty([x.length for x in responses], r.max_response_tokens,
                                                            r.overlong_buffer, r.overlong_penalty_factor)
                 generated += 1
-                self._raw[0] += float(sum(self.verifier_reward(x.token_ids, answer) >= 1.0 for x in responses))
+                self._raw[0] += float(sum(c >= 1.0 for c in correct))
                 self._raw[1] += float(len(responses))
                 if not r.dynamic_sampling or bool(A.informative_groups(rewards, [0] * len(responses)).all()):
                     groups.append((prompt, responses, rewards))

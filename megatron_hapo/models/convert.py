@@ -92,6 +92,14 @@ def _copy_assets(src: str, dst: str) -> None:
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
+def load_state_strict(module, state: dict, where: str) -> None:
+    """load_state_dict that allows only Transformer Engine's _extra_state to be absent."""
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise KeyError(f"{where} does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+
+
 def _single_process_model(spec: ModelSpec, dtype):
     from ..training.parallel import init_model_parallel
     from .hf_config import build_gpt_model, transformer_config
@@ -141,10 +149,7 @@ def load_megatron_model(ckpt_dir: str, dtype: Optional[str] = None, hf_config_di
         dtype = json.load(open(meta))["dtype"] if os.path.exists(meta) else "fp32"
     model = _single_process_model(spec, _dtype(dtype))
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt_dir)
-    result = model.load_state_dict(loaded["model"], strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing or result.unexpected_keys:
-        raise KeyError(f"{ckpt_dir} does not fit config.json: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    load_state_strict(model, loaded["model"], f"{ckpt_dir} (with its config.json)")
     return spec, model
 
 

@@ -64,10 +64,6 @@ class _Recorder:
             self.steps = keep
         return out
 
-    def clear(self):
-        with self.lock:
-            self.steps = []
-
 
 RECORDER = _Recorder()
 

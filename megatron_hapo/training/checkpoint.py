@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..models.convert import load_state_strict
+
 _ITER = re.compile(r"^iter_(\d{7})$")
 
 
@@ -89,11 +91,8 @@ def _model_sharded(policy) -> dict:
 def _load_model_state(policy, loaded_model: dict) -> None:
     for i, chunk in enumerate(policy.chunks):
         prefix = _chunk_prefix(policy, i)
-        result = chunk.module.load_state_dict(
-            {k[len(prefix):]: v for k, v in loaded_model.items() if k.startswith(prefix)}, strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if missing or result.unexpected_keys:
-            raise KeyError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+        load_state_strict(chunk.module, {k[len(prefix):]: v for k, v in loaded_model.items() if k.startswith(prefix)},
+                          "checkpoint")
 
 
 def _sharded(policy, is_loading: bool = False):
