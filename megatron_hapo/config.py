@@ -17,7 +17,8 @@ from .algorithms import AlgorithmConfig
 
 @dataclasses.dataclass
 class ModelConfig:
-    hf_path: Optional[str] = None  # an HF folder; None: the built-in tiny model of the demo task
+    hf_path: Optional[str] = None  # an HF folder (config, tokenizer, weights); None: the built-in tiny model
+    load: Optional[str] = None  # a Megatron checkpoint (tools/convert_hf_to_megatron.py) to start from instead of hf_path's weights
     dtype: str = "float32"
 
 
@@ -36,11 +37,55 @@ class RolloutConfig:
     max_response_tokens: int = 8
     base_temperature: float = 1.0
     top_p: float = 1.0
-    kv_cache_memory_bytes: int = 64 * 2**20
+    kv_cache_memory_bytes: int = 64 * 2**20  # CPU
+    gpu_memory_utilization: float = 0.5  # GPU: the engine's share, colocated with training
+    enable_sleep_mode: bool = False  # GPU: release the engine's memory while training
     dynamic_sampling: bool = True
     max_num_gen_batches: int = 10  # 0 = unlimited
     overlong_buffer: int = 0  # 0 = no overlong shaping
     overlong_penalty_factor: float = 1.0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: Any = "addition"  # a source or a list: file.jsonl|.json|.parquet, reasoning_gym:NAME, addition
+    eval: Any = None  # the same kinds; None: the training source's held-out split where it has one
+    prompt_key: str = "prompt"
+    answer_key: str = "auto"  # dotted path; auto: reward_model.ground_truth, answer, ground_truth, solution
+    apply_chat_template: bool = True
+    max_prompt_tokens: int = 1024
+    strict: bool = False  # a malformed row fails the run instead of being skipped and counted
+    shuffle: bool = True
+    reasoning_gym_size: int = 1000
+    reasoning_gym_config: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    type: str = "auto"  # math | exact | reasoning_gym | code | module:Class; auto: by the data source
+    workers: int = 2  # scoring processes; 0 = in the trainer's process (no hang protection)
+    timeout_s: float = 10.0  # per response; a verifier past it gets the failure reward, counted
+    correct: Optional[float] = None  # reward values; None: the verifier's (math: ±1, others 1/0)
+    wrong: Optional[float] = None
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    interval: int = 0  # every K steps (0: never during training)
+    before_train: bool = False
+    at_end: bool = True
+    num_prompts: int = 0  # 0: the whole eval set
+    n: int = 1  # samples per prompt: mean@n and pass@n
+    temperature: float = 0.0  # 0: greedy; the paper evaluates at 0.5 with top-p 0.7; adaptation is always off
+    top_p: float = 1.0
+    max_response_tokens: int = 0  # 0: rollout.max_response_tokens
+
+
+@dataclasses.dataclass
+class LogConfig:
+    tensorboard: bool = True  # event files in run_dir/tensorboard
+    progress: str = "auto"  # auto (on a terminal) | on | off
+    token_samples: int = 2048  # (entropy, temperature) pairs kept per step for `megatron-hapo plot`
 
 
 @dataclasses.dataclass
@@ -65,6 +110,10 @@ class Config:
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
     algorithm: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "hapo"})
 
     def algo(self) -> AlgorithmConfig:
@@ -80,6 +129,14 @@ class Config:
             raise ValueError(f"parallel.inference_tensor_parallel_size={p.inference_tensor_parallel_size} does not divide "
                              f"the world size {world_size}")
         dp = world_size // tp_pp
+        engines = world_size // p.inference_tensor_parallel_size
+        if r.prompts_per_step % dp:
+            raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} does not divide over {dp} data-parallel ranks")
+        if r.prompts_per_step % engines:
+            raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} does not divide over {engines} rollout engines "
+                             f"(world {world_size} / inference_tensor_parallel_size {p.inference_tensor_parallel_size})")
+        if t.mini_batch_prompts % dp:
+            raise ValueError(f"train.mini_batch_prompts={t.mini_batch_prompts} does not divide over {dp} data-parallel ranks")
         if r.prompts_per_step % t.mini_batch_prompts:
             raise ValueError(f"train.mini_batch_prompts={t.mini_batch_prompts} does not divide "
                              f"rollout.prompts_per_step={r.prompts_per_step}")
@@ -91,6 +148,28 @@ class Config:
             raise ValueError(f"rollout.overlong_buffer={r.overlong_buffer} exceeds rollout.max_response_tokens={r.max_response_tokens}")
         if t.steps < 1:
             raise ValueError(f"train.steps: must be ≥ 1, got {t.steps}")
+        d, rw, e, lg = self.data, self.reward, self.eval, self.log
+        for name, src in (("train", d.train), ("eval", d.eval)):
+            for item in ([src] if isinstance(src, str) else (src or [])):
+                if not isinstance(item, str):
+                    raise ValueError(f"data.{name}: expected a path or source name, got {item!r}")
+        if not d.train:
+            raise ValueError("data.train: no training source")
+        if d.max_prompt_tokens < 1:
+            raise ValueError(f"data.max_prompt_tokens: must be ≥ 1, got {d.max_prompt_tokens}")
+        from .rewards.registry import BUILTIN
+
+        if rw.type != "auto" and rw.type not in BUILTIN and ":" not in rw.type:
+            raise ValueError(f"reward.type: unknown verifier {rw.type!r}; expected auto, one of {list(BUILTIN)} or 'module:Class'")
+        if rw.workers < 0 or not rw.timeout_s > 0:
+            raise ValueError(f"reward.workers must be ≥ 0 and reward.timeout_s positive, got {rw.workers}, {rw.timeout_s}")
+        if e.interval < 0 or e.n < 1 or e.num_prompts < 0 or e.temperature < 0 or not 0 < e.top_p <= 1:
+            raise ValueError(f"eval: need interval ≥ 0, n ≥ 1, num_prompts ≥ 0, temperature ≥ 0, 0 < top_p ≤ 1; got "
+                             f"{e.interval}, {e.n}, {e.num_prompts}, {e.temperature}, {e.top_p}")
+        if e.temperature == 0 and e.n > 1:
+            raise ValueError(f"eval.n={e.n} with eval.temperature=0: greedy decoding gives n identical samples")
+        if lg.progress not in ("auto", "on", "off"):
+            raise ValueError(f"log.progress: expected auto | on | off, got {lg.progress!r}")
         self.algo()  # validates the algorithm section, naming the field
         return self
 

@@ -1,20 +1,26 @@
 """The RL loop, top to bottom (docs/ARCHITECTURE.md "One step of training").
 
-    rollout (per-token temperature from the previous step's statistics)
-    → rewards (+ overlong shaping) → dynamic sampling (generate more until the batch is full)
-    → old-policy pass (log-probs, entropies) → entropy statistics over the data-parallel group
-    → advantages → mini-batch updates → weight sync → metrics → checkpoint
+    rollout (per-token temperature from the previous step's statistics) + rewards
+    → dynamic sampling (generate more until the batch is full) → old-policy pass (log-probs,
+    entropies) → entropy statistics over the data-parallel group → advantages → mini-batch updates
+    → weight sync → metrics → evaluation / checkpoint every K steps
 
-One process per rank (torchrun/srun, or a single process); every rank holds a Megatron shard and
-an in-process vLLM engine. Status: the loop runs the built-in addition task end to end; data
-loaders for JSONL/Parquet, TensorBoard, plots and the full demo are issue #7's remaining work.
+SPMD: one process per rank (torchrun/srun, or a single process). Every rank holds a Megatron shard
+and a share of a colocated vLLM engine: one engine per inference-TP group (`external_launcher`
+when it spans ranks). Each step takes `prompts_per_step` prompts at the run's global data
+position; every engine generates an equal slice, scores it, and the groups are gathered so every
+rank sees the same global list: dynamic sampling, metrics and the split over data-parallel ranks
+are identical under every layout, and a prompt's samples depend only on (seed, its position).
 """
 from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
+import sys
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -28,68 +34,203 @@ def _pad_batch(rows: List[List[int]], prompt_lens: List[int], resp_lens: List[in
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
     for i, (r, p, n) in enumerate(zip(rows, prompt_lens, resp_lens)):
-        ids[i, : len(r)] = torch.tensor(r)
+        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
         mask[i, p - 1: p - 1 + n] = True  # position t scores token t+1
     return ids, mask
 
 
-def _per_position(values: List[List[float]], prompt_lens, shape) -> torch.Tensor:
+def _per_position(values, prompt_lens, shape) -> torch.Tensor:
     out = torch.zeros(shape)
     for i, (v, p) in enumerate(zip(values, prompt_lens)):
-        if v:
-            out[i, p - 1: p - 1 + len(v)] = torch.tensor(v)
+        if len(v):
+            out[i, p - 1: p - 1 + len(v)] = torch.as_tensor(v, dtype=torch.float32)
     return out
+
+
+class Sample:
+    """One response, compact for gathering across ranks (float32 arrays, not Python lists)."""
+
+    __slots__ = ("token_ids", "temperatures", "entropies", "logprobs", "logprobs_t1", "truncated", "error")
+
+    def __init__(self, response):
+        import numpy as np
+
+        self.token_ids = list(response.token_ids)
+        for name in ("temperatures", "entropies", "logprobs", "logprobs_t1"):
+            setattr(self, name, np.asarray(getattr(response, name), dtype=np.float32))
+        self.truncated = response.finish_reason == "length"
+        self.error = response.error
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+
+class Group:
+    """A prompt and its samples, scored: what dynamic sampling keeps or drops."""
+
+    __slots__ = ("position", "prompt_ids", "samples", "rewards", "correct", "statuses")
+
+    def __init__(self, position, prompt_ids, samples, rewards, correct, statuses):
+        self.position, self.prompt_ids, self.samples = position, prompt_ids, samples
+        self.rewards, self.correct, self.statuses = rewards, correct, statuses
+
+
+class _NoBar:
+    n = 0
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def close(self):
+        pass
 
 
 class Trainer:
     def __init__(self, cfg: Config):
         import torch.distributed as dist
+        import transformers
         from megatron.core import parallel_state as ps
 
+        from .data import DataOptions, PromptSampler, load_prompts
         from .data import addition
         from .models.hf_config import ModelSpec
+        from .rewards import RewardPool, build_verifier
         from .rollout.engine import RolloutEngine, SamplingConfig
         from .training.parallel import init_model_parallel
         from .training.policy import MegatronPolicy, PolicyConfig
 
         self.cfg = cfg
-        p, t, r = cfg.parallel, cfg.train, cfg.rollout
+        p, t, r, d = cfg.parallel, cfg.train, cfg.rollout, cfg.data
         init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=t.seed)
-        cfg.validate(dist.get_world_size())
+        self.world = dist.get_world_size()
+        cfg.validate(self.world)
         self.algo = cfg.algo()
         self.rank = dist.get_rank()
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
+        itp = p.inference_tensor_parallel_size
+        self.num_engines, self.engine_index, self.engine_leader = self.world // itp, self.rank // itp, self.rank % itp == 0
         os.makedirs(t.run_dir, exist_ok=True)
-        model_dir = cfg.model.hf_path or os.path.join(t.run_dir, "initial_model")
-        if cfg.model.hf_path is None and self.rank == 0 and not os.path.exists(os.path.join(model_dir, "config.json")):
-            import transformers
 
-            torch.manual_seed(t.seed)
-            transformers.AutoModelForCausalLM.from_config(addition.tiny_model_config(), dtype=torch.float32).save_pretrained(model_dir)
+        # ---- model folder, tokenizer, data ----
+        self.model_dir = cfg.model.hf_path or os.path.join(t.run_dir, "initial_model")
+        if cfg.model.hf_path is None and self.rank == 0 and not os.path.exists(os.path.join(self.model_dir, "tokenizer.json")):
+            addition.build_model_dir(self.model_dir, seed=t.seed)
         dist.barrier()
-        if self.rank == 0:
-            with open(os.path.join(t.run_dir, "config.yaml"), "w") as f:
-                f.write(cfg.dump())
-        self.task = addition
-        self.spec = ModelSpec.from_hf(model_dir)
+        if not os.path.exists(os.path.join(self.model_dir, "config.json")):
+            raise FileNotFoundError(f"model.hf_path: {self.model_dir!r} holds no config.json")
+        self.spec = ModelSpec.from_hf(self.model_dir)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir)
+        if len(self.tokenizer) > self.spec.vocab_size:
+            raise ValueError(f"model.hf_path: the tokenizer has {len(self.tokenizer)} tokens, the model only "
+                             f"{self.spec.vocab_size}")
+        max_prompt = min(d.max_prompt_tokens, self.spec.max_position_embeddings - r.max_response_tokens)
+        if max_prompt < 1:
+            raise ValueError(f"rollout.max_response_tokens={r.max_response_tokens} leaves no room for a prompt in the "
+                             f"model's {self.spec.max_position_embeddings} positions")
+        opts = DataOptions(prompt_key=d.prompt_key, answer_key=d.answer_key, apply_chat_template=d.apply_chat_template,
+                           max_prompt_tokens=max_prompt, strict=d.strict, reasoning_gym_size=d.reasoning_gym_size,
+                           reasoning_gym_config=dict(d.reasoning_gym_config))
+        self.train_data = load_prompts(d.train, self.tokenizer, opts, "train", seed=t.seed)
+        eval_sources = d.eval if d.eval is not None else self._default_eval(d.train)
+        self.eval_data = load_prompts(eval_sources, self.tokenizer, opts, "eval", seed=t.seed) if eval_sources else None
+        self.sampler = PromptSampler(len(self.train_data), seed=t.seed, shuffle=d.shuffle)
+        self.data_position = 0
+        self.stop_ids = self._stop_token_ids()
+
+        # ---- rewards (scored on each engine's first rank) ----
+        kind = cfg.reward.type if cfg.reward.type != "auto" else self._default_reward(d.train)
+        self.verifier = build_verifier(kind, cfg.reward.correct, cfg.reward.wrong)
+        self.rewards = RewardPool(self.verifier, cfg.reward.workers, cfg.reward.timeout_s) if self.engine_leader else None
+
+        # ---- policy and engine ----
         self.policy = MegatronPolicy(self.spec, PolicyConfig(
             tensor_model_parallel_size=p.tensor_model_parallel_size, pipeline_model_parallel_size=p.pipeline_model_parallel_size,
             use_distributed_optimizer=p.use_distributed_optimizer, micro_batch_size=t.micro_batch_size, dtype=cfg.model.dtype,
             lr=t.lr, lr_warmup_steps=t.lr_warmup_steps, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
-            train_steps=t.steps, seed=t.seed), self.algo)
-        from .models.convert import read_hf_tensors
+            train_steps=t.steps * (r.prompts_per_step // t.mini_batch_prompts), seed=t.seed), self.algo)
+        if cfg.model.load:
+            from .training.checkpoint import load_model_checkpoint
 
-        self.policy.load_hf_state_dict(read_hf_tensors(model_dir))
-        self.engine = RolloutEngine(model_dir, max_model_len=self.spec.max_position_embeddings,
-                                    kv_cache_memory_bytes=r.kv_cache_memory_bytes, seed=t.seed + self.dp_rank)
+            load_model_checkpoint(cfg.model.load, self.policy)
+        else:
+            from .models.convert import read_hf_tensors
+
+            self.policy.load_hf_state_dict(read_hf_tensors(self.model_dir))
+        engine_kwargs = {}
+        if itp > 1:
+            engine_kwargs.update(distributed_executor_backend="external_launcher")
+        self.engine = RolloutEngine(self.model_dir, max_model_len=self.spec.max_position_embeddings,
+                                    kv_cache_memory_bytes=r.kv_cache_memory_bytes, seed=t.seed, tensor_parallel_size=itp,
+                                    dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
+                                    enable_sleep_mode=r.enable_sleep_mode,
+                                    data_parallel_size=self.num_engines if itp > 1 else 1, **engine_kwargs)
         self.sampling = SamplingConfig(max_tokens=r.max_response_tokens, base_temperature=r.base_temperature, top_p=r.top_p,
                                        adaptive=self.algo.adaptive_temperature, tau=self.algo.tau,
-                                       sign_mode=self.algo.sign_mode, stop_token_ids=(addition.EOS,))
-        self.verifier_reward = addition.reward
+                                       sign_mode=self.algo.sign_mode, stop_token_ids=self.stop_ids)
         self.stats: Optional[A.EntropyStats] = None
         self.step = 0
+        self.writer = None
+        self.progress = cfg.log.progress == "on" or (cfg.log.progress == "auto" and sys.stderr.isatty())
+        self.progress = self.progress and self.rank == 0
+        if cfg.model.load:
+            self._sync()
         self._maybe_resume()
+        if self.rank == 0:
+            with open(os.path.join(t.run_dir, "config.yaml"), "w") as f:
+                f.write(cfg.dump())
+            for ds in (self.train_data, self.eval_data):
+                if ds is not None:
+                    print(ds.summary(), flush=True)
+
+    # ---- set-up helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _sources(src) -> List[str]:
+        return [src] if isinstance(src, str) else list(src)
+
+    def _default_eval(self, train):
+        """The held-out counterpart of each procedural source; files have none (set data.eval)."""
+        out = []
+        for s in self._sources(train):
+            if s in ("addition", "addition:train"):
+                out.append("addition:eval")
+            elif s.startswith("reasoning_gym:"):
+                out.append(s)  # drawn from another seed (datasets.source_rows)
+        return out or None
+
+    def _default_reward(self, train) -> str:
+        kinds = set()
+        for s in self._sources(train):
+            kinds.add("exact" if s.startswith("addition") else "reasoning_gym" if s.startswith("reasoning_gym:") else "math")
+        if len(kinds) > 1:
+            raise ValueError(f"reward.type=auto: data.train mixes {sorted(kinds)} sources; set reward.type")
+        return kinds.pop()
+
+    def _stop_token_ids(self):
+        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        gen_path = os.path.join(self.model_dir, "generation_config.json")
+        if os.path.exists(gen_path):
+            with open(gen_path) as f:
+                eos = json.load(f).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return tuple(sorted(ids))
+
+    def _bar(self, desc: str, total: int):
+        if not self.progress:
+            return _NoBar()
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def _sync(self) -> Dict[str, float]:
+        from .rollout.weight_sync import sync_policy_to_engine
+
+        return sync_policy_to_engine(self.policy, self.engine)
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
@@ -97,7 +238,6 @@ class Trainer:
         return os.path.join(self.cfg.train.run_dir, "checkpoints")
 
     def _maybe_resume(self):
-        from .rollout.weight_sync import sync_policy_to_engine
         from .training.checkpoint import find_latest, load_checkpoint
 
         resume = self.cfg.train.resume
@@ -106,178 +246,370 @@ class Trainer:
             return
         state = load_checkpoint(path, self.policy)
         self.step = state["step"]
+        self.data_position = int(state.get("data_position", 0))
         self.stats = A.EntropyStats.from_dict(state["entropy_stats"]) if state.get("entropy_stats") else None
-        sync_policy_to_engine(self.policy, self.engine)
+        self._sync()
         if self.rank == 0:
-            print(f"resumed from {path} at step {self.step}")
+            print(f"resumed from {path} at step {self.step} (data position {self.data_position})", flush=True)
 
     def save(self):
         from .training.checkpoint import save_checkpoint
 
         save_checkpoint(self._ckpt_root(), self.step, self.policy,
-                        {"data_position": self.step, "entropy_stats": self.stats.to_dict() if self.stats else None,
+                        {"data_position": self.data_position, "entropy_stats": self.stats.to_dict() if self.stats else None,
                          "config": self.cfg.dump()}, keep_last=self.cfg.train.keep_last)
 
-    # ---- one step --------------------------------------------------------------------------------
+    # ---- rollout ----------------------------------------------------------------------------------
 
-    def _rollout(self):
-        """Whole prompt groups for this data-parallel rank, informative ones only if dynamic sampling."""
-        r = self.cfg.rollout
-        need = r.prompts_per_step // self.dp
-        groups, generated, gen_batches = [], 0, 0
-        self._raw = [0.0, 0.0]  # correct responses, responses: over everything generated, kept or not
-        while len(groups) < need:
-            gen_batches += 1
-            if r.max_num_gen_batches and gen_batches > r.max_num_gen_batches:
-                raise RuntimeError(f"dynamic sampling: only {len(groups)} of {need} informative groups after "
-                                   f"{r.max_num_gen_batches} generation batches (rollout.max_num_gen_batches)")
-            seed = (self.cfg.train.seed * 1_000_003 + self.step * 1009 + gen_batches) * 131 + self.dp_rank
-            items = self.task.prompts(seed, need)
-            out = self.engine.generate([p for p, _ in items], r.samples_per_prompt, self.sampling,
-                                       self.stats if self.algo.adaptive_temperature else None,
-                                       seeds=[seed + i * 7919 for i in range(need)])
-            for (prompt, answer), responses in zip(items, out):
-                correct = [self.verifier_reward(x.token_ids, answer) for x in responses]
-                rewards = torch.tensor(correct)
-                if r.overlong_buffer:
-                    rewards = rewards + A.overlong_penalty([x.length for x in responses], r.max_response_tokens,
-                                                           r.overlong_buffer, r.overlong_penalty_factor)
-                generated += 1
-                self._raw[0] += float(sum(c >= 1.0 for c in correct))
-                self._raw[1] += float(len(responses))
-                if not r.dynamic_sampling or bool(A.informative_groups(rewards, [0] * len(responses)).all()):
-                    groups.append((prompt, responses, rewards))
-        return groups[:need], generated, gen_batches
+    def _score(self, groups_prompts, outs, truths):
+        """Rewards for this engine's responses (its first rank scores; the others return nothing)."""
+        if not self.engine_leader:
+            return []
+        flat = [x for responses in outs for x in responses]
+        texts = self.tokenizer.batch_decode([x.token_ids for x in flat], skip_special_tokens=True)
+        results = self.rewards.score(texts, [g for g, responses in zip(truths, outs) for _ in responses])
+        out, k = [], 0
+        for (position, prompt), responses in zip(groups_prompts, outs):
+            res = results[k: k + len(responses)]
+            k += len(responses)
+            statuses = ["rollout_error" if x.error else s.status for x, s in zip(responses, res)]
+            out.append(Group(position, prompt, [Sample(x) for x in responses], [s.score for s in res],
+                             [bool(s.correct) for s in res], statuses))
+        return out
 
-    def train_step(self) -> Dict[str, float]:
+    def _generate_groups(self, positions: List[int], indices: List[int], dataset, sampling, n, stats) -> List[Group]:
+        """Every engine generates its slice of the prompts; the scored groups of all engines, on every rank."""
         import torch.distributed as dist
 
+        from .data.datasets import split_evenly
+
+        mine = split_evenly(list(zip(positions, indices)), self.num_engines, self.engine_index)
+        prompts = [dataset[i].prompt_ids for _, i in mine]
+        seeds = [(self.cfg.train.seed * 1_000_003 + pos) % (2**31 - 1) for pos, _ in mine]
+        outs = self.engine.generate(prompts, n, sampling, stats, seeds=seeds)
+        local = self._score([(pos, dataset[i].prompt_ids) for pos, i in mine], outs, [dataset[i].ground_truth for _, i in mine])
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, local)
+        return sorted((g for part in gathered for g in part), key=lambda g: g.position)
+
+    def _rollout(self):
+        """`prompts_per_step` groups (informative ones only under dynamic sampling), the same on every rank."""
+        r = self.cfg.rollout
+        need = r.prompts_per_step
+        kept: List[Group] = []
+        seen: List[Group] = []
+        gen_batches = 0
+        bar = self._bar(f"step {self.step + 1} rollout", need)
+        stats = self.stats if self.algo.adaptive_temperature else None
+        while len(kept) < need:
+            gen_batches += 1
+            if r.max_num_gen_batches and gen_batches > r.max_num_gen_batches:
+                bar.close()
+                raise RuntimeError(f"dynamic sampling: only {len(kept)} of {need} informative groups after "
+                                   f"{r.max_num_gen_batches} generation batches (rollout.max_num_gen_batches)")
+            positions = list(range(self.data_position, self.data_position + need))
+            self.data_position += need
+            groups = self._generate_groups(positions, self.sampler.indices(positions[0], need), self.train_data,
+                                           self.sampling, r.samples_per_prompt, stats)
+            for g in groups:
+                rewards = torch.tensor(g.rewards, dtype=torch.float32)
+                if r.overlong_buffer:
+                    rewards = rewards + A.overlong_penalty([s.length for s in g.samples], r.max_response_tokens,
+                                                           r.overlong_buffer, r.overlong_penalty_factor)
+                g.rewards = rewards
+                seen.append(g)
+                if len(kept) < need and (not r.dynamic_sampling or bool(A.informative_groups(rewards, [0] * len(rewards)).all())):
+                    kept.append(g)
+            bar.update(len(kept) - bar.n)
+            bar.set_postfix_str(f"generation batch {gen_batches}")
+        bar.close()
+        return kept, seen, gen_batches
+
+    # ---- one step ---------------------------------------------------------------------------------
+
+    def train_step(self) -> Dict[str, Any]:
+        import torch.distributed as dist
+
+        from .data.datasets import split_evenly
         from .parallel import distributed_entropy_stats
-        from .rollout.weight_sync import sync_policy_to_engine
         from .training.policy import PolicyBatch
 
+        cfg, r = self.cfg, self.cfg.rollout
         t0 = time.perf_counter()
-        groups, generated, gen_batches = self._rollout()
+        kept, seen, gen_batches = self._rollout()
+        self._last_kept = kept
         t_rollout = time.perf_counter() - t0
-        rows, plens, rlens, gids, rewards, temps, beh, eng_t1 = [], [], [], [], [], [], [], []
-        for g, (prompt, responses, rw) in enumerate(groups):
-            for x, reward in zip(responses, rw.tolist()):
-                rows.append(list(prompt) + x.token_ids)
-                plens.append(len(prompt))
-                rlens.append(x.length)
-                gids.append(g)
+        if r.enable_sleep_mode:
+            self.engine.sleep()
+
+        mine = split_evenly(kept, self.dp, self.dp_rank)
+        rows, plens, rlens, gids, rewards, eng_t1, beh = [], [], [], [], [], [], []
+        for g_idx, g in enumerate(mine):
+            for s, reward in zip(g.samples, g.rewards.tolist()):
+                rows.append(list(g.prompt_ids) + s.token_ids)
+                plens.append(len(g.prompt_ids))
+                rlens.append(s.length)
+                gids.append(g_idx)
                 rewards.append(reward)
-                temps.append(x.temperatures)
-                beh.append(x.logprobs)
-                eng_t1.append(x.logprobs_t1)
+                eng_t1.append(s.logprobs_t1)
+                beh.append(s.logprobs)
         ids, mask = _pad_batch(rows, plens, rlens)
-        batch = PolicyBatch(ids, mask)
-        old_logp, old_ent = self.policy.compute_logprobs(batch)
+        t1 = time.perf_counter()
+        old_logp, old_ent = self.policy.compute_logprobs(PolicyBatch(ids, mask))
         mismatch = A.logprob_mismatch(_per_position(eng_t1, plens, ids.shape), old_logp, mask)
         step_stats = distributed_entropy_stats(old_ent, mask, group=self.dp_group, pivot=self.algo.pivot)
         h_hat = A.normalized_entropy(old_ent, step_stats, self.algo.sign_mode) if self.algo.uses_entropy else None
         adv, fallback = A.compute_advantages(self.algo, torch.tensor(rewards), torch.tensor(rlens), gids)
         behaviour = _per_position(beh, plens, ids.shape) if self.algo.rollout_correction == "tis" else None
+        t_old = time.perf_counter() - t1
 
-        t1 = time.perf_counter()
-        per_mb = self.cfg.train.mini_batch_prompts // self.dp * self.cfg.rollout.samples_per_prompt
+        t2 = time.perf_counter()
+        per_mb = cfg.train.mini_batch_prompts // self.dp * r.samples_per_prompt
+        n_mb = (len(rows) + per_mb - 1) // per_mb
+        bar = self._bar(f"step {self.step + 1} update", n_mb)
         train_metrics = []
         for start in range(0, len(rows), per_mb):
             sl = slice(start, start + per_mb)
             train_metrics.append(self.policy.train_step(PolicyBatch(
                 ids[sl], mask[sl], advantages=adv[sl], old_logp=old_logp[sl],
                 h_hat=None if h_hat is None else h_hat[sl], behaviour_logp=None if behaviour is None else behaviour[sl])))
-        t_train = time.perf_counter() - t1
-        sync = sync_policy_to_engine(self.policy, self.engine)
+            bar.update(1)
+        bar.close()
+        t_train = time.perf_counter() - t2
+        if r.enable_sleep_mode:
+            self.engine.wake_up()
+        sync = self._sync()
         self.stats = step_stats  # the next step's rollout samples with these
         self.step += 1
 
-        tvals = torch.tensor([t for ts in temps for t in ts]) if any(temps) else torch.ones(1)
-        local = torch.tensor([sum(rewards), float(len(rewards)), float(sum(r >= 1.0 for r in rewards)), float(sum(rlens)),
-                              float(generated), *self._raw], dtype=torch.float64)
-        dist.all_reduce(local, group=self.dp_group)
-        m = {k: sum(x[k] for x in train_metrics) / len(train_metrics) for k in train_metrics[0]}
-        m.update(step=self.step, reward=local[0].item() / local[1].item(), accuracy=local[2].item() / local[1].item(),
-                 rollout_accuracy=local[5].item() / max(local[6].item(), 1.0),
-                 response_length=local[3].item() / local[1].item(), keep_rate=len(groups) * self.dp / max(local[4].item(), 1),
-                 gen_batches=gen_batches, temperature_min=tvals.min().item(), temperature_mean=tvals.mean().item(),
-                 temperature_max=tvals.max().item(), entropy_q=step_stats.q, adv_fallback_frac=fallback.float().mean().item(),
-                 time_rollout=t_rollout, time_train=t_train, **mismatch, **sync)
+        # ---- metrics: rollout ones from the global groups (identical on every rank) ----
+        red = torch.tensor([mismatch["logp_mismatch_mean"], mismatch["ratio_bias"], fallback.float().sum().item(),
+                            float(fallback.numel())], dtype=torch.float64)
+        dist.all_reduce(red, group=self.dp_group)
+        mx = torch.tensor([mismatch["logp_mismatch_max"]], dtype=torch.float64)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=self.dp_group)
+        m: Dict[str, Any] = {k: sum(x[k] for x in train_metrics) / len(train_metrics) for k in train_metrics[0]}
+        m.update(self._rollout_metrics(kept, seen, gen_batches))
+        m.update(step=self.step, entropy_q=step_stats.q, entropy_sigma_pos=step_stats.z_pos,
+                 adv_fallback_frac=(red[2] / red[3].clamp(min=1)).item(),
+                 logp_mismatch_mean=red[0].item() / self.dp, ratio_bias=red[1].item() / self.dp, logp_mismatch_max=mx.item(),
+                 data_position=self.data_position, data_epoch=self.data_position / len(self.train_data),
+                 data_skipped_rows=self.train_data.skipped, time_rollout=t_rollout, time_old_pass=t_old, time_train=t_train,
+                 time_weight_sync=sync["weight_sync_s"], weight_sync_bytes=sync["weight_sync_bytes"],
+                 time_step=time.perf_counter() - t0)
+        m["rollout_tokens_per_s"] = m["response_tokens"] / max(t_rollout, 1e-9)
+        self._last_hist = {"h_hat": h_hat[mask] if h_hat is not None else None, "entropy": old_ent[mask]}
         return m
 
-    def evaluate(self, n: int = 200, seed: int = 12345) -> float:
-        """Greedy accuracy on held-out prompts (adaptation off)."""
-        items = self.task.prompts(seed, n)
-        outs = self.engine.greedy([p for p, _ in items], self.cfg.rollout.max_response_tokens, (self.task.EOS,))
-        return sum(self.verifier_reward(o, a) for o, (_, a) in zip(outs, items)) / n
+    def _rollout_metrics(self, kept: List[Group], seen: List[Group], gen_batches: int) -> Dict[str, float]:
+        import numpy as np
+
+        def flat(groups, attr):
+            return [v for g in groups for v in getattr(g, attr)]
+
+        kept_rewards = torch.cat([g.rewards for g in kept])
+        lengths = [s.length for g in kept for s in g.samples]
+        temps = np.concatenate([s.temperatures for g in kept for s in g.samples] or [np.ones(1, np.float32)])
+        if temps.size == 0:
+            temps = np.ones(1, np.float32)
+        statuses = flat(seen, "statuses")
+        all_correct = flat(seen, "correct")
+        return {
+            "reward": kept_rewards.mean().item(), "reward_std": kept_rewards.std().item() if kept_rewards.numel() > 1 else 0.0,
+            "accuracy": sum(flat(kept, "correct")) / max(len(flat(kept, "correct")), 1),
+            "rollout_accuracy": sum(all_correct) / max(len(all_correct), 1),
+            "response_length": float(np.mean(lengths)), "response_length_max": float(max(lengths)),
+            "response_tokens": float(sum(lengths)),
+            "truncated_frac": sum(s.truncated for g in kept for s in g.samples) / max(len(lengths), 1),
+            "reward_timeouts": float(statuses.count("timeout")), "reward_errors": float(statuses.count("error")),
+            "rollout_errors": float(statuses.count("rollout_error")),
+            "keep_rate": len(kept) / max(len(seen), 1), "gen_batches": float(gen_batches),
+            "temperature_min": float(temps.min()), "temperature_mean": float(temps.mean()), "temperature_max": float(temps.max()),
+        }
+
+    # ---- evaluation -------------------------------------------------------------------------------
+
+    def evaluate(self, num_prompts: Optional[int] = None) -> Dict[str, float]:
+        """mean@n and pass@n on the eval set with adaptation off (greedy at temperature 0)."""
+        from .rollout.engine import SamplingConfig
+
+        e = self.cfg.eval
+        if self.eval_data is None:
+            raise ValueError("evaluation needs data.eval (no held-out split for these training sources)")
+        count = min(num_prompts or e.num_prompts or len(self.eval_data), len(self.eval_data))
+        count -= count % self.num_engines
+        if count == 0:
+            raise ValueError(f"eval: {len(self.eval_data)} eval prompts cannot split over {self.num_engines} engines")
+        t0 = time.perf_counter()
+        max_tokens = e.max_response_tokens or self.cfg.rollout.max_response_tokens
+        sampling = SamplingConfig(max_tokens=max_tokens, base_temperature=e.temperature or 1.0, top_p=e.top_p,
+                                  top_k=1 if e.temperature == 0 else 0, adaptive=False, stop_token_ids=self.stop_ids)
+        chunk = 256 * self.num_engines
+        groups: List[Group] = []
+        bar = self._bar("eval", (count + chunk - 1) // chunk)
+        for start in range(0, count, chunk):
+            positions = list(range(start, min(start + chunk, count)))
+            groups += self._generate_groups(positions, positions, self.eval_data, sampling, e.n, None)
+            bar.update(1)
+        bar.close()
+        correct = [sum(g.correct) for g in groups]
+        lengths = [s.length for g in groups for s in g.samples]
+        k = e.n
+        return {f"eval_mean@{k}": sum(correct) / (len(groups) * k), f"eval_pass@{k}": sum(c > 0 for c in correct) / len(groups),
+                "eval_response_length": sum(lengths) / max(len(lengths), 1), "eval_prompts": float(len(groups)),
+                "eval_reward_timeouts": float(sum(g.statuses.count("timeout") for g in groups)),
+                "time_eval": time.perf_counter() - t0}
+
+    # ---- warm-up, export, logging ---------------------------------------------------------------------
 
     def supervised_warmup(self, steps: int, batch_size: int = 64, seed: int = 777) -> List[float]:
-        """Teacher-forced warm-up on gold answers through the same Megatron update: with a fresh
+        """Teacher-forced warm-up on the gold answers through the same Megatron update: with a fresh
         old-policy pass each step the ratio is 1 and the loss with A = 1 has the gradient of the
         token-mean negative log-likelihood."""
-        from .rollout.weight_sync import sync_policy_to_engine
+        from .data import PromptSampler
         from .training.policy import PolicyBatch
 
+        sampler = PromptSampler(len(self.train_data), seed=seed)
+        eos = self.stop_ids[0]
         losses = []
         for k in range(steps):
-            items = self.task.prompts(seed * 100_003 + k, batch_size)
-            answers = [self.task.encode(a) + [self.task.EOS] for _, a in items]
-            ids, mask = _pad_batch([p + a for (p, _), a in zip(items, answers)], [len(p) for p, _ in items],
+            items = [self.train_data[i] for i in sampler.indices(k * batch_size, batch_size)]
+            answers = [self.tokenizer(str(x.ground_truth), add_special_tokens=False)["input_ids"] + [eos] for x in items]
+            ids, mask = _pad_batch([x.prompt_ids + a for x, a in zip(items, answers)], [len(x.prompt_ids) for x in items],
                                    [len(a) for a in answers])
-            batch = PolicyBatch(ids, mask)
-            old, _ = self.policy.compute_logprobs(batch)
-            m = self.policy.train_step(PolicyBatch(ids, mask, advantages=torch.ones(len(items)), old_logp=old,
-                                                   h_hat=torch.zeros(ids.shape) if self.algo.uses_entropy else None))
+            old, _ = self.policy.compute_logprobs(PolicyBatch(ids, mask))
+            self.policy.train_step(PolicyBatch(ids, mask, advantages=torch.ones(len(items)), old_logp=old,
+                                               h_hat=torch.zeros(ids.shape) if self.algo.uses_entropy else None))
             losses.append(-old[mask].mean().item())
-        sync_policy_to_engine(self.policy, self.engine)
+        self._sync()
         return losses
 
     def export_hf(self, path: str) -> None:
-        """The current weights as a HF folder (rank 0 writes)."""
+        """The current weights as an HF folder with the model's config and tokenizer (rank 0 writes)."""
         import torch.distributed as dist
         from safetensors.torch import save_file
 
         weights = self.policy.hf_state_dict()
         if self.rank == 0:
             os.makedirs(path, exist_ok=True)
+            for name in os.listdir(self.model_dir):
+                if not (name.endswith(".safetensors") or name.endswith(".bin") or name.endswith(".index.json")):
+                    src = os.path.join(self.model_dir, name)
+                    if os.path.isfile(src):
+                        shutil.copy(src, os.path.join(path, name))
             save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(path, "model.safetensors"))
-            self.task.tiny_model_config().save_pretrained(path) if self.cfg.model.hf_path is None else None
         dist.barrier()
 
     def close(self) -> None:
         from .training.parallel import destroy_model_parallel
 
+        if self.rewards is not None:
+            self.rewards.close()
+        if self.writer is not None:
+            self.writer.close()
         del self.engine
         destroy_model_parallel()
 
-    def fit(self) -> List[Dict[str, float]]:
+    def _log(self, m: Dict[str, Any]) -> None:
+        """metrics.jsonl, TensorBoard, token samples for plots (rank 0)."""
+        if self.rank != 0:
+            return
         t = self.cfg.train
+        with open(os.path.join(t.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if self.cfg.log.tensorboard:
+            if self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(os.path.join(t.run_dir, "tensorboard"))
+            for key, value in m.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(_tb_tag(key), value, m["step"])
+            hist = getattr(self, "_last_hist", None) or {}
+            for key, values in hist.items():
+                if values is not None and values.numel():
+                    self.writer.add_histogram(f"distributions/{key}", values.float(), m["step"])
+            self.writer.flush()
+
+    def _log_token_samples(self, kept: List[Group]) -> None:
+        import numpy as np
+
+        n = self.cfg.log.token_samples
+        if self.rank != 0 or n <= 0:
+            return
+        ent = np.concatenate([s.entropies for g in kept for s in g.samples] or [np.zeros(0, np.float32)])
+        temp = np.concatenate([s.temperatures for g in kept for s in g.samples] or [np.zeros(0, np.float32)])
+        if ent.size > n:
+            pick = np.sort(np.random.default_rng(self.step).choice(ent.size, n, replace=False))
+            ent, temp = ent[pick], temp[pick]
+        if self.writer is not None:
+            self.writer.add_histogram("distributions/temperature", temp, self.step)
+        with open(os.path.join(self.cfg.train.run_dir, "token_samples.jsonl"), "a") as f:
+            f.write(json.dumps({"step": self.step, "entropy": np.round(ent, 5).tolist(),
+                                "temperature": np.round(temp, 5).tolist()}) + "\n")
+
+    def fit(self) -> List[Dict[str, Any]]:
+        t, e = self.cfg.train, self.cfg.eval
         history = []
-        path = os.path.join(t.run_dir, "metrics.jsonl")
+        if e.before_train and self.step == 0 and self.eval_data is not None:
+            m0 = {"step": 0, **self.evaluate()}
+            self._log(m0)
+            self._print_eval(m0)
         while self.step < t.steps:
             m = self.train_step()
+            last = self.step == t.steps
+            if self.eval_data is not None and ((e.interval and self.step % e.interval == 0) or (last and e.at_end)):
+                m.update(self.evaluate())
             history.append(m)
+            self._log(m)
+            self._log_token_samples(self._last_kept)
             if self.rank == 0:
-                with open(path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-                print(f"step {self.step:>4} reward {m['reward']:.3f} acc {m['rollout_accuracy']:.3f} (kept {m['accuracy']:.3f}) entropy {m['entropy']:.3f} "
-                      f"T [{m['temperature_min']:.3f}, {m['temperature_max']:.3f}] clip {m['clip_frac_low']:.3f}/"
-                      f"{m['clip_frac_high']:.3f} mismatch {m['logp_mismatch_mean']:.1e} keep {m['keep_rate']:.2f}", flush=True)
-            if (t.save_interval and self.step % t.save_interval == 0) or self.step == t.steps:
+                self._print_step(m)
+            if (t.save_interval and self.step % t.save_interval == 0) or last:
                 self.save()
         return history
+
+    def _print_step(self, m) -> None:
+        line = (f"step {m['step']:>4} reward {m['reward']:+.3f} acc {m['rollout_accuracy']:.3f} (kept {m['accuracy']:.3f}) "
+                f"len {m['response_length']:.1f} entropy {m['entropy']:.3f} T [{m['temperature_min']:.3f}, "
+                f"{m['temperature_max']:.3f}] clip {m['clip_frac_low']:.3f}/{m['clip_frac_high']:.3f} "
+                f"mismatch {m['logp_mismatch_mean']:.1e} keep {m['keep_rate']:.2f} {m['time_step']:.1f}s")
+        if m["reward_timeouts"] or m["reward_errors"]:
+            line += f" reward timeouts {m['reward_timeouts']:.0f} errors {m['reward_errors']:.0f}"
+        evals = {k: v for k, v in m.items() if k.startswith("eval_mean@") or k.startswith("eval_pass@")}
+        if evals:
+            line += " | " + " ".join(f"{k} {v:.3f}" for k, v in evals.items())
+        print(line, flush=True)
+
+    def _print_eval(self, m) -> None:
+        print("eval: " + " ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("eval_")), flush=True)
+
+
+def _tb_tag(key: str) -> str:
+    for prefix, group in (("eval_", "eval"), ("time_", "time"), ("data_", "data"), ("temperature_", "temperature"),
+                          ("entropy", "entropy"), ("logp_mismatch", "mismatch"), ("ratio_bias", "mismatch")):
+        if key.startswith(prefix):
+            return f"{group}/{key}"
+    if key in ("reward", "reward_std", "accuracy", "rollout_accuracy", "response_length", "response_length_max",
+               "response_tokens", "truncated_frac", "reward_timeouts", "reward_errors", "rollout_errors", "keep_rate",
+               "gen_batches", "rollout_tokens_per_s"):
+        return f"rollout/{key}"
+    return f"train/{key}"
 
 
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(description="megatron-hapo train: the RL loop")
+    p = argparse.ArgumentParser(prog="megatron-hapo train", description="The RL loop: HAPO, DAPO or GRPO.")
     p.add_argument("--config", default=None, help="YAML config (optional)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. algorithm.name=dapo train.steps=100")
     a = p.parse_args(argv)
     cfg = Config.load(a.config, a.overrides)
     trainer = Trainer(cfg)
     if trainer.rank == 0:
-        print(cfg.dump())
-    trainer.fit()
+        print("effective config:\n" + cfg.dump(), flush=True)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
     return 0

@@ -64,7 +64,7 @@ class Boom(Verifier):
 
 
 def test_verifiers_never_raise_and_batches_contain_hangs():
-    assert Boom().score("x", 1) == RewardResult(0.0, "verifier error: RuntimeError: bug in a reward function")
+    assert Boom().score("x", 1) == RewardResult(0.0, "verifier error: RuntimeError: bug in a reward function", status="error")
     out = score_batch(Boom(), ["x", "hang"], [1, 2], workers=2, timeout_s=3)
     assert out[0].score == 0.0 and "RuntimeError" in out[0].reason
     assert out[1].score == 0.0 and "timed out" in out[1].reason

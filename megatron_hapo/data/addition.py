@@ -1,46 +1,65 @@
-"""The embedded task: 2-digit addition with a character vocabulary (no downloads, no hub).
+"""The embedded task: 2-digit addition, a sentencepiece tokenizer trained on its own text, and a
+Qwen2-shaped model built in code (no downloads, no hub).
 
-Prompt "<bos>a+b=" → answer digits then <eos>. Reward 1 for the exact sum, 0 otherwise.
+Prompt "a+b=" (rendered by the tokenizer's chat template, which only adds <s>) → the sum, then
+</s>. Pairs split by a fixed hash: about a tenth are held out for evaluation and never trained on.
 """
 from __future__ import annotations
 
+import io
+import os
 import random
-from typing import List, Tuple
+from typing import Dict, List
 
-CHARS = "0123456789+= "
-PAD, BOS, EOS = 0, 1, 2
-OFFSET = 3
-VOCAB = 32  # 16 used; rounded up for tidy shapes
-
-
-def encode(text: str) -> List[int]:
-    return [OFFSET + CHARS.index(c) for c in text]
+PAD, BOS, EOS = 0, 1, 2  # the sentencepiece model is trained with these ids
+VOCAB = 32  # the model's vocabulary: the tokenizer's 16 pieces, rounded up for tidy shapes
+CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 
-def decode(ids) -> str:
-    out = []
-    for i in ids:
-        if i == EOS:
-            break
-        if OFFSET <= i < OFFSET + len(CHARS):
-            out.append(CHARS[i - OFFSET])
-        else:
-            out.append("?")
-    return "".join(out)
+def _held_out(a: int, b: int) -> bool:
+    return (a * 31 + b * 17) % 10 == 0
 
 
-def sample(rng: random.Random) -> Tuple[List[int], str]:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    return [BOS] + encode(f"{a}+{b}="), str(a + b)
+def pairs(split: str):
+    if split not in ("train", "eval"):
+        raise ValueError(f"addition: unknown split {split!r} (train | eval)")
+    return [(a, b) for a in range(10, 100) for b in range(10, 100) if _held_out(a, b) == (split == "eval")]
 
 
-def prompts(seed: int, n: int) -> List[Tuple[List[int], str]]:
-    rng = random.Random(seed)
-    return [sample(rng) for _ in range(n)]
+def rows(split: str = "train", seed: int = 0) -> List[Dict[str, str]]:
+    """Dataset rows in the same layout as a JSONL file: {"prompt": ..., "answer": ...}."""
+    items = pairs(split)
+    random.Random(seed).shuffle(items)
+    return [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in items]
 
 
-def reward(response_ids, answer: str) -> float:
-    return 1.0 if decode(response_ids) == answer and EOS in list(response_ids) else 0.0
+def build_tokenizer(out_dir: str):
+    """Trains a sentencepiece BPE model on the task's text (digits split, one piece each) and
+    saves it as a Hugging Face tokenizer with a chat template; returns the loaded tokenizer."""
+    import sentencepiece as spm
+    import transformers
+
+    lines = [f"{a}+{b}={a + b}" for a, b in pairs("train")]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=24, split_digits=True,
+        character_coverage=1.0, pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=3, add_dummy_prefix=False,
+        hard_vocab_limit=False, minloglevel=2)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+        f.write(buf.getvalue())
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        f.write('{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", '
+                '"unk_token": "<unk>", "add_bos_token": false, "add_eos_token": false, "legacy": false, '
+                '"add_prefix_space": false}')
+    tok = transformers.AutoTokenizer.from_pretrained(out_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out_dir)
+    os.remove(os.path.join(out_dir, "tokenizer.model"))  # the fast tokenizer.json now carries it
+    if len(tok) > VOCAB or (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) != (BOS, EOS, PAD):
+        raise RuntimeError(f"addition tokenizer: unexpected vocabulary ({len(tok)} pieces, special ids "
+                           f"{tok.bos_token_id}/{tok.eos_token_id}/{tok.pad_token_id})")
+    return tok
 
 
 def tiny_model_config():
@@ -51,3 +70,13 @@ def tiny_model_config():
         model_type="qwen2", vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
         max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+
+
+def build_model_dir(out_dir: str, seed: int = 0) -> None:
+    """A randomly initialised model and its tokenizer, as an HF folder."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(tiny_model_config(), dtype=torch.float32).save_pretrained(out_dir)
+    build_tokenizer(out_dir)

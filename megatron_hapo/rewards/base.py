@@ -17,6 +17,7 @@ class RewardResult:
     score: float
     reason: str
     correct: bool = False
+    status: str = "ok"  # "ok" | "error" (the verifier raised) | "timeout" (it hung); the trainer counts these
 
 
 class Verifier:
@@ -34,7 +35,7 @@ class Verifier:
                 raise TypeError(f"verifier returned {type(result).__name__}, not RewardResult")
             return result
         except Exception as exc:  # noqa: BLE001 - contained by design
-            return RewardResult(self.failure_reward, f"verifier error: {type(exc).__name__}: {exc}"[:500])
+            return RewardResult(self.failure_reward, f"verifier error: {type(exc).__name__}: {exc}"[:500], status="error")
 
 
 _ANSWER_LINE = re.compile(r"(?i)answer\**\s*[:：]\s*([^\n]+)")  # DAPO-Math's extraction
@@ -55,30 +56,72 @@ def _worker_score(verifier, response, ground_truth):
     return verifier.score(response, ground_truth)
 
 
-def score_batch(verifier: Verifier, responses: Sequence[str], ground_truths: Sequence[Any], workers: int = 2,
-                timeout_s: float = 30.0) -> List[RewardResult]:
-    """Scores in parallel processes; a verifier that hangs past timeout_s gets failure_reward."""
-    if len(responses) != len(ground_truths):
-        raise ValueError(f"ground_truths: {len(ground_truths)} for {len(responses)} responses")
-    if workers <= 1:
-        return [verifier.score(r, g) for r, g in zip(responses, ground_truths)]
-    out: List[Optional[RewardResult]] = [None] * len(responses)
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
-    try:
-        futures = {pool.submit(_worker_score, verifier, r, g): i for i, (r, g) in enumerate(zip(responses, ground_truths))}
-        done, not_done = cf.wait(futures, timeout=timeout_s * max(1, len(responses) / workers))
+class RewardPool:
+    """Scores responses in persistent worker processes (spawned once, reused every step).
+
+    A verifier that hangs past its budget (timeout_s per response, spread over the workers) gets
+    failure_reward with status "timeout", and the workers are killed and re-spawned on the next
+    call; a worker that dies gets status "error". workers=0 scores in this process (exceptions are
+    still contained, a hang is not)."""
+
+    def __init__(self, verifier: Verifier, workers: int = 2, timeout_s: float = 30.0):
+        if workers < 0:
+            raise ValueError(f"workers: must be ≥ 0, got {workers}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s: must be positive, got {timeout_s}")
+        self.verifier, self.workers, self.timeout_s = verifier, workers, float(timeout_s)
+        self._pool: Optional[cf.ProcessPoolExecutor] = None
+
+    def _executor(self) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
+        return self._pool
+
+    def score(self, responses: Sequence[str], ground_truths: Sequence[Any]) -> List[RewardResult]:
+        if len(responses) != len(ground_truths):
+            raise ValueError(f"ground_truths: {len(ground_truths)} for {len(responses)} responses")
+        if self.workers == 0:
+            return [self.verifier.score(r, g) for r, g in zip(responses, ground_truths)]
+        if not responses:
+            return []
+        fail = self.verifier.failure_reward
+        out: List[Optional[RewardResult]] = [None] * len(responses)
+        pool = self._executor()
+        futures = {pool.submit(_worker_score, self.verifier, r, g): i for i, (r, g) in enumerate(zip(responses, ground_truths))}
+        done, not_done = cf.wait(futures, timeout=self.timeout_s * max(1.0, len(responses) / self.workers))
         for f in done:
-            i = futures[f]
             try:
-                out[i] = f.result()
+                out[futures[f]] = f.result()
             except Exception as exc:  # noqa: BLE001 - a dead worker process
-                out[i] = RewardResult(verifier.failure_reward, f"scoring process failed: {type(exc).__name__}")
+                out[futures[f]] = RewardResult(fail, f"scoring process failed: {type(exc).__name__}", status="error")
         for f in not_done:
-            out[futures[f]] = RewardResult(verifier.failure_reward, f"verifier timed out after {timeout_s:.0f}s")
-    finally:
-        procs = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for p in procs:  # a hung verifier must not outlive the batch
+            out[futures[f]] = RewardResult(fail, f"verifier timed out after {self.timeout_s:g}s", status="timeout")
+        if not_done or any(r.reason.startswith("scoring process failed") for r in out):
+            self.close()  # a hung or dead worker must not outlive the batch
+        return out
+
+    def close(self) -> None:
+        if self._pool is None:
+            return
+        procs = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
             if p.is_alive():
                 p.kill()
-    return out
+        self._pool = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def score_batch(verifier: Verifier, responses: Sequence[str], ground_truths: Sequence[Any], workers: int = 2,
+                timeout_s: float = 30.0) -> List[RewardResult]:
+    """One-off scoring in fresh worker processes (see RewardPool); workers ≤ 1 scores in this process."""
+    pool = RewardPool(verifier, workers=workers if workers > 1 else 0, timeout_s=timeout_s)
+    try:
+        return pool.score(responses, ground_truths)
+    finally:
+        pool.close()

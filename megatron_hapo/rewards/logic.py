@@ -37,3 +37,18 @@ class ReasoningGymVerifier(Verifier):
         if normalise(answer) == normalise(ground_truth):
             return RewardResult(self.reward_correct, "exact match", True)
         return RewardResult(self.reward_wrong, f"answer {answer!r} differs from {ground_truth!r}")
+
+
+class ExactMatchVerifier(Verifier):
+    """The whole response (or its <answer>/"Answer:" part when there is one), normalised, equals the
+    ground truth: procedural tasks whose answer is the response itself (the built-in addition)."""
+
+    def __init__(self, reward_correct: float = 1.0, reward_wrong: float = 0.0):
+        self.reward_correct, self.reward_wrong = float(reward_correct), float(reward_wrong)
+        self.failure_reward = self.reward_wrong
+
+    def _score(self, response: str, ground_truth) -> RewardResult:
+        answer = extract_logic_answer(response) or response
+        if normalise(answer) == normalise(ground_truth):
+            return RewardResult(self.reward_correct, "exact match", True)
+        return RewardResult(self.reward_wrong, f"answer {answer[:80]!r} differs from {str(ground_truth)[:80]!r}")

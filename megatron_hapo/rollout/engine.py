@@ -85,9 +85,16 @@ class RolloutEngine:
         distributed_executor_backend: Optional[str] = None,
         gpu_memory_utilization: Optional[float] = None,
         enable_sleep_mode: bool = False,
+        data_parallel_size: int = 1,
     ):
         _vllm_env()
         from vllm import LLM
+
+        import logging
+
+        # every in-place reload warns that rotary embeddings (a buffer, not a checkpoint weight) got no weights
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+            lambda record: "RotaryEmbedding: Failed to load weights" not in record.getMessage())
 
         from .temperature_processor import HapoTemperatureProcessor
 
@@ -102,6 +109,8 @@ class RolloutEngine:
             kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes)
         if distributed_executor_backend:
             kwargs["distributed_executor_backend"] = distributed_executor_backend
+        if data_parallel_size > 1:  # external_launcher: independent engines over the world, one per inference-TP group
+            kwargs["data_parallel_size"] = data_parallel_size
         self.llm = LLM(**kwargs)
         self.max_model_len = max_model_len
         self._counter = itertools.count()

@@ -1,0 +1,258 @@
+"""Prompt datasets: JSONL / JSON / Parquet files in the DAPO-Math-17k layout, reasoning-gym's
+procedural generators, and the built-in addition task; all rendered with the tokenizer's chat
+template and checked row by row.
+
+A source is one string:
+    "path/to/file.jsonl" | ".json" | ".parquet"   rows with a prompt and a ground-truth answer
+    "reasoning_gym:NAME"                           NAME's generator (e.g. countdown, basic_arithmetic)
+    "addition" | "addition:eval"                   the embedded task (train split / held-out split)
+
+A row's prompt is a string or a list of chat messages ({"role", "content"}); its answer is found
+under `answer_key` (a dotted path; "auto" tries reward_model.ground_truth, answer, ground_truth,
+solution). Malformed rows are skipped, counted and the first reasons kept; with `strict` the
+first one raises, naming file and line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+AUTO_ANSWER_KEYS = ("reward_model.ground_truth", "answer", "ground_truth", "solution")
+ROLES = ("system", "user", "assistant", "tool")
+RG_INSTRUCTION = "\n\nGive only your final answer, inside <answer></answer> tags."
+MAX_REASONS = 5
+
+
+class BadRow(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Example:
+    prompt_ids: List[int]
+    ground_truth: Any
+    where: str  # "file:line" (or "source#index"), for messages
+
+
+@dataclasses.dataclass
+class PromptDataset:
+    name: str
+    examples: List[Example]
+    skipped: int = 0
+    reasons: List[str] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+    def summary(self) -> str:
+        text = f"{self.name}: {len(self.examples)} prompts"
+        if self.skipped:
+            text += f"; skipped {self.skipped} malformed rows (first: {'; '.join(self.reasons)})"
+        return text
+
+
+@dataclasses.dataclass
+class DataOptions:
+    prompt_key: str = "prompt"
+    answer_key: str = "auto"
+    apply_chat_template: bool = True
+    max_prompt_tokens: int = 1024
+    strict: bool = False
+    reasoning_gym_size: int = 1000
+    reasoning_gym_config: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _dig(row: dict, path: str):
+    node = row
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _answer(row: dict, key: str):
+    keys = AUTO_ANSWER_KEYS if key == "auto" else (key,)
+    for k in keys:
+        value = _dig(row, k)
+        if value is not None:
+            return value
+    raise BadRow(f"no answer under {' / '.join(keys)}")
+
+
+def _messages(prompt) -> List[Dict[str, str]]:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise BadRow("empty prompt")
+        return [{"role": "user", "content": prompt}]
+    if hasattr(prompt, "tolist"):  # a numpy array out of Parquet
+        prompt = prompt.tolist()
+    if not isinstance(prompt, list) or not prompt:
+        raise BadRow(f"prompt must be a string or a non-empty list of messages, got {type(prompt).__name__}")
+    out = []
+    for k, m in enumerate(prompt):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise BadRow(f"message {k} must be {{'role': one of {list(ROLES)}, 'content': str}}, got {str(m)[:80]}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["content"].strip() for m in out):
+        raise BadRow("empty prompt")
+    return out
+
+
+class Renderer:
+    """Row → Example with the tokenizer (chat template or raw text)."""
+
+    def __init__(self, tokenizer, opts: DataOptions):
+        self.tok, self.opts = tokenizer, opts
+        if opts.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("data.apply_chat_template: the tokenizer has no chat template; set it to false to feed "
+                             "prompt strings as raw text")
+
+    def __call__(self, row, where: str) -> Example:
+        if not isinstance(row, dict):
+            raise BadRow(f"expected an object, got {type(row).__name__}")
+        if self.opts.prompt_key not in row:
+            raise BadRow(f"no {self.opts.prompt_key!r} field")
+        messages = _messages(row[self.opts.prompt_key])
+        answer = _answer(row, self.opts.answer_key)
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if isinstance(answer, str) and not answer.strip():
+            raise BadRow("empty answer")
+        if not isinstance(answer, (str, dict, list)):
+            raise BadRow(f"answer of type {type(answer).__name__}")
+        if self.opts.apply_chat_template:
+            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            if len(messages) != 1 or not isinstance(row[self.opts.prompt_key], str):
+                raise BadRow("chat messages need data.apply_chat_template=true")
+            ids = self.tok(messages[0]["content"])["input_ids"]
+        if len(ids) > self.opts.max_prompt_tokens:
+            raise BadRow(f"prompt of {len(ids)} tokens exceeds data.max_prompt_tokens={self.opts.max_prompt_tokens}")
+        return Example(list(ids), answer, where)
+
+
+def _file_rows(path: str) -> Iterator[Tuple[str, Any]]:
+    """(where, row) for every row; an unparsable line yields (where, BadRow)."""
+    name = os.path.basename(path)
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{name}:{n}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield f"{name}:{n}", BadRow(f"invalid JSON ({exc.msg} at column {exc.colno})")
+    elif path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+        for n, row in enumerate(data):
+            yield f"{name}[{n}]", row
+    elif path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a corrupt file
+            raise ValueError(f"{path}: cannot read Parquet ({type(exc).__name__}: {exc})") from exc
+        for n, row in enumerate(table.to_pylist()):
+            yield f"{name}[{n}]", row
+    else:
+        raise ValueError(f"{path}: unknown dataset format (expected .jsonl, .json or .parquet)")
+
+
+def _reasoning_gym_rows(name: str, size: int, seed: int, config: dict) -> Iterator[Tuple[str, Any]]:
+    import reasoning_gym
+
+    try:
+        data = reasoning_gym.create_dataset(name, seed=seed, size=size, **config)
+    except Exception as exc:  # noqa: BLE001 - an unknown name or a bad generator setting
+        raise ValueError(f"reasoning_gym:{name}: cannot create the generator ({type(exc).__name__}: {exc})") from exc
+    for n, entry in enumerate(data):
+        yield f"{name}#{n}", {"prompt": entry["question"] + RG_INSTRUCTION, "answer": dict(entry)}
+
+
+def source_rows(source: str, split: str, seed: int, opts: DataOptions) -> Iterator[Tuple[str, Any]]:
+    from . import addition
+
+    if source in ("addition", "addition:eval", "addition:train"):
+        part = "eval" if source == "addition:eval" else "train"
+        for n, row in enumerate(addition.rows(part, seed)):
+            yield f"{source}#{n}", row
+    elif source.startswith("reasoning_gym:"):
+        # the eval split draws from another seed, so it is not the training set again
+        yield from _reasoning_gym_rows(source.split(":", 1)[1], opts.reasoning_gym_size,
+                                       seed + (1_000_003 if split == "eval" else 0), opts.reasoning_gym_config)
+    else:
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"data.{split}: no such file {source!r}")
+        yield from _file_rows(source)
+
+
+def load_prompts(sources, tokenizer, opts: DataOptions, split: str = "train", seed: int = 0) -> PromptDataset:
+    """All usable rows of the sources, in order; malformed rows skipped and counted (or raised under strict)."""
+    if isinstance(sources, str):
+        sources = [sources]
+    if not sources:
+        raise ValueError(f"data.{split}: no sources given")
+    render = Renderer(tokenizer, opts)
+    examples, skipped, reasons = [], 0, []
+    for source in sources:
+        for where, row in source_rows(str(source), split, seed, opts):
+            try:
+                if isinstance(row, BadRow):
+                    raise row
+                examples.append(render(row, where))
+            except BadRow as exc:
+                if opts.strict:
+                    raise ValueError(f"data.{split}: malformed row at {where}: {exc} (data.strict=true)") from None
+                skipped += 1
+                if len(reasons) < MAX_REASONS:
+                    reasons.append(f"{where}: {exc}")
+    name = f"data.{split} ({', '.join(map(str, sources))})"
+    if not examples:
+        raise ValueError(f"{name}: no usable rows ({skipped} malformed; first: {'; '.join(reasons) or 'none'})")
+    return PromptDataset(name, examples, skipped, reasons)
+
+
+class PromptSampler:
+    """Global prompt positions → dataset indices: a fresh seeded permutation every epoch.
+
+    Position p is the p-th prompt the run consumes (all ranks together), so a resumed run that
+    restores the position sees exactly the prompts it would have seen."""
+
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True):
+        if size < 1:
+            raise ValueError("PromptSampler: empty dataset")
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self._orders: Dict[int, List[int]] = {}
+
+    def _order(self, epoch: int) -> List[int]:
+        if epoch not in self._orders:
+            order = list(range(self.size))
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._orders = {epoch: order}  # keep one epoch in memory
+        return self._orders[epoch]
+
+    def indices(self, start: int, count: int) -> List[int]:
+        return [self._order(p // self.size)[p % self.size] for p in range(start, start + count)]
+
+
+def split_evenly(items: Sequence, parts: int, index: int) -> list:
+    """The index-th of `parts` contiguous, equal slices (len(items) divisible by parts)."""
+    n = len(items) // parts
+    return list(items[index * n:(index + 1) * n])
