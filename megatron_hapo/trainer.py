@@ -458,6 +458,7 @@ class Trainer:
         return {f"eval_mean@{k}": sum(correct) / (len(groups) * k), f"eval_pass@{k}": sum(c > 0 for c in correct) / len(groups),
                 "eval_response_length": sum(lengths) / max(len(lengths), 1), "eval_prompts": float(len(groups)),
                 "eval_reward_timeouts": float(sum(g.statuses.count("timeout") for g in groups)),
+                "eval_reward_errors": float(sum(g.statuses.count("error") for g in groups)),
                 "time_eval": time.perf_counter() - t0}
 
     # ---- warm-up, export, logging ---------------------------------------------------------------------

@@ -72,6 +72,59 @@ def test_verifiers_never_raise_and_batches_contain_hangs():
     assert [r.correct for r in math] == [True, False]
 
 
+class Slow(Verifier):
+    def _score(self, response, truth):
+        if response == "hang":
+            time.sleep(60)
+        if response == "spin":
+            while True:
+                pass
+        return RewardResult(1.0, "ok", True)
+
+
+def test_reward_pool_times_out_only_the_hanging_responses_and_survives():
+    from megatron_hapo.rewards import RewardPool
+
+    pool = RewardPool(Slow(), workers=2, timeout_s=2)
+    try:
+        out = pool.score(["a", "hang", "b", "spin", "c", "d"], [0] * 6)
+        assert [r.status for r in out] == ["ok", "timeout", "ok", "timeout", "ok", "ok"]
+        assert out[1].score == 0.0 and "timed out after 2s" in out[1].reason
+        workers = set((pool._pool._processes or {}).keys())
+        again = pool.score(["e", "f"], [0, 0])  # the same processes serve the next step
+        assert [r.status for r in again] == ["ok", "ok"] and set(pool._pool._processes.keys()) == workers
+        assert [r.status for r in pool.score(["Boom"], [0])] == ["ok"]
+        boom = RewardPool(Boom(), workers=1, timeout_s=2).score(["x"], [0])
+        assert boom[0].status == "error" and "bug in a reward function" in boom[0].reason
+    finally:
+        pool.close()
+    inline = RewardPool(Boom(), workers=0).score(["x"], [1])  # in-process: exceptions still contained
+    assert inline[0].status == "error"
+
+
+@pytest.mark.parametrize("kind, response, truth, correct", [
+    ("math", "so\nAnswer: 1/2", "\\frac{1}{2}", True), ("exact", " 46 ", "46", True), ("exact", "47", "46", False),
+    ("reasoning_gym", "<answer>the cat</answer>", "The cat.", True)])
+def test_verifiers_by_name(kind, response, truth, correct):
+    from megatron_hapo.rewards import build_verifier
+
+    assert build_verifier(kind).score(response, truth).correct is correct
+
+
+def test_custom_verifier_by_import_path_and_bad_names():
+    from megatron_hapo.rewards import build_verifier
+
+    assert isinstance(build_verifier("tests.test_rewards:Slow"), Slow)
+    with pytest.raises(ValueError, match="reward.type: 'tests.test_rewards:Slow': .*argument"):
+        build_verifier("tests.test_rewards:Slow", reward_correct=2.0)
+    with pytest.raises(ValueError, match="reward.type: unknown verifier 'regex'"):
+        build_verifier("regex")
+    with pytest.raises(ValueError, match="cannot load 'tests.nowhere:X'"):
+        build_verifier("tests.nowhere:X")
+    with pytest.raises(ValueError, match="is not a megatron_hapo.rewards.Verifier subclass"):
+        build_verifier("collections:OrderedDict")
+
+
 pytestmark_sandbox = pytest.mark.skipif(not sandbox_status()[0], reason=f"sandbox unavailable: {sandbox_status()[1]}")
 
 

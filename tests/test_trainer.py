@@ -14,7 +14,7 @@ def train_worker(rank, world, run_dir, steps, extra):
 
     cfg = Config.load(None, [f"train.run_dir={run_dir}", f"train.steps={steps}", "rollout.prompts_per_step=4",
                              "rollout.samples_per_prompt=4", "train.mini_batch_prompts=2", "train.micro_batch_size=4",
-                             "train.lr=1e-4", *extra])
+                             "train.lr=1e-4", "log.progress=off", *extra])
     trainer = Trainer(cfg)
     start = trainer.step
     try:
@@ -28,8 +28,9 @@ def train_worker(rank, world, run_dir, steps, extra):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    first = run_ranks(1, train_worker, str(root), 3, ["rollout.dynamic_sampling=false"], timeout=600)[0]
-    second = run_ranks(1, train_worker, str(root), 4, ["rollout.dynamic_sampling=false"], timeout=600)[0]
+    extra = ["rollout.dynamic_sampling=false", "eval.interval=2", "eval.num_prompts=16"]
+    first = run_ranks(1, train_worker, str(root), 3, extra, timeout=600)[0]
+    second = run_ranks(1, train_worker, str(root), 4, extra, timeout=600)[0]
     return root, first, second
 
 
@@ -42,7 +43,43 @@ def test_loop_writes_metrics_and_checkpoint(run):
                 "hapo_adv_changed_frac", "logp_mismatch_mean", "keep_rate", "grad_norm", "weight_sync_s", "tokens_per_s"):
         assert key in lines[0], key
     assert (root / "checkpoints" / "iter_0000003" / "COMPLETE").exists()
-    assert Config.load(None, []).dump().splitlines()[0] == (root / "config.yaml").read_text().splitlines()[0]
+    saved = Config._from_dict(__import__("yaml").safe_load((root / "config.yaml").read_text()))
+    assert saved.train.steps == 4 and saved.eval.interval == 2  # the effective config of the (latest) run
+    assert [("eval_mean@1" in m) for m in lines] == [False, True, True, True]  # every 2 steps and at the end
+    assert 0.0 <= lines[1]["eval_mean@1"] <= 1.0 and lines[1]["eval_prompts"] == 16
+    assert lines[0]["data_position"] == 4 and lines[0]["reward_timeouts"] == 0
+
+
+def test_tensorboard_and_token_samples(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _, _ = run
+    acc = EventAccumulator(str(root / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("rollout/reward", "rollout/rollout_accuracy", "rollout/keep_rate", "train/loss", "train/clip_frac_high",
+                "entropy/entropy", "temperature/temperature_max", "mismatch/logp_mismatch_mean", "time/time_rollout",
+                "eval/eval_mean@1", "train/hapo_adv_changed_frac"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in acc.Scalars("rollout/reward")][:3] == [1, 2, 3]
+    for tag in ("distributions/h_hat", "distributions/entropy", "distributions/temperature"):
+        assert tag in tags["histograms"], tag
+    samples = [json.loads(l) for l in (root / "token_samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 2, 3, 4]
+    for s in samples:
+        assert 0 < len(s["entropy"]) == len(s["temperature"]) <= 2048
+    assert all(t == 1.0 for t in samples[0]["temperature"]) and len(set(samples[1]["temperature"])) > 1
+
+
+def test_plot_command_writes_pngs(run, tmp_path):
+    from megatron_hapo.cli import main
+
+    root, _, _ = run
+    assert main(["plot", str(root), str(root), "--out", str(tmp_path / "plots")]) == 0
+    for name in ("curves.png", "distributions.png", "temperature_vs_entropy.png"):
+        assert (tmp_path / "plots" / name).stat().st_size > 10_000, name
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        main(["plot", str(tmp_path)])
 
 
 def test_statistics_reach_the_engine_on_step_two(run):
@@ -58,12 +95,37 @@ def test_resume_continues_from_the_checkpoint(run):
     _, _, second = run
     assert second["start"] == 3 and [m["step"] for m in second["history"]] == [4]
     assert second["history"][0]["temperature_min"] < 1.0  # statistics restored, not reset
+    assert second["history"][0]["data_position"] == 16  # the data position too: step 4 takes prompts 12..15
 
 
 def test_dynamic_sampling_gives_up_with_a_clear_error(tmp_path):
     # an untrained model never solves addition: no informative group, so it must stop after 2 batches
     out = run_ranks(1, train_worker, str(tmp_path), 1, ["rollout.max_num_gen_batches=2"], timeout=600)[0]
     assert "max_num_gen_batches" in out["error"] and "after 2 generation batches" in out["error"]
+
+
+def test_dataset_file_with_malformed_rows_and_a_hanging_reward(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "12+34="}], "reward_model": {"ground_truth": "hang"}}]
+    rows += [{"prompt": [{"role": "user", "content": f"{a}+{a}="}], "reward_model": {"ground_truth": str(2 * a)}}
+             for a in range(10, 20)]
+    lines = [json.dumps(r) for r in rows] + ['{"prompt": "1+1=",', json.dumps({"prompt": "1+1="})]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    extra = [f"data.train={tmp_path / 'train.jsonl'}", "data.shuffle=false", "rollout.dynamic_sampling=false",
+             "reward.type=tests.verifiers:HangOnGroundTruth", "reward.timeout_s=2", "algorithm.name=dapo"]
+    out = run_ranks(1, train_worker, str(tmp_path / "run"), 1, extra, timeout=600)[0]
+    m = out["history"][0]
+    assert m["reward_timeouts"] == 4 and m["reward_errors"] == 0  # the 4 samples of the "hang" row, nothing else
+    assert m["data_skipped_rows"] == 2 and m["reward"] == -1.0  # math rewards are ±1; nothing solved
+    strict = run_ranks(1, strict_worker, str(tmp_path / "strict"), [*extra, "data.strict=true"], timeout=300)[0]
+    assert "malformed row at train.jsonl:12: invalid JSON" in strict
+
+
+def strict_worker(rank, world, run_dir, extra):
+    try:
+        train_worker(rank, world, run_dir, 1, extra)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
 
 
 @pytest.mark.parametrize(
@@ -77,6 +139,15 @@ def test_dynamic_sampling_gives_up_with_a_clear_error(tmp_path):
         (["train.stepz=2"], "unknown settings \\['stepz'\\]"),
         (["algorithm.kappa=2"], "unknown settings \\['kappa'\\]"),
         (["train"], "expected key.sub=value"),
+        (["parallel.inference_tensor_parallel_size=4"], "inference_tensor_parallel_size=4 does not divide the world size 2"),
+        (["rollout.prompts_per_step=9", "train.mini_batch_prompts=9", "train.micro_batch_size=1"], "does not divide over 2"),
+        (["reward.type=regex"], "reward.type: unknown verifier 'regex'"),
+        (["reward.timeout_s=0"], "reward.timeout_s positive"),
+        (["eval.n=4"], "greedy decoding gives n identical samples"),
+        (["eval.top_p=0"], "0 < top_p"),
+        (["log.progress=sometimes"], "log.progress"),
+        (["data.train=[1, 2]"], "data.train: expected a path or source name"),
+        (["data.nope=1"], "config.data: unknown settings \\['nope'\\]"),
     ],
 )
 def test_config_errors_name_the_setting(overrides, match):
@@ -101,3 +172,48 @@ def test_demo_pipeline_small(tmp_path):
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["warmup"]["after"] > summary["warmup"]["before"], summary  # the warm-up learned something
     assert (tmp_path / "demo" / "comparison.png").stat().st_size > 1000
+
+
+LAYOUT_EXTRA = ["rollout.dynamic_sampling=false", "rollout.prompts_per_step=4", "train.mini_batch_prompts=4",
+                "train.micro_batch_size=4", "rollout.max_response_tokens=6"]
+ROLLOUT_KEYS = ("reward", "rollout_accuracy", "response_length", "response_tokens", "data_position")
+
+
+@pytest.fixture(scope="module")
+def single_rank(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layout")
+    history = run_ranks(1, train_worker, str(root / "one"), 2, LAYOUT_EXTRA, timeout=600)[0]["history"]
+    return root, history
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel.inference_tensor_parallel_size=1"],  # DP 2, an engine per rank
+    ["parallel.inference_tensor_parallel_size=2"],  # DP 2, one engine over both ranks (external_launcher)
+    ["parallel.tensor_model_parallel_size=2"],  # TP 2, an engine per rank
+], ids=["dp2", "dp2-inference-tp2", "tp2"])
+def test_two_rank_layouts_match_one_rank(single_rank, layout):
+    """Samples depend only on (seed, prompt position): two ranks see the same rollouts as one, and
+    the update (global token-mean, DP entropy statistics) matches to float precision."""
+    root, one = single_rank
+    extra = LAYOUT_EXTRA + layout + [f"model.hf_path={root / 'one' / 'initial_model'}"]
+    ranks = run_ranks(2, train_worker, str(root / layout[0].split("=")[0].split(".")[-1] / layout[0][-1]), 2, extra,
+                      timeout=900)
+    for history in (r["history"] for r in ranks):
+        for a, b in zip(one, history):
+            for key in ROLLOUT_KEYS:
+                assert a[key] == b[key], (key, a[key], b[key])
+            for key in ("loss", "entropy", "grad_norm", "temperature_min", "temperature_max", "entropy_q"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
+            assert b["logp_mismatch_max"] < 1e-4
+    assert one[1]["temperature_min"] < 1.0 < one[1]["temperature_max"]
+
+
+@pytest.mark.parametrize("name", ["hapo", "dapo"])
+def test_cluster_recipes_validate_for_their_world(name):
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "qwen2.5-math-7b" / f"{name}.yaml"
+    cfg = Config.load(str(path)).validate(world_size=32)  # 4 nodes × 8 GPUs
+    assert cfg.algo().name == name and cfg.rollout.prompts_per_step == 512 and cfg.train.lr == 1e-6
+    with pytest.raises(ValueError, match="does not divide over 12 data-parallel ranks"):
+        cfg.validate(world_size=48)

@@ -6,8 +6,6 @@ Prompt "a+b=" (rendered by the tokenizer's chat template, which only adds <s>) â
 """
 from __future__ import annotations
 
-import io
-import os
 import random
 from typing import Dict, List
 
@@ -34,28 +32,11 @@ def rows(split: str = "train", seed: int = 0) -> List[Dict[str, str]]:
 
 
 def build_tokenizer(out_dir: str):
-    """Trains a sentencepiece BPE model on the task's text (digits split, one piece each) and
-    saves it as a Hugging Face tokenizer with a chat template; returns the loaded tokenizer."""
-    import sentencepiece as spm
-    import transformers
+    """A sentencepiece BPE model trained on the task's text (digits split: one piece each), saved as
+    a Hugging Face tokenizer with a chat template; returns the loaded tokenizer."""
+    from .tokenizers import train_sentencepiece
 
-    lines = [f"{a}+{b}={a + b}" for a, b in pairs("train")]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=24, split_digits=True,
-        character_coverage=1.0, pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=3, add_dummy_prefix=False,
-        hard_vocab_limit=False, minloglevel=2)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
-        f.write(buf.getvalue())
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        f.write('{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", '
-                '"unk_token": "<unk>", "add_bos_token": false, "add_eos_token": false, "legacy": false, '
-                '"add_prefix_space": false}')
-    tok = transformers.AutoTokenizer.from_pretrained(out_dir)
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(out_dir)
-    os.remove(os.path.join(out_dir, "tokenizer.model"))  # the fast tokenizer.json now carries it
+    tok = train_sentencepiece(out_dir, [f"{a}+{b}={a + b}" for a, b in pairs("train")], 24, CHAT_TEMPLATE)
     if len(tok) > VOCAB or (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) != (BOS, EOS, PAD):
         raise RuntimeError(f"addition tokenizer: unexpected vocabulary ({len(tok)} pieces, special ids "
                            f"{tok.bos_token_id}/{tok.eos_token_id}/{tok.pad_token_id})")

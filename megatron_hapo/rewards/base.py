@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import math
 import multiprocessing as mp
+import os
 import re
+import signal
+import threading
 from typing import Any, List, Optional, Sequence
 
 
@@ -52,16 +56,46 @@ def extract_tagged(text: str, tag: str = "answer") -> Optional[str]:
     return found[-1].strip() if found else None
 
 
-def _worker_score(verifier, response, ground_truth):
-    return verifier.score(response, ground_truth)
+class _Deadline(BaseException):
+    """Raised inside a scoring process when one response's time is up (not an Exception, so a
+    verifier's own `except Exception` cannot swallow it)."""
+
+
+_ARMED = False
+
+
+def _on_deadline(signum, frame):
+    if _ARMED:
+        raise _Deadline()
+
+
+def _worker_score(verifier, response, ground_truth, timeout_s):
+    """One response in a scoring process, with its own deadline: a watchdog thread signals the
+    process (SIGUSR1, so math-verify's own SIGALRM timers are untouched), which interrupts Python
+    code and sleeps. A hang in C code is caught by the pool's overall budget instead."""
+    global _ARMED
+    signal.signal(signal.SIGUSR1, _on_deadline)
+    timer = threading.Timer(timeout_s, lambda: _ARMED and os.kill(os.getpid(), signal.SIGUSR1))
+    timer.daemon = True
+    _ARMED = True
+    timer.start()
+    try:
+        return verifier.score(response, ground_truth)
+    except _Deadline:
+        return RewardResult(verifier.failure_reward, f"verifier timed out after {timeout_s:g}s", status="timeout")
+    finally:
+        _ARMED = False
+        timer.cancel()
 
 
 class RewardPool:
     """Scores responses in persistent worker processes (spawned once, reused every step).
 
-    A verifier that hangs past its budget (timeout_s per response, spread over the workers) gets
-    failure_reward with status "timeout", and the workers are killed and re-spawned on the next
-    call; a worker that dies gets status "error". workers=0 scores in this process (exceptions are
+    Each response has timeout_s: past it, its verifier is interrupted and the response gets
+    failure_reward with status "timeout" while the others are scored normally. A hang that cannot
+    be interrupted (C code) is caught by the batch budget (timeout_s × responses per worker + 5 s):
+    the unfinished responses time out and the workers are killed and re-spawned on the next call.
+    A worker that dies gives status "error". workers=0 scores in this process (exceptions are
     still contained, a hang is not)."""
 
     def __init__(self, verifier: Verifier, workers: int = 2, timeout_s: float = 30.0):
@@ -87,8 +121,9 @@ class RewardPool:
         fail = self.verifier.failure_reward
         out: List[Optional[RewardResult]] = [None] * len(responses)
         pool = self._executor()
-        futures = {pool.submit(_worker_score, self.verifier, r, g): i for i, (r, g) in enumerate(zip(responses, ground_truths))}
-        done, not_done = cf.wait(futures, timeout=self.timeout_s * max(1.0, len(responses) / self.workers))
+        futures = {pool.submit(_worker_score, self.verifier, r, g, self.timeout_s): i
+                   for i, (r, g) in enumerate(zip(responses, ground_truths))}
+        done, not_done = cf.wait(futures, timeout=self.timeout_s * math.ceil(len(responses) / self.workers) + 5.0)
         for f in done:
             try:
                 out[futures[f]] = f.result()

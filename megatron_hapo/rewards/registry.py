@@ -35,7 +35,10 @@ def build_verifier(kind: str, reward_correct: Optional[float] = None, reward_wro
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"reward.type: cannot load {kind!r}: {type(exc).__name__}: {exc}") from exc
-    verifier = cls(**scores)
+    try:
+        verifier = cls(**scores)
+    except TypeError as exc:
+        raise ValueError(f"reward.type: {kind!r}: {exc}") from exc
     if not isinstance(verifier, Verifier):
         raise ValueError(f"reward.type: {kind!r} is not a megatron_hapo.rewards.Verifier subclass")
     return verifier

@@ -95,6 +95,9 @@ class RolloutEngine:
         # every in-place reload warns that rotary embeddings (a buffer, not a checkpoint weight) got no weights
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
             lambda record: "RotaryEmbedding: Failed to load weights" not in record.getMessage())
+        # token-id prompts only (skip_tokenizer_init): vLLM's chat-template warm-up cannot run, harmlessly
+        logging.getLogger("vllm.renderers.base").addFilter(
+            lambda record: "Chat template warmup failed" not in record.getMessage())
 
         from .temperature_processor import HapoTemperatureProcessor
 
