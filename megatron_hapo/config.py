@@ -168,6 +168,8 @@ class Config:
                              f"{e.interval}, {e.n}, {e.num_prompts}, {e.temperature}, {e.top_p}")
         if e.temperature == 0 and e.n > 1:
             raise ValueError(f"eval.n={e.n} with eval.temperature=0: greedy decoding gives n identical samples")
+        if isinstance(lg.progress, bool):  # YAML 1.1 reads on/off as booleans
+            lg.progress = "on" if lg.progress else "off"
         if lg.progress not in ("auto", "on", "off"):
             raise ValueError(f"log.progress: expected auto | on | off, got {lg.progress!r}")
         self.algo()  # validates the algorithm section, naming the field

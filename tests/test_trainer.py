@@ -40,7 +40,8 @@ def test_loop_writes_metrics_and_checkpoint(run):
     lines = [json.loads(l) for l in (root / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     for key in ("reward", "accuracy", "rollout_accuracy", "entropy", "temperature_min", "temperature_max", "clip_frac_low", "clip_frac_high",
-                "hapo_adv_changed_frac", "logp_mismatch_mean", "keep_rate", "grad_norm", "weight_sync_s", "tokens_per_s"):
+                "hapo_adv_changed_frac", "logp_mismatch_mean", "keep_rate", "grad_norm", "time_weight_sync", "tokens_per_s", "rollout_tokens_per_s", "time_old_pass",
+                "reward_timeouts", "reward_errors", "truncated_frac", "data_position", "weight_sync_bytes"):
         assert key in lines[0], key
     assert (root / "checkpoints" / "iter_0000003" / "COMPLETE").exists()
     saved = Config._from_dict(__import__("yaml").safe_load((root / "config.yaml").read_text()))
@@ -131,7 +132,7 @@ def strict_worker(rank, world, run_dir, extra):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["train.mini_batch_prompts=3"], "does not divide rollout.prompts_per_step=8"),
+        (["train.mini_batch_prompts=6"], "mini_batch_prompts=6 does not divide rollout.prompts_per_step=8"),
         (["train.micro_batch_size=3"], "micro_batch_size=3 does not divide"),
         (["parallel.tensor_model_parallel_size=3"], "not divisible by tensor×pipeline = 3"),
         (["rollout.overlong_buffer=50"], "overlong_buffer=50 exceeds"),

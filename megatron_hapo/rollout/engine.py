@@ -97,7 +97,7 @@ class RolloutEngine:
             lambda record: "RotaryEmbedding: Failed to load weights" not in record.getMessage())
         # token-id prompts only (skip_tokenizer_init): vLLM's chat-template warm-up cannot run, harmlessly
         logging.getLogger("vllm.renderers.base").addFilter(
-            lambda record: "Chat template warmup failed" not in record.getMessage())
+            lambda record: not any(m in record.getMessage() for m in ("Chat template warmup failed", "Using None for EOS")))
 
         from .temperature_processor import HapoTemperatureProcessor
 
