@@ -14,6 +14,10 @@ CPU = [
     "pyyaml",
     "math-verify",  # math rewards
     "reasoning-gym",  # procedural/logic tasks and their checkers, generated offline
+    "pyarrow",  # Parquet datasets (DAPO-Math-17k is published as Parquet)
+    "tensorboard",  # event files of every run
+    "matplotlib",  # megatron-hapo plot
+    "tqdm",  # progress bars
 ]
 # On GPU the NGC PyTorch image supplies torch, Transformer Engine and apex; we only add these.
 GPU = [
@@ -25,6 +29,10 @@ GPU = [
     "pyyaml",
     "math-verify",
     "reasoning-gym",
+    "pyarrow",
+    "tensorboard",
+    "matplotlib",
+    "tqdm",
 ]
 TEST = [
     "pytest",

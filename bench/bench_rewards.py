@@ -1,4 +1,5 @@
-"""Scored responses per second for each verifier family, and the sandbox's per-run overhead.
+"""Scored responses per second for each verifier family, the sandbox's per-run overhead, and the
+trainer's persistent reward processes (RewardPool) against fresh processes per batch.
 
     .venv/bin/python bench/bench_rewards.py [--n 64] [--workers 2]
 """
@@ -20,7 +21,8 @@ def main():
     args = p.parse_args()
     import reasoning_gym
 
-    from megatron_hapo.rewards import CodeVerifier, MathVerifier, ReasoningGymVerifier, SandboxLimits, run_python, score_batch, sandbox_status
+    from megatron_hapo.rewards import (CodeVerifier, MathVerifier, ReasoningGymVerifier, RewardPool, SandboxLimits, run_python,
+                                       sandbox_status, score_batch)
 
     n = args.n
     math_items = [(f"Work...\nAnswer: \\frac{{{i}}}{{{i + 1}}}", f"{i}/{i + 1}") for i in range(n)]
@@ -50,6 +52,30 @@ def main():
     print("|---|---|---|")
     for name, rate, ok in rows:
         print(f"| {name} | {rate:.1f} | {ok}/{n} |")
+    # the trainer's case: one batch of rollouts per step, scored by the same verifier every step
+    steps = 5
+    texts, truths = [r for r, _ in math_items], [g for _, g in math_items]
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        score_batch(MathVerifier(), texts, truths, workers=args.workers, timeout_s=60)
+    fresh = (time.perf_counter() - t0) / steps
+    pool = RewardPool(MathVerifier(), workers=args.workers, timeout_s=60)
+    pool.score(texts[:2], truths[:2])  # spawn once, as the trainer does at its first step
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        pool.score(texts, truths)
+    kept = (time.perf_counter() - t0) / steps
+    pool.close()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        [MathVerifier().score(r, g) for r, g in zip(texts, truths)]
+    inline = (time.perf_counter() - t0) / steps
+    print(f"\nmath rewards for one step of {n} responses ({steps} steps, mean):")
+    print("| scoring | s/step | vs fresh processes |")
+    print("|---|---|---|")
+    for name, dt in (("fresh processes per batch (score_batch)", fresh), ("persistent processes (RewardPool, the trainer)", kept),
+                     ("in the trainer's process (workers=0, no hang protection)", inline)):
+        print(f"| {name} | {dt:.3f} | {dt / fresh:.2f}x |")
     print(f"\nper run: plain `python3 -c pass` {plain * 1000:.0f} ms, in the sandbox {boxed * 1000:.0f} ms "
           f"(overhead {1000 * (boxed - plain):.0f} ms, {boxed / plain:.1f}x)")
 

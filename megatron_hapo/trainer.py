@@ -138,6 +138,9 @@ class Trainer:
         self.train_data = load_prompts(d.train, self.tokenizer, opts, "train", seed=t.seed)
         eval_sources = d.eval if d.eval is not None else self._default_eval(d.train)
         self.eval_data = load_prompts(eval_sources, self.tokenizer, opts, "eval", seed=t.seed) if eval_sources else None
+        if self.eval_data is None and (cfg.eval.interval or cfg.eval.before_train):
+            raise ValueError(f"eval.interval={cfg.eval.interval} / eval.before_train={cfg.eval.before_train}: no eval set; "
+                             f"set data.eval (the training sources {self._sources(d.train)} have no held-out split)")
         self.sampler = PromptSampler(len(self.train_data), seed=t.seed, shuffle=d.shuffle)
         self.data_position = 0
         self.stop_ids = self._stop_token_ids()
