@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 from .config import Config
@@ -42,9 +43,7 @@ def run_demo(root: str = "runs/demo", warmup_steps: int = 300, rl_steps: int = 6
     for algo in algorithms:
         t1 = time.perf_counter()
         run_dir = f"{root}/{algo}"
-        for name in ("metrics.jsonl", "token_samples.jsonl"):
-            if os.path.exists(os.path.join(run_dir, name)):
-                os.remove(os.path.join(run_dir, name))
+        shutil.rmtree(run_dir, ignore_errors=True)  # each demo run starts fresh (metrics, events, checkpoints)
         tr = Trainer(_config(run_dir, **common, **{"model.hf_path": f"{root}/warmup/model", "algorithm.name": algo,
                                                    "train.lr": 1e-4, "train.steps": rl_steps, "train.save_interval": 0,
                                                    "eval.before_train": "true", "eval.interval": max(rl_steps // 6, 1)}))
