@@ -112,7 +112,8 @@ def test_dataset_file_with_malformed_rows_and_a_hanging_reward(tmp_path):
     lines = [json.dumps(r) for r in rows] + ['{"prompt": "1+1=",', json.dumps({"prompt": "1+1="})]
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     extra = [f"data.train={tmp_path / 'train.jsonl'}", "data.shuffle=false", "rollout.dynamic_sampling=false",
-             "reward.type=tests.verifiers:HangOnGroundTruth", "reward.timeout_s=2", "algorithm.name=dapo"]
+             "reward.type=tests.verifiers:HangOnGroundTruth", "reward.timeout_s=2", "algorithm.name=dapo",
+             "log.progress=on"]  # the progress-bar path runs too (tqdm on stderr)
     out = run_ranks(1, train_worker, str(tmp_path / "run"), 1, extra, timeout=600)[0]
     m = out["history"][0]
     assert m["reward_timeouts"] == 4 and m["reward_errors"] == 0  # the 4 samples of the "hang" row, nothing else
