@@ -8,9 +8,11 @@
 SPMD: one process per rank (torchrun/srun, or a single process). Every rank holds a Megatron shard
 and a share of a colocated vLLM engine: one engine per inference-TP group (`external_launcher`
 when it spans ranks). Each step takes `prompts_per_step` prompts at the run's global data
-position; every engine generates an equal slice, scores it, and the groups are gathered so every
-rank sees the same global list: dynamic sampling, metrics and the split over data-parallel ranks
-are identical under every layout, and a prompt's samples depend only on (seed, its position).
+position; every engine generates an equal slice and scores it; a few numbers per response are
+gathered so every rank sees the same list (dynamic sampling, metrics and the split over
+data-parallel ranks are identical under every layout), and one all-to-all then moves each kept
+group's tokens from the rank that generated it to the data-parallel rank that trains on it. A
+prompt's samples depend only on (seed, its position).
 """
 from __future__ import annotations
 
@@ -67,13 +69,33 @@ class Sample:
 
 
 class Group:
-    """A prompt and its samples, scored: what dynamic sampling keeps or drops."""
+    """A prompt and its samples, scored; it stays on the rank that generated it until a
+    data-parallel rank that trains on it fetches it."""
 
     __slots__ = ("position", "prompt_ids", "samples", "rewards", "correct", "statuses")
 
     def __init__(self, position, prompt_ids, samples, rewards, correct, statuses):
         self.position, self.prompt_ids, self.samples = position, prompt_ids, samples
         self.rewards, self.correct, self.statuses = rewards, correct, statuses
+
+    def summary(self, owner: int) -> "GroupSummary":
+        import numpy as np
+
+        temps = np.concatenate([s.temperatures for s in self.samples] or [np.zeros(0, np.float32)])
+        return GroupSummary(self.position, owner, list(self.rewards), list(self.correct), list(self.statuses),
+                            [s.length for s in self.samples], sum(s.truncated for s in self.samples),
+                            (float(temps.min()), float(temps.max()), float(temps.sum()), int(temps.size)) if temps.size else None)
+
+
+class GroupSummary:
+    """What every rank learns about every group (a few numbers per response): enough for dynamic
+    sampling, metrics and evaluation; the tokens stay with the owner rank."""
+
+    __slots__ = ("position", "owner", "rewards", "correct", "statuses", "lengths", "truncated", "temps")
+
+    def __init__(self, position, owner, rewards, correct, statuses, lengths, truncated, temps):
+        self.position, self.owner, self.rewards, self.correct = position, owner, rewards, correct
+        self.statuses, self.lengths, self.truncated, self.temps = statuses, lengths, truncated, temps
 
 
 class _NoBar:
@@ -112,6 +134,8 @@ class Trainer:
         self.rank = dist.get_rank()
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
+        self.rank_dp = [None] * self.world
+        dist.all_gather_object(self.rank_dp, self.dp_rank)  # who trains on which data-parallel share
         itp = p.inference_tensor_parallel_size
         self.num_engines, self.engine_index, self.engine_leader = self.world // itp, self.rank // itp, self.rank % itp == 0
         os.makedirs(t.run_dir, exist_ok=True)
@@ -280,8 +304,10 @@ class Trainer:
                              [bool(s.correct) for s in res], statuses))
         return out
 
-    def _generate_groups(self, positions: List[int], indices: List[int], dataset, sampling, n, stats) -> List[Group]:
-        """Every engine generates its slice of the prompts; the scored groups of all engines, on every rank."""
+    def _generate_groups(self, positions: List[int], indices: List[int], dataset, sampling, n, stats):
+        """Every engine generates its slice of the prompts and its first rank scores it. Returns the
+        summaries of all engines' groups (the same list on every rank, by position) and this rank's
+        own full groups {position: Group}."""
         import torch.distributed as dist
 
         from .data.datasets import split_evenly
@@ -292,15 +318,46 @@ class Trainer:
         outs = self.engine.generate(prompts, n, sampling, stats, seeds=seeds)
         local = self._score([(pos, dataset[i].prompt_ids) for pos, i in mine], outs, [dataset[i].ground_truth for _, i in mine])
         gathered = [None] * self.world
-        dist.all_gather_object(gathered, local)
-        return sorted((g for part in gathered for g in part), key=lambda g: g.position)
+        dist.all_gather_object(gathered, [g.summary(self.rank) for g in local])
+        return sorted((g for part in gathered for g in part), key=lambda g: g.position), {g.position: g for g in local}
+
+    def _fetch(self, wanted_by_dp_rank: List[List[int]], local: Dict[int, Group]) -> List[Group]:
+        """Moves full groups from the ranks that generated them to the data-parallel ranks that
+        train on them (one all-to-all of pickled bytes; nothing else crosses ranks). Returns this
+        rank's groups in the order of its list."""
+        import pickle
+
+        import torch.distributed as dist
+
+        send = []
+        for r in range(self.world):
+            want = wanted_by_dp_rank[self.rank_dp[r]]
+            send.append(pickle.dumps([local[p] for p in want if p in local], protocol=pickle.HIGHEST_PROTOCOL))
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        sizes = torch.tensor([len(b) for b in send], dtype=torch.long, device=device)
+        recv_sizes = torch.empty_like(sizes)
+        dist.all_to_all_single(recv_sizes, sizes)
+        out = torch.empty(int(recv_sizes.sum()), dtype=torch.uint8, device=device)
+        payload = torch.frombuffer(bytearray(b"".join(send)), dtype=torch.uint8).to(device) if sum(map(len, send)) else \
+            torch.empty(0, dtype=torch.uint8, device=device)
+        dist.all_to_all_single(out, payload, output_split_sizes=recv_sizes.tolist(), input_split_sizes=sizes.tolist())
+        received: Dict[int, Group] = {}
+        for chunk in out.cpu().split(recv_sizes.tolist()):
+            for g in pickle.loads(chunk.numpy().tobytes()):
+                received[g.position] = g
+        mine = wanted_by_dp_rank[self.dp_rank]
+        missing = [p for p in mine if p not in received]
+        if missing:
+            raise RuntimeError(f"rollout exchange: groups at positions {missing[:5]} did not arrive")
+        return [received[p] for p in mine]
 
     def _rollout(self):
         """`prompts_per_step` groups (informative ones only under dynamic sampling), the same on every rank."""
         r = self.cfg.rollout
         need = r.prompts_per_step
-        kept: List[Group] = []
-        seen: List[Group] = []
+        kept: List[GroupSummary] = []
+        seen: List[GroupSummary] = []
+        local: Dict[int, Group] = {}
         gen_batches = 0
         bar = self._bar(f"step {self.step + 1} rollout", need)
         stats = self.stats if self.algo.adaptive_temperature else None
@@ -312,12 +369,13 @@ class Trainer:
                                    f"{r.max_num_gen_batches} generation batches (rollout.max_num_gen_batches)")
             positions = list(range(self.data_position, self.data_position + need))
             self.data_position += need
-            groups = self._generate_groups(positions, self.sampler.indices(positions[0], need), self.train_data,
-                                           self.sampling, r.samples_per_prompt, stats)
+            groups, mine = self._generate_groups(positions, self.sampler.indices(positions[0], need), self.train_data,
+                                                 self.sampling, r.samples_per_prompt, stats)
+            local.update(mine)
             for g in groups:
                 rewards = torch.tensor(g.rewards, dtype=torch.float32)
                 if r.overlong_buffer:
-                    rewards = rewards + A.overlong_penalty([s.length for s in g.samples], r.max_response_tokens,
+                    rewards = rewards + A.overlong_penalty(g.lengths, r.max_response_tokens,
                                                            r.overlong_buffer, r.overlong_penalty_factor)
                 g.rewards = rewards
                 seen.append(g)
@@ -326,7 +384,7 @@ class Trainer:
             bar.update(len(kept) - bar.n)
             bar.set_postfix_str(f"generation batch {gen_batches}")
         bar.close()
-        return kept, seen, gen_batches
+        return kept, seen, gen_batches, local
 
     # ---- one step ---------------------------------------------------------------------------------
 
@@ -339,16 +397,18 @@ class Trainer:
 
         cfg, r = self.cfg, self.cfg.rollout
         t0 = time.perf_counter()
-        kept, seen, gen_batches = self._rollout()
-        self._last_kept = kept
+        kept, seen, gen_batches, local = self._rollout()
+        wanted = [[g.position for g in split_evenly(kept, self.dp, d)] for d in range(self.dp)]
+        mine_summaries = split_evenly(kept, self.dp, self.dp_rank)
+        mine = self._fetch(wanted, local)
+        self._last_kept = mine
         t_rollout = time.perf_counter() - t0
         if r.enable_sleep_mode:
             self.engine.sleep()
 
-        mine = split_evenly(kept, self.dp, self.dp_rank)
         rows, plens, rlens, gids, rewards, eng_t1, beh = [], [], [], [], [], [], []
-        for g_idx, g in enumerate(mine):
-            for s, reward in zip(g.samples, g.rewards.tolist()):
+        for g_idx, (g, summary) in enumerate(zip(mine, mine_summaries)):
+            for s, reward in zip(g.samples, summary.rewards.tolist()):  # shaped rewards
                 rows.append(list(g.prompt_ids) + s.token_ids)
                 plens.append(len(g.prompt_ids))
                 rlens.append(s.length)
@@ -404,30 +464,27 @@ class Trainer:
         self._last_hist = {"h_hat": h_hat[mask] if h_hat is not None else None, "entropy": old_ent[mask]}
         return m
 
-    def _rollout_metrics(self, kept: List[Group], seen: List[Group], gen_batches: int) -> Dict[str, float]:
-        import numpy as np
-
+    def _rollout_metrics(self, kept: List[GroupSummary], seen: List[GroupSummary], gen_batches: int) -> Dict[str, float]:
         def flat(groups, attr):
             return [v for g in groups for v in getattr(g, attr)]
 
         kept_rewards = torch.cat([g.rewards for g in kept])
-        lengths = [s.length for g in kept for s in g.samples]
-        temps = np.concatenate([s.temperatures for g in kept for s in g.samples] or [np.ones(1, np.float32)])
-        if temps.size == 0:
-            temps = np.ones(1, np.float32)
+        lengths = flat(kept, "lengths")
+        temps = [g.temps for g in kept if g.temps is not None] or [(1.0, 1.0, 1.0, 1)]
         statuses = flat(seen, "statuses")
         all_correct = flat(seen, "correct")
         return {
             "reward": kept_rewards.mean().item(), "reward_std": kept_rewards.std().item() if kept_rewards.numel() > 1 else 0.0,
             "accuracy": sum(flat(kept, "correct")) / max(len(flat(kept, "correct")), 1),
             "rollout_accuracy": sum(all_correct) / max(len(all_correct), 1),
-            "response_length": float(np.mean(lengths)), "response_length_max": float(max(lengths)),
+            "response_length": sum(lengths) / max(len(lengths), 1), "response_length_max": float(max(lengths)),
             "response_tokens": float(sum(lengths)),
-            "truncated_frac": sum(s.truncated for g in kept for s in g.samples) / max(len(lengths), 1),
+            "truncated_frac": sum(g.truncated for g in kept) / max(len(lengths), 1),
             "reward_timeouts": float(statuses.count("timeout")), "reward_errors": float(statuses.count("error")),
             "rollout_errors": float(statuses.count("rollout_error")),
             "keep_rate": len(kept) / max(len(seen), 1), "gen_batches": float(gen_batches),
-            "temperature_min": float(temps.min()), "temperature_mean": float(temps.mean()), "temperature_max": float(temps.max()),
+            "temperature_min": min(t[0] for t in temps), "temperature_max": max(t[1] for t in temps),
+            "temperature_mean": sum(t[2] for t in temps) / max(sum(t[3] for t in temps), 1),
         }
 
     # ---- evaluation -------------------------------------------------------------------------------
@@ -448,15 +505,15 @@ class Trainer:
         sampling = SamplingConfig(max_tokens=max_tokens, base_temperature=e.temperature or 1.0, top_p=e.top_p,
                                   top_k=1 if e.temperature == 0 else 0, adaptive=False, stop_token_ids=self.stop_ids)
         chunk = 256 * self.num_engines
-        groups: List[Group] = []
+        groups: List[GroupSummary] = []
         bar = self._bar("eval", (count + chunk - 1) // chunk)
         for start in range(0, count, chunk):
             positions = list(range(start, min(start + chunk, count)))
-            groups += self._generate_groups(positions, positions, self.eval_data, sampling, e.n, None)
+            groups += self._generate_groups(positions, positions, self.eval_data, sampling, e.n, None)[0]
             bar.update(1)
         bar.close()
         correct = [sum(g.correct) for g in groups]
-        lengths = [s.length for g in groups for s in g.samples]
+        lengths = [n for g in groups for n in g.lengths]
         k = e.n
         return {f"eval_mean@{k}": sum(correct) / (len(groups) * k), f"eval_pass@{k}": sum(c > 0 for c in correct) / len(groups),
                 "eval_response_length": sum(lengths) / max(len(lengths), 1), "eval_prompts": float(len(groups)),
