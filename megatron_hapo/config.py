@@ -149,8 +149,10 @@ class Config:
         if t.steps < 1:
             raise ValueError(f"train.steps: must be ≥ 1, got {t.steps}")
         d, rw, e, lg = self.data, self.reward, self.eval, self.log
+        from .data.datasets import as_sources
+
         for name, src in (("train", d.train), ("eval", d.eval)):
-            for item in ([src] if isinstance(src, str) else (src or [])):
+            for item in as_sources(src):
                 if not isinstance(item, str):
                     raise ValueError(f"data.{name}: expected a path or source name, got {item!r}")
         if not d.train:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
 import sys
 import time
 from typing import Any, Dict, List, Optional
@@ -78,11 +76,11 @@ class Group:
         self.position, self.prompt_ids, self.samples = position, prompt_ids, samples
         self.rewards, self.correct, self.statuses = rewards, correct, statuses
 
-    def summary(self, owner: int) -> "GroupSummary":
+    def summary(self) -> "GroupSummary":
         import numpy as np
 
         temps = np.concatenate([s.temperatures for s in self.samples] or [np.zeros(0, np.float32)])
-        return GroupSummary(self.position, owner, list(self.rewards), list(self.correct), list(self.statuses),
+        return GroupSummary(self.position, list(self.rewards), list(self.correct), list(self.statuses),
                             [s.length for s in self.samples], sum(s.truncated for s in self.samples),
                             (float(temps.min()), float(temps.max()), float(temps.sum()), int(temps.size)) if temps.size else None)
 
@@ -91,10 +89,10 @@ class GroupSummary:
     """What every rank learns about every group (a few numbers per response): enough for dynamic
     sampling, metrics and evaluation; the tokens stay with the owner rank."""
 
-    __slots__ = ("position", "owner", "rewards", "correct", "statuses", "lengths", "truncated", "temps")
+    __slots__ = ("position", "rewards", "correct", "statuses", "lengths", "truncated", "temps")
 
-    def __init__(self, position, owner, rewards, correct, statuses, lengths, truncated, temps):
-        self.position, self.owner, self.rewards, self.correct = position, owner, rewards, correct
+    def __init__(self, position, rewards, correct, statuses, lengths, truncated, temps):
+        self.position, self.rewards, self.correct = position, rewards, correct
         self.statuses, self.lengths, self.truncated, self.temps = statuses, lengths, truncated, temps
 
 
@@ -119,6 +117,7 @@ class Trainer:
 
         from .data import DataOptions, PromptSampler, load_prompts
         from .data import addition
+        from .data.datasets import as_sources, default_reward_type, held_out_sources
         from .models.hf_config import ModelSpec
         from .rewards import RewardPool, build_verifier
         from .rollout.engine import RolloutEngine, SamplingConfig
@@ -160,17 +159,17 @@ class Trainer:
                            max_prompt_tokens=max_prompt, strict=d.strict, reasoning_gym_size=d.reasoning_gym_size,
                            reasoning_gym_config=dict(d.reasoning_gym_config))
         self.train_data = load_prompts(d.train, self.tokenizer, opts, "train", seed=t.seed)
-        eval_sources = d.eval if d.eval is not None else self._default_eval(d.train)
+        eval_sources = d.eval if d.eval is not None else held_out_sources(d.train)
         self.eval_data = load_prompts(eval_sources, self.tokenizer, opts, "eval", seed=t.seed) if eval_sources else None
         if self.eval_data is None and (cfg.eval.interval or cfg.eval.before_train):
             raise ValueError(f"eval.interval={cfg.eval.interval} / eval.before_train={cfg.eval.before_train}: no eval set; "
-                             f"set data.eval (the training sources {self._sources(d.train)} have no held-out split)")
+                             f"set data.eval (the training sources {as_sources(d.train)} have no held-out split)")
         self.sampler = PromptSampler(len(self.train_data), seed=t.seed, shuffle=d.shuffle)
         self.data_position = 0
         self.stop_ids = self._stop_token_ids()
 
         # ---- rewards (scored on each engine's first rank) ----
-        kind = cfg.reward.type if cfg.reward.type != "auto" else self._default_reward(d.train)
+        kind = cfg.reward.type if cfg.reward.type != "auto" else default_reward_type(d.train)
         self.verifier = build_verifier(kind, cfg.reward.correct, cfg.reward.wrong)
         self.rewards = RewardPool(self.verifier, cfg.reward.workers, cfg.reward.timeout_s) if self.engine_leader else None
 
@@ -188,14 +187,12 @@ class Trainer:
             from .models.convert import read_hf_tensors
 
             self.policy.load_hf_state_dict(read_hf_tensors(self.model_dir))
-        engine_kwargs = {}
-        if itp > 1:
-            engine_kwargs.update(distributed_executor_backend="external_launcher")
         self.engine = RolloutEngine(self.model_dir, max_model_len=self.spec.max_position_embeddings,
                                     kv_cache_memory_bytes=r.kv_cache_memory_bytes, seed=t.seed, tensor_parallel_size=itp,
                                     dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
                                     enable_sleep_mode=r.enable_sleep_mode,
-                                    data_parallel_size=self.num_engines if itp > 1 else 1, **engine_kwargs)
+                                    distributed_executor_backend="external_launcher" if itp > 1 else None,
+                                    data_parallel_size=self.num_engines if itp > 1 else 1)
         self.sampling = SamplingConfig(max_tokens=r.max_response_tokens, base_temperature=r.base_temperature, top_p=r.top_p,
                                        adaptive=self.algo.adaptive_temperature, tau=self.algo.tau,
                                        sign_mode=self.algo.sign_mode, stop_token_ids=self.stop_ids)
@@ -215,28 +212,6 @@ class Trainer:
                     print(ds.summary(), flush=True)
 
     # ---- set-up helpers ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _sources(src) -> List[str]:
-        return [src] if isinstance(src, str) else list(src)
-
-    def _default_eval(self, train):
-        """The held-out counterpart of each procedural source; files have none (set data.eval)."""
-        out = []
-        for s in self._sources(train):
-            if s in ("addition", "addition:train"):
-                out.append("addition:eval")
-            elif s.startswith("reasoning_gym:"):
-                out.append(s)  # drawn from another seed (datasets.source_rows)
-        return out or None
-
-    def _default_reward(self, train) -> str:
-        kinds = set()
-        for s in self._sources(train):
-            kinds.add("exact" if s.startswith("addition") else "reasoning_gym" if s.startswith("reasoning_gym:") else "math")
-        if len(kinds) > 1:
-            raise ValueError(f"reward.type=auto: data.train mixes {sorted(kinds)} sources; set reward.type")
-        return kinds.pop()
 
     def _stop_token_ids(self):
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -318,7 +293,7 @@ class Trainer:
         outs = self.engine.generate(prompts, n, sampling, stats, seeds=seeds)
         local = self._score([(pos, dataset[i].prompt_ids) for pos, i in mine], outs, [dataset[i].ground_truth for _, i in mine])
         gathered = [None] * self.world
-        dist.all_gather_object(gathered, [g.summary(self.rank) for g in local])
+        dist.all_gather_object(gathered, [g.summary() for g in local])
         return sorted((g for part in gathered for g in part), key=lambda g: g.position), {g.position: g for g in local}
 
     def _fetch(self, wanted_by_dp_rank: List[List[int]], local: Dict[int, Group]) -> List[Group]:
@@ -389,6 +364,7 @@ class Trainer:
     # ---- one step ---------------------------------------------------------------------------------
 
     def train_step(self) -> Dict[str, Any]:
+        import numpy as np
         import torch.distributed as dist
 
         from .data.datasets import split_evenly
@@ -461,7 +437,8 @@ class Trainer:
                  time_weight_sync=sync["weight_sync_s"], weight_sync_bytes=sync["weight_sync_bytes"],
                  time_step=time.perf_counter() - t0)
         m["rollout_tokens_per_s"] = m["response_tokens"] / max(t_rollout, 1e-9)
-        self._last_hist = {"h_hat": h_hat[mask] if h_hat is not None else None, "entropy": old_ent[mask]}
+        self._last_hist = {"h_hat": h_hat[mask] if h_hat is not None else None, "entropy": old_ent[mask],
+                           "temperature": torch.from_numpy(np.concatenate([s.temperatures for g in mine for s in g.samples]))}
         return m
 
     def _rollout_metrics(self, kept: List[GroupSummary], seen: List[GroupSummary], gen_batches: int) -> Dict[str, float]:
@@ -472,10 +449,10 @@ class Trainer:
         lengths = flat(kept, "lengths")
         temps = [g.temps for g in kept if g.temps is not None] or [(1.0, 1.0, 1.0, 1)]
         statuses = flat(seen, "statuses")
-        all_correct = flat(seen, "correct")
+        all_correct, kept_correct = flat(seen, "correct"), flat(kept, "correct")
         return {
             "reward": kept_rewards.mean().item(), "reward_std": kept_rewards.std().item() if kept_rewards.numel() > 1 else 0.0,
-            "accuracy": sum(flat(kept, "correct")) / max(len(flat(kept, "correct")), 1),
+            "accuracy": sum(kept_correct) / max(len(kept_correct), 1),
             "rollout_accuracy": sum(all_correct) / max(len(all_correct), 1),
             "response_length": sum(lengths) / max(len(lengths), 1), "response_length_max": float(max(lengths)),
             "response_tokens": float(sum(lengths)),
@@ -550,14 +527,11 @@ class Trainer:
         import torch.distributed as dist
         from safetensors.torch import save_file
 
+        from .models.convert import copy_hf_assets
+
         weights = self.policy.hf_state_dict()
         if self.rank == 0:
-            os.makedirs(path, exist_ok=True)
-            for name in os.listdir(self.model_dir):
-                if not (name.endswith(".safetensors") or name.endswith(".bin") or name.endswith(".index.json")):
-                    src = os.path.join(self.model_dir, name)
-                    if os.path.isfile(src):
-                        shutil.copy(src, os.path.join(path, name))
+            copy_hf_assets(self.model_dir, path)
             save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(path, "model.safetensors"))
         dist.barrier()
 
@@ -603,8 +577,6 @@ class Trainer:
         if ent.size > n:
             pick = np.sort(np.random.default_rng(self.step).choice(ent.size, n, replace=False))
             ent, temp = ent[pick], temp[pick]
-        if self.writer is not None:
-            self.writer.add_histogram("distributions/temperature", temp, self.step)
         with open(os.path.join(self.cfg.train.run_dir, "token_samples.jsonl"), "a") as f:
             f.write(json.dumps({"step": self.step, "entropy": np.round(ent, 5).tolist(),
                                 "temperature": np.round(temp, 5).tolist()}) + "\n")

@@ -143,3 +143,15 @@ def test_bad_input_is_named_and_nothing_is_half_written(tmp_path):
     assert "exists" in out["exists"]
     for label in ("arch", "tp", "missing", "extra", "shape"):
         assert out[label + "_left_behind"] == [], (label, out[label + "_left_behind"])
+
+
+def test_hf_assets_copy_keeps_the_chat_template_and_skips_weights(tmp_path):
+    from megatron_hapo.models.convert import copy_hf_assets
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("config.json", "tokenizer.json", "chat_template.jinja", "model.safetensors",
+                 "model.safetensors.index.json", "model-00001-of-00002.safetensors"):
+        (src / name).write_text("x")
+    copy_hf_assets(str(src), str(tmp_path / "dst"))
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["chat_template.jinja", "config.json", "tokenizer.json"]

@@ -167,3 +167,16 @@ def test_sampler_epochs_and_positions():
     assert s.indices(7, 6) == epoch0[7:] + epoch1[:3]
     assert PromptSampler(10, seed=3).indices(13, 4) == epoch1[3:7]  # a resumed run sees the same prompts
     assert PromptSampler(10, seed=3, shuffle=False).indices(8, 4) == [8, 9, 0, 1]
+
+
+def test_source_kinds_decide_defaults():
+    from megatron_hapo.data.datasets import default_reward_type, held_out_sources
+
+    assert held_out_sources("addition") == ["addition:eval"]
+    assert held_out_sources(["reasoning_gym:countdown", "x.jsonl"]) == ["reasoning_gym:countdown"]
+    assert held_out_sources(["a.parquet"]) is None
+    assert default_reward_type("addition") == "exact"
+    assert default_reward_type("addition_problems.jsonl") == "math"  # a file, whatever its name
+    assert default_reward_type(["reasoning_gym:countdown"]) == "reasoning_gym"
+    with pytest.raises(ValueError, match=r"mixes \['exact', 'math'\] sources"):
+        default_reward_type(["addition", "x.jsonl"])

@@ -185,14 +185,52 @@ def _reasoning_gym_rows(name: str, size: int, seed: int, config: dict) -> Iterat
         yield f"{name}#{n}", {"prompt": entry["question"] + RG_INSTRUCTION, "answer": dict(entry)}
 
 
+ADDITION_SOURCES = ("addition", "addition:train", "addition:eval")
+SOURCE_REWARDS = {"addition": "exact", "reasoning_gym": "reasoning_gym", "file": "math"}
+
+
+def as_sources(sources) -> List[str]:
+    """A source or a list of them (the config's data.train / data.eval) as a list."""
+    return [sources] if isinstance(sources, str) else list(sources or [])
+
+
+def source_kind(source: str) -> str:
+    """"addition", "reasoning_gym" or "file"."""
+    if source in ADDITION_SOURCES:
+        return "addition"
+    return "reasoning_gym" if source.startswith("reasoning_gym:") else "file"
+
+
+def held_out_sources(train) -> Optional[List[str]]:
+    """The held-out counterpart of each procedural training source (reasoning-gym: the same
+    generator, another seed; see source_rows); files have none, so None when all are files."""
+    out = []
+    for s in as_sources(train):
+        kind = source_kind(s)
+        if kind == "addition" and s != "addition:eval":
+            out.append("addition:eval")
+        elif kind == "reasoning_gym":
+            out.append(s)
+    return out or None
+
+
+def default_reward_type(train) -> str:
+    """reward.type=auto: exact for addition, reasoning_gym for its generators, math for files."""
+    kinds = sorted({SOURCE_REWARDS[source_kind(s)] for s in as_sources(train)})
+    if len(kinds) != 1:
+        raise ValueError(f"reward.type=auto: data.train mixes {kinds} sources; set reward.type")
+    return kinds[0]
+
+
 def source_rows(source: str, split: str, seed: int, opts: DataOptions) -> Iterator[Tuple[str, Any]]:
     from . import addition
 
-    if source in ("addition", "addition:eval", "addition:train"):
+    kind = source_kind(source)
+    if kind == "addition":
         part = "eval" if source == "addition:eval" else "train"
         for n, row in enumerate(addition.rows(part, seed)):
             yield f"{source}#{n}", row
-    elif source.startswith("reasoning_gym:"):
+    elif kind == "reasoning_gym":
         # the eval split draws from another seed, so it is not the training set again
         yield from _reasoning_gym_rows(source.split(":", 1)[1], opts.reasoning_gym_size,
                                        seed + (1_000_003 if split == "eval" else 0), opts.reasoning_gym_config)
@@ -204,8 +242,7 @@ def source_rows(source: str, split: str, seed: int, opts: DataOptions) -> Iterat
 
 def load_prompts(sources, tokenizer, opts: DataOptions, split: str = "train", seed: int = 0) -> PromptDataset:
     """All usable rows of the sources, in order; malformed rows skipped and counted (or raised under strict)."""
-    if isinstance(sources, str):
-        sources = [sources]
+    sources = as_sources(sources)
     if not sources:
         raise ValueError(f"data.{split}: no sources given")
     render = Renderer(tokenizer, opts)

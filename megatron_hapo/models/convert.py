@@ -85,10 +85,11 @@ def check_hf_tensors(tensors: Dict[str, torch.Tensor], spec: ModelSpec) -> Dict[
     return tensors
 
 
-def _copy_assets(src: str, dst: str) -> None:
+def copy_hf_assets(src: str, dst: str) -> None:
+    """An HF folder's config, generation config, tokenizer files and chat template (not its weights)."""
     os.makedirs(dst, exist_ok=True)
     for name in os.listdir(src):
-        if name.endswith((".json", ".model", ".txt", ".tiktoken")) and not name.startswith("model.safetensors"):
+        if name.endswith((".json", ".model", ".txt", ".tiktoken", ".jinja")) and not name.startswith("model.safetensors"):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
@@ -125,7 +126,7 @@ def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, dtype: str = "fp32", ta
             for k, v in _progress(sd.items(), len(sd), "hf → megatron", progress):
                 own[k].copy_(v.to(torch_dtype))
         dist_checkpointing.save({"model": model.sharded_state_dict()}, tmp)
-        _copy_assets(hf_dir, os.path.join(tmp, HF_ASSETS))
+        copy_hf_assets(hf_dir, os.path.join(tmp, HF_ASSETS))
         with open(os.path.join(tmp, META), "w") as f:
             json.dump({"family": spec.family, "dtype": dtype, "target_tensor_model_parallel_size": target_tp,
                        "target_pipeline_model_parallel_size": target_pp, "source": os.path.abspath(hf_dir)}, f, indent=2)
@@ -187,7 +188,7 @@ def megatron_to_hf_checkpoint(ckpt_dir: str, out_dir: str, dtype: Optional[str] 
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         cfg_dir = hf_config_dir or os.path.join(ckpt_dir, HF_ASSETS)
-        _copy_assets(cfg_dir, tmp)
+        copy_hf_assets(cfg_dir, tmp)
         os.rename(tmp, os.path.abspath(out_dir))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
