@@ -429,7 +429,8 @@ class Trainer:
         dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=self.dp_group)
         m: Dict[str, Any] = {k: sum(x[k] for x in train_metrics) / len(train_metrics) for k in train_metrics[0]}
         m.update(self._rollout_metrics(kept, seen, gen_batches))
-        m.update(step=self.step, entropy_q=step_stats.q, entropy_sigma_pos=step_stats.z_pos,
+        m.update(step=self.step, entropy_q=step_stats.q, entropy_sigma=step_stats.sigma, entropy_z_pos=step_stats.z_pos,
+                 entropy_z_neg=step_stats.z_neg,
                  adv_fallback_frac=(red[2] / red[3].clamp(min=1)).item(),
                  logp_mismatch_mean=red[0].item() / self.dp, ratio_bias=red[1].item() / self.dp, logp_mismatch_max=mx.item(),
                  data_position=self.data_position, data_epoch=self.data_position / len(self.train_data),

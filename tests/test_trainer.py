@@ -59,7 +59,7 @@ def test_tensorboard_and_token_samples(run):
     acc.Reload()
     tags = acc.Tags()
     for tag in ("rollout/reward", "rollout/rollout_accuracy", "rollout/keep_rate", "train/loss", "train/clip_frac_high",
-                "entropy/entropy", "temperature/temperature_max", "mismatch/logp_mismatch_mean", "time/time_rollout",
+                "entropy/entropy", "entropy/entropy_sigma", "entropy/entropy_z_pos", "temperature/temperature_max", "mismatch/logp_mismatch_mean", "time/time_rollout",
                 "eval/eval_mean@1", "train/hapo_adv_changed_frac"):
         assert tag in tags["scalars"], tag
     assert [e.step for e in acc.Scalars("rollout/reward")][:3] == [1, 2, 3]
