@@ -20,6 +20,7 @@ class ModelConfig:
     hf_path: Optional[str] = None  # an HF folder (config, tokenizer, weights); None: the built-in tiny model
     load: Optional[str] = None  # a Megatron checkpoint (tools/convert_hf_to_megatron.py) to start from instead of hf_path's weights
     dtype: str = "float32"
+    layer_spec: str = "auto"  # te (Transformer Engine, GPU) | local (torch modules) | auto: te on GPU, local on CPU
 
 
 @dataclasses.dataclass
@@ -27,7 +28,10 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     use_distributed_optimizer: bool = False
+    sequence_parallel: bool = False  # with TP > 1 and the TE spec (GPU)
     inference_tensor_parallel_size: int = 1
+    timeout_s: int = 1800  # training collectives (NCCL watchdog); a hung collective fails after this
+    control_timeout_s: int = 14400  # control-plane exchanges over gloo that wait for the slowest rollout
 
 
 @dataclasses.dataclass
@@ -146,6 +150,15 @@ class Config:
                              f"sequences of a mini-batch on each of {dp} data-parallel ranks")
         if r.overlong_buffer > r.max_response_tokens:
             raise ValueError(f"rollout.overlong_buffer={r.overlong_buffer} exceeds rollout.max_response_tokens={r.max_response_tokens}")
+        from .device import resolve_layer_spec
+
+        spec = resolve_layer_spec(self.model.layer_spec)  # names the setting when it cannot work here
+        if p.sequence_parallel and (spec != "te" or p.tensor_model_parallel_size == 1):
+            raise ValueError("parallel.sequence_parallel: needs tensor_model_parallel_size > 1 and the Transformer Engine "
+                             f"spec (model.layer_spec=te, GPU); got TP={p.tensor_model_parallel_size}, layer spec {spec}")
+        if p.timeout_s < 60 or p.control_timeout_s < p.timeout_s:
+            raise ValueError(f"parallel.timeout_s={p.timeout_s} must be ≥ 60 and parallel.control_timeout_s="
+                             f"{p.control_timeout_s} at least as long")
         if t.steps < 1:
             raise ValueError(f"train.steps: must be ≥ 1, got {t.steps}")
         d, rw, e, lg = self.data, self.reward, self.eval, self.log

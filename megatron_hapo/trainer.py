@@ -25,26 +25,28 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from . import algorithms as A
+from . import device as dev
 from .config import Config
 
 
-def _pad_batch(rows: List[List[int]], prompt_lens: List[int], resp_lens: List[int]):
-    """(input_ids, loss_mask) with one spare column so the last position scores nothing."""
+def _pad_batch(rows: List[List[int]], prompt_lens: List[int], resp_lens: List[int], device=None):
+    """(input_ids, loss_mask) with one spare column so the last position scores nothing; built on
+    the host, moved to `device` in one copy each."""
     width = max(len(r) for r in rows) + 1
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
     for i, (r, p, n) in enumerate(zip(rows, prompt_lens, resp_lens)):
         ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
         mask[i, p - 1: p - 1 + n] = True  # position t scores token t+1
-    return ids, mask
+    return ids.to(device or "cpu"), mask.to(device or "cpu")
 
 
-def _per_position(values, prompt_lens, shape) -> torch.Tensor:
+def _per_position(values, prompt_lens, shape, device=None) -> torch.Tensor:
     out = torch.zeros(shape)
     for i, (v, p) in enumerate(zip(values, prompt_lens)):
         if len(v):
             out[i, p - 1: p - 1 + len(v)] = torch.as_tensor(v, dtype=torch.float32)
-    return out
+    return out.to(device or "cpu")
 
 
 class Sample:
@@ -121,20 +123,26 @@ class Trainer:
         from .models.hf_config import ModelSpec
         from .rewards import RewardPool, build_verifier
         from .rollout.engine import RolloutEngine, SamplingConfig
-        from .training.parallel import init_model_parallel
+        from .training.parallel import control_group, init_model_parallel
         from .training.policy import MegatronPolicy, PolicyConfig
 
         self.cfg = cfg
         p, t, r, d = cfg.parallel, cfg.train, cfg.rollout, cfg.data
-        init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=t.seed)
+        alloc_note = dev.check_allocator_config(r.enable_sleep_mode)  # before CUDA starts
+        init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=t.seed,
+                            timeout_s=p.timeout_s, control_timeout_s=p.control_timeout_s)
+        self.device = dev.device()
+        self.control = control_group()  # gloo, long timeout: waits for the slowest engine happen here
         self.world = dist.get_world_size()
         cfg.validate(self.world)
         self.algo = cfg.algo()
         self.rank = dist.get_rank()
+        if alloc_note and self.rank == 0:
+            print(alloc_note, flush=True)
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
         self.rank_dp = [None] * self.world
-        dist.all_gather_object(self.rank_dp, self.dp_rank)  # who trains on which data-parallel share
+        dist.all_gather_object(self.rank_dp, self.dp_rank, group=self.control)  # who trains on which data-parallel share
         itp = p.inference_tensor_parallel_size
         self.num_engines, self.engine_index, self.engine_leader = self.world // itp, self.rank // itp, self.rank % itp == 0
         os.makedirs(t.run_dir, exist_ok=True)
@@ -176,7 +184,8 @@ class Trainer:
         # ---- policy and engine ----
         self.policy = MegatronPolicy(self.spec, PolicyConfig(
             tensor_model_parallel_size=p.tensor_model_parallel_size, pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-            use_distributed_optimizer=p.use_distributed_optimizer, micro_batch_size=t.micro_batch_size, dtype=cfg.model.dtype,
+            use_distributed_optimizer=p.use_distributed_optimizer, sequence_parallel=p.sequence_parallel,
+            micro_batch_size=t.micro_batch_size, dtype=cfg.model.dtype, layer_spec=cfg.model.layer_spec,
             lr=t.lr, lr_warmup_steps=t.lr_warmup_steps, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
             train_steps=t.steps * (r.prompts_per_step // t.mini_batch_prompts), seed=t.seed), self.algo)
         if cfg.model.load:
@@ -190,9 +199,8 @@ class Trainer:
         self.engine = RolloutEngine(self.model_dir, max_model_len=self.spec.max_position_embeddings,
                                     kv_cache_memory_bytes=r.kv_cache_memory_bytes, seed=t.seed, tensor_parallel_size=itp,
                                     dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
-                                    enable_sleep_mode=r.enable_sleep_mode,
-                                    distributed_executor_backend="external_launcher" if itp > 1 else None,
-                                    data_parallel_size=self.num_engines if itp > 1 else 1)
+                                    enable_sleep_mode=r.enable_sleep_mode)
+        dev.check_current("after building the vLLM engine")
         self.sampling = SamplingConfig(max_tokens=r.max_response_tokens, base_temperature=r.base_temperature, top_p=r.top_p,
                                        adaptive=self.algo.adaptive_temperature, tau=self.algo.tau,
                                        sign_mode=self.algo.sign_mode, stop_token_ids=self.stop_ids)
@@ -293,7 +301,7 @@ class Trainer:
         outs = self.engine.generate(prompts, n, sampling, stats, seeds=seeds)
         local = self._score([(pos, dataset[i].prompt_ids) for pos, i in mine], outs, [dataset[i].ground_truth for _, i in mine])
         gathered = [None] * self.world
-        dist.all_gather_object(gathered, [g.summary() for g in local])
+        dist.all_gather_object(gathered, [g.summary() for g in local], group=self.control)
         return sorted((g for part in gathered for g in part), key=lambda g: g.position), {g.position: g for g in local}
 
     def _fetch(self, wanted_by_dp_rank: List[List[int]], local: Dict[int, Group]) -> List[Group]:
@@ -308,16 +316,17 @@ class Trainer:
         for r in range(self.world):
             want = wanted_by_dp_rank[self.rank_dp[r]]
             send.append(pickle.dumps([local[p] for p in want if p in local], protocol=pickle.HIGHEST_PROTOCOL))
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        sizes = torch.tensor([len(b) for b in send], dtype=torch.long, device=device)
+        # host bytes over the control group (gloo): no device copies, and the long control timeout
+        sizes = torch.tensor([len(b) for b in send], dtype=torch.long)
         recv_sizes = torch.empty_like(sizes)
-        dist.all_to_all_single(recv_sizes, sizes)
-        out = torch.empty(int(recv_sizes.sum()), dtype=torch.uint8, device=device)
-        payload = torch.frombuffer(bytearray(b"".join(send)), dtype=torch.uint8).to(device) if sum(map(len, send)) else \
-            torch.empty(0, dtype=torch.uint8, device=device)
-        dist.all_to_all_single(out, payload, output_split_sizes=recv_sizes.tolist(), input_split_sizes=sizes.tolist())
+        dist.all_to_all_single(recv_sizes, sizes, group=self.control)
+        out = torch.empty(int(recv_sizes.sum()), dtype=torch.uint8)
+        payload = torch.frombuffer(bytearray(b"".join(send)), dtype=torch.uint8) if sum(map(len, send)) else \
+            torch.empty(0, dtype=torch.uint8)
+        dist.all_to_all_single(out, payload, output_split_sizes=recv_sizes.tolist(), input_split_sizes=sizes.tolist(),
+                               group=self.control)
         received: Dict[int, Group] = {}
-        for chunk in out.cpu().split(recv_sizes.tolist()):
+        for chunk in out.split(recv_sizes.tolist()):
             for g in pickle.loads(chunk.numpy().tobytes()):
                 received[g.position] = g
         mine = wanted_by_dp_rank[self.dp_rank]
@@ -379,8 +388,8 @@ class Trainer:
         mine = self._fetch(wanted, local)
         self._last_kept = mine
         t_rollout = time.perf_counter() - t0
-        if r.enable_sleep_mode:
-            self.engine.sleep()
+        memory = self._memory("rollout")
+        self.engine.sleep()  # with rollout.enable_sleep_mode on GPU; a no-op otherwise
 
         rows, plens, rlens, gids, rewards, eng_t1, beh = [], [], [], [], [], [], []
         for g_idx, (g, summary) in enumerate(zip(mine, mine_summaries)):
@@ -392,15 +401,17 @@ class Trainer:
                 rewards.append(reward)
                 eng_t1.append(s.logprobs_t1)
                 beh.append(s.logprobs)
-        ids, mask = _pad_batch(rows, plens, rlens)
+        ids, mask = _pad_batch(rows, plens, rlens, self.device)
         t1 = time.perf_counter()
         old_logp, old_ent = self.policy.compute_logprobs(PolicyBatch(ids, mask))
-        mismatch = A.logprob_mismatch(_per_position(eng_t1, plens, ids.shape), old_logp, mask)
+        mismatch = A.logprob_mismatch(_per_position(eng_t1, plens, ids.shape, self.device), old_logp, mask)
         step_stats = distributed_entropy_stats(old_ent, mask, group=self.dp_group, pivot=self.algo.pivot)
         h_hat = A.normalized_entropy(old_ent, step_stats, self.algo.sign_mode) if self.algo.uses_entropy else None
-        adv, fallback = A.compute_advantages(self.algo, torch.tensor(rewards), torch.tensor(rlens), gids)
-        behaviour = _per_position(beh, plens, ids.shape) if self.algo.rollout_correction == "tis" else None
+        adv, fallback = A.compute_advantages(self.algo, torch.tensor(rewards, device=self.device),
+                                             torch.tensor(rlens, device=self.device), gids)
+        behaviour = _per_position(beh, plens, ids.shape, self.device) if self.algo.rollout_correction == "tis" else None
         t_old = time.perf_counter() - t1
+        memory.update(self._memory("old_pass"))
 
         t2 = time.perf_counter()
         per_mb = cfg.train.mini_batch_prompts // self.dp * r.samples_per_prompt
@@ -415,13 +426,16 @@ class Trainer:
             bar.update(1)
         bar.close()
         t_train = time.perf_counter() - t2
-        if r.enable_sleep_mode:
-            self.engine.wake_up()
+        memory.update(self._memory("update"))
+        self.engine.wake_up_weights()  # staged: weights, the sync, then the KV cache
         sync = self._sync()
+        self.engine.wake_up_kv_cache()
+        memory.update(self._memory("weight_sync"))
         self.stats = step_stats  # the next step's rollout samples with these
         self.step += 1
 
         # ---- metrics: rollout ones from the global groups (identical on every rank) ----
+        # small host tensors: over gloo on GPU nodes too (mixed backend)
         red = torch.tensor([mismatch["logp_mismatch_mean"], mismatch["ratio_bias"], fallback.float().sum().item(),
                             float(fallback.numel())], dtype=torch.float64)
         dist.all_reduce(red, group=self.dp_group)
@@ -437,10 +451,15 @@ class Trainer:
                  data_skipped_rows=self.train_data.skipped, time_rollout=t_rollout, time_old_pass=t_old, time_train=t_train,
                  time_weight_sync=sync["weight_sync_s"], weight_sync_bytes=sync["weight_sync_bytes"],
                  time_step=time.perf_counter() - t0)
+        m.update(memory)
         m["rollout_tokens_per_s"] = m["response_tokens"] / max(t_rollout, 1e-9)
-        self._last_hist = {"h_hat": h_hat[mask] if h_hat is not None else None, "entropy": old_ent[mask],
+        self._last_hist = {"h_hat": h_hat[mask].cpu() if h_hat is not None else None, "entropy": old_ent[mask].cpu(),
                            "temperature": torch.from_numpy(np.concatenate([s.temperatures for g in mine for s in g.samples]))}
         return m
+
+    def _memory(self, phase: str) -> Dict[str, float]:
+        """Device memory after a phase (GiB reserved by torch, free on the device); empty on CPU."""
+        return {f"mem_{phase}_{k}": v for k, v in dev.memory_report().items() if k in ("reserved_gib", "free_gib")}
 
     def _rollout_metrics(self, kept: List[GroupSummary], seen: List[GroupSummary], gen_batches: int) -> Dict[str, float]:
         def flat(groups, attr):
@@ -515,10 +534,10 @@ class Trainer:
             items = [self.train_data[i] for i in sampler.indices(k * batch_size, batch_size)]
             answers = [self.tokenizer(str(x.ground_truth), add_special_tokens=False)["input_ids"] + [eos] for x in items]
             ids, mask = _pad_batch([x.prompt_ids + a for x, a in zip(items, answers)], [len(x.prompt_ids) for x in items],
-                                   [len(a) for a in answers])
+                                   [len(a) for a in answers], self.device)
             old, _ = self.policy.compute_logprobs(PolicyBatch(ids, mask))
-            self.policy.train_step(PolicyBatch(ids, mask, advantages=torch.ones(len(items)), old_logp=old,
-                                               h_hat=torch.zeros(ids.shape) if self.algo.uses_entropy else None))
+            self.policy.train_step(PolicyBatch(ids, mask, advantages=torch.ones(len(items), device=self.device), old_logp=old,
+                                               h_hat=torch.zeros(ids.shape, device=self.device) if self.algo.uses_entropy else None))
             losses.append(-old[mask].mean().item())
         self._sync()
         return losses
@@ -621,7 +640,8 @@ class Trainer:
 
 def _tb_tag(key: str) -> str:
     for prefix, group in (("eval_", "eval"), ("time_", "time"), ("data_", "data"), ("temperature_", "temperature"),
-                          ("entropy", "entropy"), ("logp_mismatch", "mismatch"), ("ratio_bias", "mismatch")):
+                          ("entropy", "entropy"), ("logp_mismatch", "mismatch"), ("ratio_bias", "mismatch"),
+                          ("mem_", "memory")):
         if key.startswith(prefix):
             return f"{group}/{key}"
     if key in ("reward", "reward_std", "accuracy", "rollout_accuracy", "response_length", "response_length_max",

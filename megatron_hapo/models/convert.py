@@ -93,6 +93,37 @@ def copy_hf_assets(src: str, dst: str) -> None:
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
+def load_sharded(sharded: dict, path: str, where: str) -> dict:
+    """dist_checkpointing.load that tolerates exactly Transformer Engine's `_extra_state` objects
+    being present on one side only (a checkpoint written with the local spec, e.g. converted on a
+    CPU node, loads into a TE model and back); any other mismatch raises naming the keys."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from .. import device as dev
+
+    with dev.megatron_scope():
+        loaded, in_ckpt_only, in_model_only = dist_checkpointing.load(sharded, path, strict=StrictHandling.RETURN_ALL)
+    bad_ckpt = sorted(k for k in in_ckpt_only if "_extra_state" not in k)
+    bad_model = sorted(k for k in in_model_only if "_extra_state" not in k)
+    if bad_ckpt or bad_model:
+        raise KeyError(f"{where} does not fit the model: {len(bad_model)} tensors the checkpoint lacks, e.g. "
+                       f"{bad_model[:3]}; {len(bad_ckpt)} the model lacks, e.g. {bad_ckpt[:3]}")
+    return loaded
+
+
+def checkpoint_layer_spec(path: str) -> Optional[str]:
+    """The layer spec a checkpoint was written with (recorded in its metadata), or None."""
+    for name in (META, "trainer_state.json"):
+        meta = os.path.join(path, name)
+        if os.path.exists(meta):
+            with open(meta) as f:
+                spec = json.load(f).get("layer_spec")
+            if spec:
+                return spec
+    return None
+
+
 def load_state_strict(module, state: dict, where: str) -> None:
     """load_state_dict that allows only Transformer Engine's _extra_state to be absent."""
     result = module.load_state_dict(state, strict=False)
@@ -101,12 +132,13 @@ def load_state_strict(module, state: dict, where: str) -> None:
         raise KeyError(f"{where} does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
 
 
-def _single_process_model(spec: ModelSpec, dtype):
+def _single_process_model(spec: ModelSpec, dtype, layer_spec: Optional[str] = None):
     from ..training.parallel import init_model_parallel
     from .hf_config import build_gpt_model, transformer_config
 
     init_model_parallel(1, 1)
-    return build_gpt_model(spec, transformer_config(spec, dtype=dtype), pre_process=True, post_process=True).to(dtype).eval()
+    return build_gpt_model(spec, transformer_config(spec, dtype=dtype), pre_process=True, post_process=True,
+                           layer_spec=layer_spec).eval()
 
 
 def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, dtype: str = "fp32", target_tp: int = 1, target_pp: int = 1,
@@ -117,19 +149,24 @@ def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, dtype: str = "fp32", ta
     check_layout(spec, target_tp, target_pp)
     torch_dtype = _dtype(dtype)
     tensors = check_hf_tensors(read_hf_tensors(hf_dir), spec)
+    from .. import device as dev
+
+    layer_spec = dev.resolve_layer_spec(None)
     tmp = _check_output(out_dir)
     try:
-        model = _single_process_model(spec, torch_dtype)
-        sd = hf_to_megatron(tensors, spec)
+        model = _single_process_model(spec, torch_dtype, layer_spec)
+        sd = hf_to_megatron(tensors, spec, layer_spec=layer_spec)
         own = model.state_dict()
         with torch.no_grad():
             for k, v in _progress(sd.items(), len(sd), "hf → megatron", progress):
                 own[k].copy_(v.to(torch_dtype))
-        dist_checkpointing.save({"model": model.sharded_state_dict()}, tmp)
+        with dev.megatron_scope():
+            dist_checkpointing.save({"model": model.sharded_state_dict()}, tmp)
         copy_hf_assets(hf_dir, os.path.join(tmp, HF_ASSETS))
         with open(os.path.join(tmp, META), "w") as f:
             json.dump({"family": spec.family, "dtype": dtype, "target_tensor_model_parallel_size": target_tp,
-                       "target_pipeline_model_parallel_size": target_pp, "source": os.path.abspath(hf_dir)}, f, indent=2)
+                       "target_pipeline_model_parallel_size": target_pp, "layer_spec": layer_spec,
+                       "source": os.path.abspath(hf_dir)}, f, indent=2)
         os.rename(tmp, os.path.abspath(out_dir))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -139,8 +176,6 @@ def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, dtype: str = "fp32", ta
 
 def load_megatron_model(ckpt_dir: str, dtype: Optional[str] = None, hf_config_dir: Optional[str] = None):
     """(spec, single-process GPTModel) from a Megatron checkpoint written by this project."""
-    from megatron.core import dist_checkpointing
-
     cfg_dir = hf_config_dir or os.path.join(ckpt_dir, HF_ASSETS)
     if not os.path.exists(os.path.join(cfg_dir, "config.json")):
         raise FileNotFoundError(f"{ckpt_dir}: no {HF_ASSETS}/config.json; pass --hf-config with the model's config.json folder")
@@ -149,7 +184,7 @@ def load_megatron_model(ckpt_dir: str, dtype: Optional[str] = None, hf_config_di
         meta = os.path.join(ckpt_dir, META)
         dtype = json.load(open(meta))["dtype"] if os.path.exists(meta) else "fp32"
     model = _single_process_model(spec, _dtype(dtype))
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt_dir)
+    loaded = load_sharded({"model": model.sharded_state_dict()}, ckpt_dir, ckpt_dir)
     load_state_strict(model, loaded["model"], f"{ckpt_dir} (with its config.json)")
     return spec, model
 
@@ -167,7 +202,7 @@ def megatron_to_hf_checkpoint(ckpt_dir: str, out_dir: str, dtype: Optional[str] 
             if name == "output_layer.weight" and spec.tie_word_embeddings:
                 continue
             for hf_name, hf_t in megatron_to_hf(name, t.detach(), spec):
-                hf[hf_name] = hf_t.contiguous().clone()
+                hf[hf_name] = hf_t.contiguous().cpu().clone()
         check_hf_tensors(hf, spec)
         shards, current, size = [], {}, 0
         for name in hf_param_shapes(spec):
@@ -205,8 +240,12 @@ def verify(hf_dir: str, ckpt_dir: str, prompts: int = 4, length: int = 16, seed:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, spec.vocab_size, (prompts, length), generator=g)
     mask = torch.ones(length, length, dtype=torch.bool).triu(1)[None, None].expand(prompts, 1, length, length)
-    with torch.no_grad():
-        ours = model.float()(ids, torch.arange(length).expand(prompts, length), mask)[..., : spec.vocab_size]
+    from .. import device as dev
+
+    ids_d, mask_d = ids.to(dev.device()), mask.to(dev.device())
+    with torch.no_grad(), dev.megatron_scope():
+        ours = model.float()(ids_d, torch.arange(length, device=ids_d.device).expand(prompts, length),
+                             mask_d)[..., : spec.vocab_size].cpu()
         ref = hf(ids).logits
     return (ours - ref).abs().max().item()
 

@@ -137,38 +137,44 @@ def transformer_config(spec: ModelSpec, tp: int = 1, pp: int = 1, *, dtype=torch
         params_dtype=dtype,
         bf16=bf16,
         pipeline_dtype=dtype,
-        use_cpu_initialization=True,
+        # on GPU the weights are created on the rank's current device (set before this); on CPU there is no other
+        use_cpu_initialization=not torch.cuda.is_available(),
         init_method_std=init_std,
     )
 
 
-def build_gpt_model(spec: ModelSpec, config, *, pre_process: bool, post_process: bool, vp_stage=None, use_te=None):
-    """One GPTModel chunk for this rank (local layer spec on CPU, Transformer Engine on GPU)."""
+def build_gpt_model(spec: ModelSpec, config, *, pre_process: bool, post_process: bool, vp_stage=None,
+                    layer_spec: Optional[str] = None):
+    """One GPTModel chunk for this rank on its device. layer_spec: "te" (Transformer Engine, fused
+    norm+linear; GPU) or "local" (torch modules); None/"auto": te on GPU, local on CPU."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    if use_te is None:
-        use_te = torch.cuda.is_available()
-    if use_te:
+    from .. import device as dev
+
+    layer_spec = dev.resolve_layer_spec(layer_spec)
+    if layer_spec == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
+        module_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
     else:
-        layer_spec = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+        module_spec = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
     kwargs = {}
     if spec.rope_scaling:
         kwargs.update(rope_scaling=True, rope_scaling_factor=spec.rope_scaling.get("factor", 8.0))
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec,
-        vocab_size=padded_vocab_size(spec.vocab_size, config.tensor_model_parallel_size),
-        max_sequence_length=spec.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=spec.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(spec.rope_theta),
-        vp_stage=vp_stage,
-        **kwargs,
-    )
+    with dev.megatron_scope():
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=module_spec,
+            vocab_size=padded_vocab_size(spec.vocab_size, config.tensor_model_parallel_size),
+            max_sequence_length=spec.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=spec.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(spec.rope_theta),
+            vp_stage=vp_stage,
+            **kwargs,
+        )
+    return model.to(device=dev.device(), dtype=config.params_dtype)

@@ -32,11 +32,23 @@ _LAYER_PARAMS = {
     "mlp.linear_fc1.weight": (None, "fc1"),
     "mlp.linear_fc2.weight": ("mlp.down_proj.weight", "row"),
 }
-# TE spec fuses the norms into the following linear layer.
+# The Transformer Engine spec fuses the norms into the following linear layer (TELayerNormColumn-
+# ParallelLinear): its parameters live under these names; input_layernorm and pre_mlp_layernorm are
+# IdentityOp there. Megatron's distributed checkpoints store the local spec's norms under the same TE
+# names (the local spec's sharded_state_dict_keys_map), so checkpoints of both specs interchange.
 _TE_ALIASES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
+_TE_NAMES = {local: te for te, local in _TE_ALIASES.items()}
+LAYER_SPECS = ("te", "local")
+
+
+def layer_param_name(suffix: str, layer_spec: str) -> str:
+    """The name of a layer parameter (local-spec suffix) in a model built with `layer_spec`."""
+    if layer_spec not in LAYER_SPECS:
+        raise ValueError(f"layer_spec: {layer_spec!r}; expected one of {LAYER_SPECS}")
+    return _TE_NAMES.get(suffix, suffix) if layer_spec == "te" else suffix
 
 
 def layer_offset(spec: ModelSpec, pp_rank: int, pp: int, vp_stage: Optional[int] = None, vpp: Optional[int] = None) -> int:
@@ -86,8 +98,10 @@ def hf_to_megatron(
     pp: int = 1,
     vp_stage: Optional[int] = None,
     vpp: Optional[int] = None,
+    layer_spec: str = "local",
 ) -> Dict[str, torch.Tensor]:
-    """The state dict of one model chunk (Megatron names, local layer numbering) from HF tensors."""
+    """The state dict of one model chunk (Megatron names of `layer_spec`'s modules, local layer
+    numbering) from HF tensors."""
     stages = pp * (vpp or 1)
     per_chunk = spec.num_layers // stages
     first = layer_offset(spec, pp_rank, pp, vp_stage, vpp)
@@ -109,7 +123,7 @@ def hf_to_megatron(
                 if "layernorm" in m_suffix and ("q_layernorm" in m_suffix or "k_layernorm" in m_suffix) and not spec.qk_norm:
                     continue
                 full = hf[p + hf_suffix]
-            out[f"decoder.layers.{local}.{m_suffix}"] = _split(full, kind, tp_rank, tp)
+            out[f"decoder.layers.{local}.{layer_param_name(m_suffix, layer_spec)}"] = _split(full, kind, tp_rank, tp)
     if chunk_index == stages - 1:
         out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
         if not spec.tie_word_embeddings:

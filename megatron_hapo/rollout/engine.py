@@ -2,9 +2,22 @@
 and in-place weight updates from the trainer.
 
 The engine runs in the trainer's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): one engine per
-inference-TP group, colocated with Megatron (`distributed_executor_backend="external_launcher"`
-when the inference TP spans ranks). The temperature processor is vLLM's V1 interface, so the V1
-model runner is selected (VLLM_USE_V2_MODEL_RUNNER=0) before vLLM is imported.
+inference-TP group, colocated with Megatron. Placement (`engine_placement`): under torch.distributed
+every engine uses vLLM's `external_launcher` executor, inference TP 1 included (as verl and TRL
+do): it takes the rank's LOCAL_RANK as its device, where the single-process executor would put
+every rank's engine on cuda:0 and move the process's current device there. The engines of
+different inference-TP groups are independent ("external data parallel", the leading dimension
+of vLLM's rank layout): no `data_parallel_size` is passed, which would make vLLM synchronise
+every step across engines that run different numbers of steps. The temperature processor is
+vLLM's V1 interface, so the V1 model runner is selected (VLLM_USE_V2_MODEL_RUNNER=0) before vLLM
+is imported.
+
+Memory on GPU (`enable_sleep_mode`): `sleep()` is vLLM's level 1 (weights offloaded to host
+memory, KV cache discarded). Level 2 would discard the weights too, but buffers that are not
+checkpoint weights (the rotary cos/sin cache) are not restored by the in-place reload, so the
+engine would generate from garbage. `wake_up` runs in stages: weights first, then the caller
+syncs the new weights, then the KV cache (`wake_up_kv_cache`), so the peak never holds the
+training state, old weights and the KV cache at once.
 """
 from __future__ import annotations
 
@@ -71,6 +84,22 @@ class Response:
         return len(self.token_ids)
 
 
+def engine_placement(tensor_parallel_size: int, distributed: bool, gpu: bool) -> dict:
+    """vLLM executor arguments for one colocated engine (see the module docstring)."""
+    if tensor_parallel_size < 1:
+        raise ValueError(f"inference tensor_parallel_size: must be ≥ 1, got {tensor_parallel_size}")
+    if not distributed:
+        if tensor_parallel_size > 1:
+            raise ValueError("inference tensor_parallel_size > 1 needs torch.distributed (launch with torchrun)")
+        return {"tensor_parallel_size": 1}  # a standalone engine: vLLM's single-process executor
+    kwargs = {"tensor_parallel_size": tensor_parallel_size, "distributed_executor_backend": "external_launcher"}
+    if tensor_parallel_size > 1 and gpu:
+        # vLLM's custom all-reduce allocates IPC buffers per TP group, which colocated engines and
+        # sleep mode do not survive; NCCL all-reduce (vLLM's fallback) is safe.
+        kwargs["disable_custom_all_reduce"] = True
+    return kwargs
+
+
 class RolloutEngine:
     def __init__(
         self,
@@ -82,13 +111,14 @@ class RolloutEngine:
         tensor_parallel_size: int = 1,
         dtype: str = "float32",
         max_num_seqs: int = 256,
-        distributed_executor_backend: Optional[str] = None,
         gpu_memory_utilization: Optional[float] = None,
         enable_sleep_mode: bool = False,
-        data_parallel_size: int = 1,
     ):
         _vllm_env()
+        import torch.distributed as dist
         from vllm import LLM
+
+        from .. import device as dev
 
         import logging
 
@@ -103,18 +133,17 @@ class RolloutEngine:
 
         kwargs = dict(
             model=model_dir, skip_tokenizer_init=True, max_model_len=max_model_len, seed=seed, dtype=dtype,
-            tensor_parallel_size=tensor_parallel_size, max_num_seqs=max_num_seqs, enforce_eager=True,
+            max_num_seqs=max_num_seqs, enforce_eager=True,
             logits_processors=[HapoTemperatureProcessor], enable_prefix_caching=True,
+            **engine_placement(tensor_parallel_size, dist.is_initialized(), dev.is_gpu()),
         )
-        if torch.cuda.is_available():
+        if dev.is_gpu():
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization or 0.5, enable_sleep_mode=enable_sleep_mode)
         else:
             kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes)
-        if distributed_executor_backend:
-            kwargs["distributed_executor_backend"] = distributed_executor_backend
-        if data_parallel_size > 1:  # external_launcher: independent engines over the world, one per inference-TP group
-            kwargs["data_parallel_size"] = data_parallel_size
+        self.sleep_enabled = enable_sleep_mode and dev.is_gpu()
         self.llm = LLM(**kwargs)
+        dev.set_current()  # whatever vLLM did to the current device, the rank's own is current again
         self.max_model_len = max_model_len
         self._counter = itertools.count()
         self.weight_version = 0
@@ -280,13 +309,26 @@ class RolloutEngine:
         return self._expected_cache
 
     def sleep(self) -> None:
-        """Frees the engine's GPU memory during the update (no-op on CPU, where vLLM's sleep does nothing)."""
-        if torch.cuda.is_available():
+        """Frees the engine's GPU memory during the update, level 1 (module docstring); no-op without
+        sleep mode (and on CPU, where vLLM's sleep does nothing)."""
+        if self.sleep_enabled:
             self.llm.sleep(level=1)
 
-    def wake_up(self) -> None:
-        if torch.cuda.is_available():
-            self.llm.wake_up()
+    def wake_up_weights(self) -> None:
+        """First stage of waking: the weights only (the caller syncs new weights next)."""
+        from .. import device as dev
+
+        if self.sleep_enabled:
+            dev.free_cached_memory()  # the trainer's cached blocks go back before vLLM's pool maps memory
+            self.llm.wake_up(tags=["weights"])
+
+    def wake_up_kv_cache(self) -> None:
+        """Second stage: the KV cache, after the weight sync freed its temporaries."""
+        from .. import device as dev
+
+        if self.sleep_enabled:
+            dev.free_cached_memory()
+            self.llm.wake_up(tags=["kv_cache"])
 
 
 def _with_tied_head(named_tensors):

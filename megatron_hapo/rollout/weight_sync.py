@@ -4,7 +4,9 @@ Every rank yields the complete HF-named set in a fixed order, one parameter at a
 are all-gathered and merged (fused QKV per KV group, [gate; up], row/column splits, vocabulary
 padding removed), and with PP each stage broadcasts its parameters to the other stages in
 buckets of at most `bucket_bytes`. Peak extra memory is one bucket plus one merged parameter;
-the engine (any inference TP) slices what it needs while loading.
+the engine (any inference TP) slices what it needs while loading. Everything stays on the
+policy's device: on GPU the tensors go from Megatron's parameters to the engine's without a host
+copy (TP gathers and PP broadcasts over NCCL).
 """
 from __future__ import annotations
 
@@ -24,13 +26,12 @@ def _stage_hf_tensors(policy) -> Iterator[Tuple[str, torch.Tensor]]:
 
 
 def check_finite(policy) -> None:
-    """Raises on every rank if any rank's parameters hold inf/NaN (before anything reaches the engine)."""
-    bad = torch.zeros(1)
+    """Raises on every rank if any rank's parameters hold inf/NaN (before anything reaches the engine).
+    One device-side flag and one host sync, whatever the number of parameters."""
+    bad = torch.zeros(1, device=policy.device)
     for chunk in policy.chunks:
         for p in chunk.module.parameters():
-            if not bool(torch.isfinite(p).all()):
-                bad[0] = 1
-                break
+            bad = torch.maximum(bad, (~torch.isfinite(p.detach())).any().float().reshape(1))
     if dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
@@ -65,7 +66,7 @@ def policy_hf_weights(policy, bucket_bytes: int = 64 * 2**20) -> Iterator[Tuple[
             if local is not None:
                 flat = torch.cat([local[i][1].reshape(-1).to(dtype) for i in bucket]).contiguous()
             else:
-                flat = torch.empty(sum(numels), dtype=dtype)
+                flat = torch.empty(sum(numels), dtype=dtype, device=policy.device)
             dist.broadcast(flat, src=src, group=group)
             for i, part in zip(bucket, flat.split(numels)):
                 name, shape, _ = meta[0][i]

@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..models.convert import load_state_strict
+from .. import device as dev
+from ..models.convert import load_sharded, load_state_strict
 
 _ITER = re.compile(r"^iter_(\d{7})$")
 
@@ -138,13 +139,14 @@ def save_checkpoint(root: str, step: int, policy, trainer_state: Optional[dict] 
             raise FileExistsError(f"checkpoint {final} exists; refusing to overwrite a complete checkpoint")
         os.makedirs(tmp)
     _barrier()
-    dist_checkpointing.save(_sharded(policy), tmp)
+    with dev.megatron_scope():
+        dist_checkpointing.save(_sharded(policy), tmp)
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
     if _rank() == 0:
         torch.save({"step": step, "scheduler": policy.scheduler.state_dict(), "steps_done": policy.steps_done,
                     "skipped_steps": policy.skipped_steps}, os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, **(trainer_state or {})}, f, indent=2, default=str)
+            json.dump({"step": step, "layer_spec": policy.layer_spec, **(trainer_state or {})}, f, indent=2, default=str)
     _barrier()
     pause = float(os.environ.get("MEGATRON_HAPO_TEST_PAUSE_BEFORE_COMMIT", "0"))
     if pause and str(step) == os.environ.get("MEGATRON_HAPO_TEST_PAUSE_AT_STEP"):  # tests SIGKILL us here
@@ -171,21 +173,20 @@ def save_checkpoint(root: str, step: int, policy, trainer_state: Optional[dict] 
 
 
 def load_checkpoint(path: str, policy, load_optimizer: bool = True, load_rng: bool = True) -> dict:
-    """Loads a complete checkpoint into the policy (at its own TP/PP); returns the trainer state."""
-    from megatron.core import dist_checkpointing
-
+    """Loads a complete checkpoint into the policy (at its own TP/PP and layer spec); returns the trainer state."""
     if not os.path.exists(os.path.join(path, "COMPLETE")):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
     # A fresh torch optimizer has no state yet: build it (zero-step) so the loading dict has every key.
     if load_optimizer:
         _init_optimizer_state(policy)
-    sharded = _sharded(policy, is_loading=True)
+    with dev.megatron_scope():
+        sharded = _sharded(policy, is_loading=True)
     if not load_optimizer:
         sharded.pop("optimizer")
-    loaded = dist_checkpointing.load(sharded, path)
+    loaded = load_sharded(sharded, path, path)
     _load_model_state(policy, loaded["model"])
     if load_optimizer:
-        with torch.no_grad():
+        with torch.no_grad(), dev.megatron_scope():
             policy.optimizer.load_state_dict(loaded["optimizer"])
         _unshare_step(policy)
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
@@ -200,22 +201,26 @@ def load_checkpoint(path: str, policy, load_optimizer: bool = True, load_rng: bo
 
 def load_model_checkpoint(path: str, policy) -> None:
     """Loads only the model weights of a Megatron checkpoint (a converted HF model or a training
-    checkpoint) into the policy at its own TP/PP."""
-    from megatron.core import dist_checkpointing
-
-    loaded = dist_checkpointing.load({"model": _model_sharded(policy)}, path)
+    checkpoint) into the policy at its own TP/PP and layer spec (either spec's checkpoints load)."""
+    with dev.megatron_scope():
+        sharded = {"model": _model_sharded(policy)}
+    loaded = load_sharded(sharded, path, path)
     _load_model_state(policy, loaded["model"])
-    policy.optimizer.reload_model_params()
+    with dev.megatron_scope():
+        policy.optimizer.reload_model_params()
 
 
-def _torch_optimizers(policy):
+def _torch_adams(policy):
+    """The inner optimizers that are torch's own Adam/AdamW: Megatron's CPU fallback. The CPU
+    workarounds below apply to them only; Transformer Engine's or apex's FusedAdam (GPU) keep no
+    per-parameter `step` and reject one in their state dicts."""
     opt = policy.optimizer
     subs = getattr(opt, "chained_optimizers", [opt])
-    return [o.optimizer for o in subs]
+    return [o.optimizer for o in subs if isinstance(o.optimizer, (torch.optim.Adam, torch.optim.AdamW))]
 
 
 def _init_optimizer_state(policy) -> None:
-    for opt in _torch_optimizers(policy):
+    for opt in _torch_adams(policy):
         for group in opt.param_groups:
             for p in group["params"]:
                 if p not in opt.state or not opt.state[p]:
@@ -225,7 +230,7 @@ def _init_optimizer_state(policy) -> None:
 
 def _unshare_step(policy) -> None:
     """Megatron restores one shared `step` object into every parameter's state; give each its own."""
-    for opt in _torch_optimizers(policy):
+    for opt in _torch_adams(policy):
         for state in opt.state.values():
             if "step" in state and isinstance(state["step"], torch.Tensor):
                 state["step"] = state["step"].clone()

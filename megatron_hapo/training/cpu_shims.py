@@ -7,7 +7,9 @@ measured on megatron-core 0.16.1:
 - the CUDA RNG tracker → the CPU default generator (torch.cuda.manual_seed must not recurse into
   torch.manual_seed, which itself calls torch.cuda.manual_seed_all);
 - hard-coded device="cuda" tensors (the schedules' token counter, grad-norm buffers, the loss
-  scale) → a TorchFunctionMode that rewrites the device of factory calls;
+  scale) → a TorchFunctionMode that rewrites the device of factory calls, entered only for the
+  duration of a call into Megatron (`scope()`, through `device.megatron_scope()`), never left
+  entered process-wide;
 - Tensor.cuda()/Module.cuda() (tied embeddings with PP > 1, optimizer state) → stay on CPU;
 - tensor.type() checks that expect "torch.cuda.FloatTensor" (grad clipping, optimizers) → report
   CPU tensors under their CUDA type name.
@@ -106,6 +108,31 @@ def apply() -> bool:
         return original_type(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = _type
-    _CudaToCpu().__enter__()  # for the life of the process: megatron builds cuda tensors anywhere
     _APPLIED = True
     return True
+
+
+_DEPTH = 0
+
+
+@contextlib.contextmanager
+def scope():
+    """Applies the shims (once) and redirects device="cuda" factory calls to the CPU while the
+    block runs; re-entrant. Outside it no TorchFunctionMode is active."""
+    global _DEPTH
+    if not apply():
+        yield
+        return
+    if _DEPTH:
+        _DEPTH += 1
+        try:
+            yield
+        finally:
+            _DEPTH -= 1
+        return
+    _DEPTH = 1
+    try:
+        with _CudaToCpu():
+            yield
+    finally:
+        _DEPTH = 0

@@ -1,6 +1,15 @@
 """Process groups: torch.distributed + Megatron-Core parallel state, the way Megatron jobs start.
 
-Launched under torchrun/srun (env://), or in-process for a single rank. NCCL on GPU, gloo on CPU.
+Launched under torchrun/srun (env://), or in-process for a single rank. The default group uses
+`device.dist_backend()`: `cpu:gloo,cuda:nccl` on GPU nodes (a collective runs over NCCL when its
+tensors are on the GPU, over gloo when they are on the CPU), gloo on CPU.
+
+Timeouts: the default group (and Megatron's groups made from it) times out after `timeout_s`
+(30 min, torch's NCCL default; `parallel.timeout_s`), which bounds a hung training collective.
+Control-plane exchanges that wait for the slowest engine (rollout summaries, the group exchange,
+stop requests) run on a separate gloo group with its own, longer timeout (`control_timeout_s`,
+default 4 h, `parallel.control_timeout_s`): a long rollout on one rank must not trip the NCCL
+watchdog on the ranks that finished early and wait.
 """
 from __future__ import annotations
 
@@ -8,52 +17,64 @@ import datetime
 import os
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
-from . import cpu_shims
+from .. import device as dev
+
+_CONTROL = None
 
 
-def init_distributed(timeout_s: int = 1800) -> None:
+def init_distributed(timeout_s: int = 1800, control_timeout_s: int = 4 * 3600) -> None:
     """torch.distributed from the launcher's environment; a single process without one."""
-    cpu_shims.apply()
-    if dist.is_initialized():
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    if "MASTER_PORT" not in os.environ:
-        import socket
+    global _CONTROL
+    dev.set_current()  # before anything (vLLM, Megatron, NCCL) touches CUDA
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")  # vLLM's external launcher reads it
+        if "MASTER_PORT" not in os.environ:
+            import socket
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        dist.init_process_group(dev.dist_backend(), timeout=datetime.timedelta(seconds=timeout_s))
+    if _CONTROL is None:
+        _CONTROL = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=control_timeout_s))
 
 
-def init_model_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, seed: int = 1234) -> None:
+def control_group():
+    """The world over gloo with the long control-plane timeout (object gathers, CPU tensors only)."""
+    if _CONTROL is None:
+        raise RuntimeError("control_group(): init_distributed() has not run")
+    return _CONTROL
+
+
+def init_model_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, seed: int = 1234,
+                        timeout_s: int = 1800, control_timeout_s: int = 4 * 3600) -> None:
     """Megatron's TP/PP/DP groups over the current world; errors name the setting."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    init_distributed()
+    init_distributed(timeout_s, control_timeout_s)
     world = dist.get_world_size()
     if tp < 1 or pp < 1:
         raise ValueError(f"tensor_model_parallel_size={tp} and pipeline_model_parallel_size={pp} must be ≥ 1")
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tensor_model_parallel_size × "
                          f"pipeline_model_parallel_size = {tp} × {pp}")
-    if vpp is not None and pp == 1:
-        raise ValueError("virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1")
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp
-    )
-    model_parallel_cuda_manual_seed(seed)
+    if vpp is not None:
+        raise ValueError("virtual_pipeline_model_parallel_size: refused until a 2-GPU check matches the interleaved "
+                         "schedule against PP without it (over gloo its training forward does not match)")
+    with dev.megatron_scope():
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            distributed_timeout_minutes=max(1, timeout_s // 60),
+        )
+        model_parallel_cuda_manual_seed(seed)
 
 
 def destroy_model_parallel() -> None:

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from .. import device as dev
 from ..algorithms import AlgorithmConfig, compute_policy_loss, loss_entropy_scale
 from ..models.hf_config import ModelSpec, build_gpt_model, transformer_config
 from ..models.mapping import hf_to_megatron, layer_offset, megatron_to_hf, merge_tp, param_kind
@@ -36,6 +37,7 @@ class PolicyConfig:
     use_distributed_optimizer: bool = False
     micro_batch_size: int = 1
     dtype: str = "float32"  # bfloat16 on GPU
+    layer_spec: str = "auto"  # te | local | auto (te on GPU, local on CPU)
     lr: float = 1e-6
     min_lr: Optional[float] = None
     weight_decay: float = 0.1
@@ -91,7 +93,20 @@ class PolicyBatch:
         return self.input_ids.shape[0]
 
     def select(self, idx) -> "PolicyBatch":
-        return PolicyBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
+        return self._map(lambda name, t: t[idx])
+
+    def to(self, device) -> "PolicyBatch":
+        return self._map(lambda name, t: t.to(device, non_blocking=True))
+
+    def pad_width(self, width: int) -> "PolicyBatch":
+        """Right-pads every row to `width` positions (nothing scored there)."""
+        extra = width - self.input_ids.shape[1]
+        if extra <= 0:
+            return self
+        return self._map(lambda name, t: t if t.dim() == 1 else torch.nn.functional.pad(t, (0, extra)))
+
+    def _map(self, fn) -> "PolicyBatch":
+        return PolicyBatch(**{f.name: (None if getattr(self, f.name) is None else fn(f.name, getattr(self, f.name)))
                               for f in dataclasses.fields(self)})
 
 
@@ -127,9 +142,6 @@ class MegatronPolicy:
 
     def __init__(self, spec: ModelSpec, cfg: PolicyConfig, algo: AlgorithmConfig):
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.spec, self.cfg, self.algo = spec, cfg, algo
         tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
@@ -139,22 +151,42 @@ class MegatronPolicy:
                              f"PP={ps.get_pipeline_model_parallel_world_size()}; the policy config asks for TP={tp}, PP={pp}")
         if cfg.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size: must be ≥ 1, got {cfg.micro_batch_size}")
-        if vpp and not torch.cuda.is_available():
+        if vpp:
             # Measured: the interleaved 1F1B schedule over gloo feeds the training forward with
-            # mismatched activations (forward-only passes match). Validated paths only.
-            raise ValueError("virtual_pipeline_model_parallel_size: the interleaved schedule is GPU-only here "
-                             "(over gloo its training forward does not match PP without interleaving)")
-        if cfg.sequence_parallel and not torch.cuda.is_available():
-            raise ValueError("sequence_parallel: needs Transformer Engine norms (GPU); the CPU torch norms refuse it")
+            # mismatched activations (forward-only passes match). Refused on every device until a
+            # 2-GPU check matches it against PP without interleaving.
+            raise ValueError("virtual_pipeline_model_parallel_size: refused (over gloo the interleaved schedule's "
+                             "training forward does not match PP without interleaving; not yet checked on GPUs)")
+        self.layer_spec = dev.resolve_layer_spec(cfg.layer_spec)
+        if cfg.sequence_parallel and self.layer_spec != "te":
+            raise ValueError("sequence_parallel: needs Transformer Engine norms (model.layer_spec=te, GPU); the torch "
+                             "norms of the local spec refuse it")
+        self.device = dev.device()
         dtype = cfg.torch_dtype()
         self.config = transformer_config(spec, tp, pp, dtype=dtype, sequence_parallel=cfg.sequence_parallel, vpp=vpp)
         self.config.calculate_per_token_loss = True
+        # Sequence parallelism splits the sequence over TP ranks: widths are padded to a multiple of
+        # TP, and of 64 with TE (its fused kernels' alignment).
+        sp = self.config.sequence_parallel
+        self.width_multiple = math.lcm(tp if sp else 1, 64 if sp and self.layer_spec == "te" else 1)
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.dp_group = ps.get_data_parallel_group()
         self.pp_rank, self.pp_size = ps.get_pipeline_model_parallel_rank(), pp
         self.tp_rank = ps.get_tensor_model_parallel_rank()
+        with dev.megatron_scope():
+            self._build(vpp, dtype)
+        self.steps_done = 0
+        self.skipped_steps = 0
 
+    def _build(self, vpp, dtype) -> None:
+        """Model chunks on this rank's device (DDP-wrapped), the optimizer and the LR schedule."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        spec, cfg = self.spec, self.cfg
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=cfg.use_distributed_optimizer
         )
@@ -165,8 +197,8 @@ class MegatronPolicy:
                 spec, self.config,
                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                vp_stage=vp_stage,
-            ).to(dtype)
+                vp_stage=vp_stage, layer_spec=self.layer_spec,
+            )
             self.chunks.append(DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=module,
                                                        disable_bucketing=vp > 0))
         self.config.finalize_model_grads_func = finalize_model_grads
@@ -185,8 +217,6 @@ class MegatronPolicy:
             start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=max(cfg.train_steps, 1),
             wd_incr_style="constant",
         )
-        self.steps_done = 0
-        self.skipped_steps = 0
 
     # ---- weights ------------------------------------------------------------------------------
 
@@ -199,7 +229,7 @@ class MegatronPolicy:
         vpp = self.cfg.virtual_pipeline_model_parallel_size
         for i, chunk in enumerate(self.chunks):
             sd = hf_to_megatron(hf, self.spec, self.tp_rank, self.cfg.tensor_model_parallel_size, self.pp_rank,
-                                self.pp_size, i if vpp else None, vpp)
+                                self.pp_size, i if vpp else None, vpp, layer_spec=self.layer_spec)
             own = chunk.module.state_dict()
             missing = [k for k in own if not k.endswith("_extra_state") and k not in sd]
             if missing:
@@ -211,7 +241,8 @@ class MegatronPolicy:
                     if tuple(own[k].shape) != tuple(v.shape):
                         raise ValueError(f"{k}: shape {tuple(v.shape)} from HF, {tuple(own[k].shape)} in the model")
                     own[k].copy_(v)
-        self.optimizer.reload_model_params()
+        with dev.megatron_scope():
+            self.optimizer.reload_model_params()
 
     def named_tp_merged_parameters(self):
         """(chunk layer base, Megatron name, TP-merged tensor) for this PP stage's parameters."""
@@ -234,7 +265,7 @@ class MegatronPolicy:
             if name == "output_layer.weight" and self.spec.tie_word_embeddings:
                 continue
             for hf_name, hf_t in megatron_to_hf(name, t, self.spec, base):
-                local[hf_name] = hf_t.clone()
+                local[hf_name] = hf_t.cpu().clone()  # host copies: they are pickled across stages and saved
         if self.pp_size > 1:
             parts: List[dict] = [None] * self.pp_size
             dist.all_gather_object(parts, local, group=self.pp_group)
@@ -248,7 +279,7 @@ class MegatronPolicy:
         mbs = self.cfg.micro_batch_size
         out = []
         for start in range(0, num_micro_batches(batch.size, mbs) * mbs, mbs):
-            part = batch.select(slice(start, start + mbs))
+            part = batch.select(slice(start, start + mbs)).to(self.device)
             position_ids, mask, labels = model_inputs(part.input_ids, part.segment_ids)
             out.append(dict(batch=part, position_ids=position_ids, attention_mask=mask, labels=labels))
         return out
@@ -264,15 +295,16 @@ class MegatronPolicy:
             return output, partial(loss_fn, mb)
 
         iters = [iter(micro) for _ in self.chunks] if len(self.chunks) > 1 else iter(micro)
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iters,
-            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-            num_microbatches=len(micro),
-            seq_length=batch.input_ids.shape[1],
-            micro_batch_size=self.cfg.micro_batch_size,
-            forward_only=forward_only,
-        )
+        with dev.megatron_scope():
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iters,
+                model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                num_microbatches=len(micro),
+                seq_length=batch.input_ids.shape[1],
+                micro_batch_size=self.cfg.micro_batch_size,
+                forward_only=forward_only,
+            )
 
     def _logprobs(self, mb, logits, temperature=1.0, entropy_grad=False):
         return vocab_parallel_logprobs_and_entropy(
@@ -286,7 +318,7 @@ class MegatronPolicy:
         if self.pp_size == 1:
             return t
         if t is None:
-            t = torch.empty(shape, dtype=dtype)
+            t = torch.empty(shape, dtype=dtype, device=self.device)
         t = t.contiguous()
         dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=self.pp_group)
         return t
@@ -294,7 +326,9 @@ class MegatronPolicy:
     @torch.no_grad()
     def compute_logprobs(self, batch: PolicyBatch, temperature=1.0):
         """No-grad forward: (log-prob, entropy) per label position [B, S] at T = 1 (or per-token T),
-        on every rank of this data-parallel replica."""
+        on every rank of this data-parallel replica, on the device of `batch`."""
+        out_device, width = batch.input_ids.device, batch.input_ids.shape[1]
+        batch = self._fit_width(batch).to(self.device)
         n_rows, mbs = batch.size, self.cfg.micro_batch_size
         if n_rows % mbs:  # forward-only: pad with empty rows to whole micro-batches, drop them after
             extra = mbs - n_rows % mbs
@@ -305,6 +339,9 @@ class MegatronPolicy:
                                    for f in dataclasses.fields(batch)})
             if isinstance(temperature, torch.Tensor):
                 temperature = torch.cat([temperature, torch.ones_like(temperature[:extra])])
+        if isinstance(temperature, torch.Tensor):
+            temperature = torch.nn.functional.pad(temperature.to(self.device),
+                                                  (0, batch.input_ids.shape[1] - temperature.shape[1]), value=1.0)
         for c in self.chunks:
             c.eval()
         temps = None
@@ -331,7 +368,13 @@ class MegatronPolicy:
         stacked = torch.stack([logp, ent]) if store else None
         stacked = self._from_last_stage(stacked, (2,) + shape, torch.float32)
         mask = batch.loss_mask
-        return torch.where(mask, stacked[0], 0.0)[:n_rows], torch.where(mask, stacked[1], 0.0)[:n_rows]
+        logp = torch.where(mask, stacked[0], 0.0)[:n_rows, :width]
+        ent = torch.where(mask, stacked[1], 0.0)[:n_rows, :width]
+        return logp.to(out_device), ent.to(out_device)
+
+    def _fit_width(self, batch: PolicyBatch) -> PolicyBatch:
+        width = batch.input_ids.shape[1]
+        return batch.pad_width(-(-width // self.width_multiple) * self.width_multiple)
 
     def train_step(self, batch: PolicyBatch) -> Dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch (split into micro-batches)."""
@@ -343,6 +386,7 @@ class MegatronPolicy:
             raise ValueError("rollout_correction='tis' needs behaviour_logp")
         t0 = time.perf_counter()
         algo = self.algo
+        batch = self._fit_width(batch)
 
         def loss_fn(mb, logits):
             b: PolicyBatch = mb["batch"]
@@ -365,14 +409,15 @@ class MegatronPolicy:
             m["drift_sum"] = ((logp.detach() - b.old_logp).abs() * mask).sum().double()
             return loss_sum, count.to(torch.int), m
 
-        for c in self.chunks:
-            c.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        with dev.megatron_scope():
+            for c in self.chunks:
+                c.zero_grad_buffer()
+            self.optimizer.zero_grad()
         store = self._run(batch, loss_fn, forward_only=False)
 
         keys = ["loss_sum", "count", "tokens", "entropy_sum", "drift_sum", "clip_low", "clip_high", "clip_dual",
                 "adv_redistributed", "bounds_adapted", "tis_weight"]
-        sums = torch.zeros(len(keys), dtype=torch.float64)
+        sums = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
         for s in store:
             for i, k in enumerate(keys):
                 if k in s:
@@ -382,16 +427,17 @@ class MegatronPolicy:
         total = dict(zip(keys, sums.tolist()))
 
         # LR for this update (warm-up reaches the full LR at step lr_warmup_steps), then the step.
-        self.scheduler.step(increment=1)
-        found_inf = self.optimizer.prepare_grads()
-        grad_norm = self.optimizer.get_grad_norm()
-        skipped = bool(found_inf) or grad_norm is None or not math.isfinite(grad_norm)
-        if skipped:
-            self.optimizer.zero_grad()
-            self.skipped_steps += 1
-        else:
-            ok, grad_norm, _ = self.optimizer.step()
-            skipped = not ok
+        with dev.megatron_scope():
+            self.scheduler.step(increment=1)
+            found_inf = self.optimizer.prepare_grads()
+            grad_norm = self.optimizer.get_grad_norm()
+            skipped = bool(found_inf) or grad_norm is None or not math.isfinite(grad_norm)
+            if skipped:
+                self.optimizer.zero_grad()
+                self.skipped_steps += 1
+            else:
+                ok, grad_norm, _ = self.optimizer.step()
+                skipped = not ok
         self.steps_done += 1
         tokens = max(total["tokens"], 1.0)
         return {
