@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU torch lies on local disk where this machine kind keeps it; harmless elsewhere.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean gpu-check
 
 venv: $(STAMP)
 
@@ -26,6 +26,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q
+
+# On a GPU node, inside the image (its Python, not .venv): the one-script GPU self-test.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) tools/gpu_selftest.py --out gpu_selftest.json
 
 clean:
 	rm -rf $(VENV)

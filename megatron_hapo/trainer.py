@@ -601,9 +601,48 @@ class Trainer:
             f.write(json.dumps({"step": self.step, "entropy": np.round(ent, 5).tolist(),
                                 "temperature": np.round(temp, 5).tolist()}) + "\n")
 
+    # ---- graceful stop ------------------------------------------------------------------------------
+
+    STOP_SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def _install_stop_handlers(self) -> None:
+        """SIGUSR1/SIGTERM ask for a stop at the next safe point (what Slurm's --signal sends before
+        the time limit); so does a file `run_dir/STOP` or $MEGATRON_HAPO_STOP_FILE (what
+        examples/*/launch.slurm touches, since torchrun does not forward SIGUSR1 to its workers)."""
+        import signal
+        import threading
+
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            self._stop_signal = signal.Signals(signum).name
+
+        for name in self.STOP_SIGNALS:
+            signal.signal(getattr(signal, name), handler)
+
+    def _stop_files(self) -> List[str]:
+        files = [os.path.join(self.cfg.train.run_dir, "STOP")]
+        if os.environ.get("MEGATRON_HAPO_STOP_FILE"):
+            files.append(os.environ["MEGATRON_HAPO_STOP_FILE"])
+        return files
+
+    def _stop_requested(self) -> Optional[str]:
+        """The reason to stop if any rank was asked to (one tiny gloo all-reduce per step)."""
+        import torch.distributed as dist
+
+        reason = getattr(self, "_stop_signal", None) or next((f for f in self._stop_files() if os.path.exists(f)), None)
+        flag = torch.tensor([1.0 if reason else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
+        return (reason or "another rank") if flag.item() else None
+
     def fit(self) -> List[Dict[str, Any]]:
+        """Trains to train.steps (or until a stop request: then a checkpoint at the next safe point
+        and a normal return; the next launch resumes there with train.resume=auto)."""
         t, e = self.cfg.train, self.cfg.eval
         history = []
+        self._install_stop_handlers()
         if e.before_train and self.step == 0 and self.eval_data is not None:
             m0 = {"step": 0, **self.evaluate()}
             self._log(m0)
@@ -618,8 +657,20 @@ class Trainer:
             self._log_token_samples(self._last_kept)
             if self.rank == 0:
                 self._print_step(m)
-            if (t.save_interval and self.step % t.save_interval == 0) or last:
+            saved = (t.save_interval and self.step % t.save_interval == 0) or last
+            if saved:
                 self.save()
+            reason = self._stop_requested() if not last else None
+            if reason:
+                if not saved:
+                    self.save()
+                if self.rank == 0:
+                    for f in self._stop_files():
+                        if os.path.exists(f):
+                            os.remove(f)  # consumed: the resumed run must not stop at once
+                    print(f"stop requested ({reason}): saved a checkpoint at step {self.step}; resume with "
+                          f"train.resume=auto", flush=True)
+                break
         return history
 
     def _print_step(self, m) -> None:

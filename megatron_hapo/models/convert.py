@@ -104,7 +104,9 @@ def load_sharded(sharded: dict, path: str, where: str) -> dict:
 
     with dev.megatron_scope():
         loaded, in_ckpt_only, in_model_only = dist_checkpointing.load(sharded, path, strict=StrictHandling.RETURN_ALL)
-    bad_ckpt = sorted(k for k in in_ckpt_only if "_extra_state" not in k)
+    # a model-only load of a training checkpoint leaves its optimizer state behind, rightly
+    skip = ("optimizer.",) if "optimizer" not in sharded else ()
+    bad_ckpt = sorted(k for k in in_ckpt_only if "_extra_state" not in k and not k.startswith(skip))
     bad_model = sorted(k for k in in_model_only if "_extra_state" not in k)
     if bad_ckpt or bad_model:
         raise KeyError(f"{where} does not fit the model: {len(bad_model)} tensors the checkpoint lacks, e.g. "

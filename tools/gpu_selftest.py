@@ -1,0 +1,564 @@
+"""The GPU self-test: proves the GPU path layer by layer in minutes, the first time a GPU is at hand.
+
+    python tools/gpu_selftest.py [--out selftest.json] [--skip trainer,multi] [--only NAME,...]
+    make gpu-check
+
+Checks run in the order of the stack, so the first failure names the broken layer: native
+imports → collectives on the mixed backend → placement of parameters, gradients and batches →
+HF weights into the Transformer Engine spec (logits vs transformers and vs the local spec) →
+vocab-parallel log-probs/entropy at V = 151,936 → a bf16 HAPO step with the distributed optimizer →
+save/resume → a local-spec (CPU-converted) checkpoint into the TE model → an engine built after
+the policy → the temperature processor → weight sync → sleep/wake → the trainer and its resume →
+with 2+ GPUs, parallel layouts against one GPU.
+
+Without CUDA the same code runs on the CPU wherever a check has a CPU meaning (with the local
+spec and fp32) and prints "skipped: ..." for the rest: a check never reports a pass it did not
+measure. Output: one table (check, figure, status) and a JSON file; exit status 1 if any failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+import torch  # noqa: E402
+
+from megatron_hapo import device as dev  # noqa: E402
+
+
+class Skip(Exception):
+    pass
+
+
+CHECKS = []
+
+
+def check(name):
+    def wrap(fn):
+        CHECKS.append((name, fn))
+        return fn
+    return wrap
+
+
+def need_gpu(n: int = 1):
+    have = torch.cuda.device_count() if dev.is_gpu() else 0
+    if have < n:
+        raise Skip("skipped: no GPU" if n == 1 or have == 0 else f"skipped: needs {n} GPUs, {have} visible")
+
+
+class Ctx:
+    """What the checks share: a tiny Qwen2-shaped model built in code, a work folder, the policy."""
+
+    def __init__(self, work: str):
+        self.work = work
+        self.model_dir = os.path.join(work, "model")
+        self.policy = None
+        self.engine = None
+        self.spec = None
+
+    def ensure_model(self):
+        if self.spec is not None:
+            return
+        import transformers
+
+        from megatron_hapo.models.hf_config import ModelSpec
+
+        cfg = transformers.AutoConfig.for_model(
+            model_type="qwen2", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+            max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        with torch.no_grad():  # non-trivial norms and biases, so a wrong mapping shows
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight") or name.endswith(".bias"):
+                    p.add_(0.1 * torch.randn_like(p))
+        model.save_pretrained(self.model_dir)
+        self.hf = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.spec = ModelSpec.from_hf(cfg)
+
+    def new_policy(self, dtype="float32", distributed_optimizer=False, layer_spec="auto", algo="hapo", lr=1e-3):
+        from megatron_hapo.algorithms import AlgorithmConfig
+        from megatron_hapo.training.policy import MegatronPolicy, PolicyConfig
+
+        self.ensure_model()
+        policy = MegatronPolicy(self.spec, PolicyConfig(micro_batch_size=2, dtype=dtype, lr=lr, lr_warmup_steps=0,
+                                                        use_distributed_optimizer=distributed_optimizer, layer_spec=layer_spec,
+                                                        adam_eps=1e-6), AlgorithmConfig.preset(algo))
+        policy.load_hf_state_dict(self.hf)
+        return policy
+
+    def batch(self, rows=4, width=24, seed=0):
+        from megatron_hapo.training.policy import PolicyBatch
+
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, self.spec.vocab_size, (rows, width), generator=g)
+        mask = torch.zeros(rows, width, dtype=torch.bool)
+        mask[:, 6:width - 1] = True
+        return PolicyBatch(ids.to(dev.device()), mask.to(dev.device()))
+
+    def train_batch(self, policy, seed=0):
+        """A HAPO update batch: old pass, entropy statistics, h_hat, ±1 advantages."""
+        from megatron_hapo import algorithms as A
+        from megatron_hapo.training.policy import PolicyBatch
+
+        b = self.batch(seed=seed)
+        old, ent = policy.compute_logprobs(b)
+        stats = A.entropy_stats(ent, b.loss_mask)
+        h_hat = A.normalized_entropy(ent, stats, "signed")
+        adv = torch.tensor([1.0, -1.0, 0.5, -0.5], device=dev.device())
+        return PolicyBatch(b.input_ids, b.loss_mask, advantages=adv, old_logp=old, h_hat=h_hat)
+
+
+def _params(policy):
+    return {n: p.detach().float().cpu().clone() for c in policy.chunks for n, p in c.module.named_parameters()}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ---- the checks, in stack order ------------------------------------------------------------------
+
+@check("stack and native imports")
+def c_stack(ctx):
+    import importlib
+
+    import megatron.core
+    import transformers
+    import vllm
+
+    figure = f"torch {torch.__version__} (CUDA {torch.version.cuda}), mcore {megatron.core.__version__}, vLLM {vllm.__version__}, " \
+             f"transformers {transformers.__version__}"
+    if not dev.is_gpu():
+        return figure + "; native GPU modules skipped: no GPU", True
+    for mod in ("vllm._C", "vllm.cumem_allocator", "transformer_engine.pytorch"):
+        importlib.import_module(mod)
+    import transformer_engine
+
+    figure += f", TE {transformer_engine.__version__}, GPU {torch.cuda.get_device_name()}"
+    return figure, True
+
+
+@check("collectives on the mixed backend")
+def c_collectives(ctx):
+    import torch.distributed as dist
+
+    from megatron_hapo.training.parallel import control_group, init_model_parallel
+
+    init_model_parallel(1, 1)
+    backend = str(dist.get_backend())
+    cpu = torch.ones(4)
+    dist.all_reduce(cpu)
+    dist.all_reduce(cpu, group=control_group())
+    figure = f"backend {backend}: cpu all_reduce ok"
+    ok = cpu.sum().item() == 4 * dist.get_world_size() ** 2
+    if dev.is_gpu():
+        gpu = torch.ones(4, device=dev.device())
+        dist.all_reduce(gpu)
+        ok = ok and gpu.sum().item() == 4 * dist.get_world_size() and "nccl" in backend and "gloo" in backend
+        figure += f", cuda all_reduce ok on {gpu.device}"
+    return figure, ok
+
+
+@check("parameters, gradients and batches on the rank's device")
+def c_placement(ctx):
+    policy = ctx.policy = ctx.new_policy()
+    want = dev.device()
+    tb = ctx.train_batch(policy)
+    seen = {}
+    from megatron_hapo.training import policy as pol
+
+    original = pol.MegatronPolicy._micro_batches
+
+    def spy(self, batch):
+        out = original(self, batch)
+        seen.update({k: v.device for k, v in out[0].items() if isinstance(v, torch.Tensor)})
+        seen["input_ids"] = out[0]["batch"].input_ids.device
+        return out
+
+    pol.MegatronPolicy._micro_batches = spy
+    try:
+        m = policy.train_step(tb)
+    finally:
+        pol.MegatronPolicy._micro_batches = original
+    wrong = [n for c in policy.chunks for n, p in c.module.named_parameters() if p.device != want]
+    wrong += [f"grad {n}" for c in policy.chunks for n, p in c.module.named_parameters()
+              if getattr(p, "main_grad", None) is not None and p.main_grad.device != want]
+    wrong += [f"batch {k}" for k, d in seen.items() if d != want]
+    figure = f"{sum(1 for c in policy.chunks for _ in c.module.parameters())} parameters, batch on {want}; loss {m['loss']:.4f}"
+    if wrong:
+        figure += f"; elsewhere: {wrong[:4]}"
+    return figure, not wrong and math.isfinite(m["loss"])
+
+
+def _logits(ctx, layer_spec, dtype=torch.float32):
+    """Megatron GPTModel logits (single rank) for the HF weights, and the token ids used."""
+    from megatron_hapo.models.convert import load_state_strict
+    from megatron_hapo.models.hf_config import build_gpt_model, transformer_config
+    from megatron_hapo.models.mapping import hf_to_megatron
+    from megatron_hapo.training.policy import model_inputs
+
+    ctx.ensure_model()
+    model = build_gpt_model(ctx.spec, transformer_config(ctx.spec, dtype=dtype), pre_process=True, post_process=True,
+                            layer_spec=layer_spec).eval()
+    load_state_strict(model, hf_to_megatron(ctx.hf, ctx.spec, layer_spec=layer_spec), f"{layer_spec} spec")
+    ids = ctx.batch(rows=2, width=32, seed=3).input_ids
+    pos, mask, _ = model_inputs(ids)
+    with torch.no_grad(), dev.megatron_scope():
+        out = model(ids, pos, mask)
+    return out[..., : ctx.spec.vocab_size].float(), ids
+
+
+@check("HF weights → Megatron (TE spec): logits vs transformers and vs the local spec")
+def c_hf_logits(ctx):
+    import transformers
+
+    ctx.ensure_model()
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=torch.float32).to(dev.device()).eval()
+    local, ids = _logits(ctx, "local")
+    with torch.no_grad():
+        ref = ref_model(ids).logits.float()
+    d_local = (local - ref).abs().max().item()
+    # fp32 everywhere; on GPU matmuls may run in TF32 (TE), hence the looser bound there
+    tol = 2e-2 if dev.is_gpu() else 1e-4
+    figure = f"local spec vs transformers max|Δlogit| {d_local:.2e} (tol {tol:g})"
+    ok = d_local < tol
+    if not dev.is_gpu():
+        return figure + "; TE spec skipped: no GPU", ok
+    te, _ = _logits(ctx, "te")
+    d_te, d_te_local = (te - ref).abs().max().item(), (te - local).abs().max().item()
+    te_bf16, _ = _logits(ctx, "te", torch.bfloat16)
+    rel_bf16 = ((te_bf16 - ref).abs().max() / ref.abs().max()).item()
+    figure += f"; TE vs transformers {d_te:.2e}, TE vs local {d_te_local:.2e}; TE bf16 rel {rel_bf16:.2e} (tol 5e-2)"
+    return figure, ok and d_te < tol and d_te_local < tol and rel_bf16 < 5e-2
+
+
+@check("vocab-parallel log-probs/entropy at V = 151,936 vs float64")
+def c_vocab(ctx):
+    from megatron_hapo.parallel import vocab_parallel_logprobs_and_entropy
+
+    vocab, tokens = 151_936, (4096 if dev.is_gpu() else 64)
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if dev.is_gpu() else torch.float32
+    logits = (3 * torch.randn(tokens, vocab, generator=g)).to(dev.device(), dtype)
+    labels = torch.randint(0, vocab, (tokens,), generator=g).to(dev.device())
+    temps = (0.8 + 0.4 * torch.rand(tokens, generator=g)).to(dev.device())
+    logp, ent = vocab_parallel_logprobs_and_entropy(logits, labels, temps, chunk_size=1024)
+    ref = torch.log_softmax(logits.double() / temps.double()[:, None], -1)
+    ref_logp = ref.gather(-1, labels[:, None]).squeeze(-1)
+    ref_ent = -(ref.exp() * ref).sum(-1)
+    d = max((logp.double() - ref_logp).abs().max().item(), (ent.double() - ref_ent).abs().max().item())
+    reps = 5
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        vocab_parallel_logprobs_and_entropy(logits, labels, temps, chunk_size=1024)
+    _sync()
+    t_ours = (time.perf_counter() - t0) / reps
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        logits.clone()
+    _sync()
+    t_copy = (time.perf_counter() - t0) / reps
+    nbytes = logits.numel() * logits.element_size()
+    return (f"{tokens} tokens {str(dtype)[6:]}: max|Δ| {d:.2e} vs fp64 (tol 1e-3); {t_ours * 1e3:.1f} ms = "
+            f"{t_ours / t_copy:.1f}× a device copy of the {nbytes / 2**20:.0f} MiB logits "
+            f"({2 * nbytes / t_copy / 1e9:.0f} GB/s copy)"), d < 1e-3
+
+
+def _sync():
+    if dev.is_gpu():
+        torch.cuda.synchronize()
+
+
+@check("HAPO train step, bf16, distributed optimizer")
+def c_train_bf16(ctx):
+    dtype = "bfloat16" if dev.is_gpu() else "float32"
+    policy = ctx.new_policy(dtype=dtype, distributed_optimizer=True)
+    before = _params(policy)
+    m = policy.train_step(ctx.train_batch(policy))
+    moved = _max_diff(_params(policy), before)
+    ok = math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and not m["skipped"] and moved > 0
+    note = "" if dev.is_gpu() else " (fp32 on CPU)"
+    return f"{dtype}{note}: loss {m['loss']:.4f}, grad norm {m['grad_norm']:.3f}, max|Δw| {moved:.2e}", ok
+
+
+@check("save → resume → one step equals a straight run")
+def c_resume(ctx):
+    from megatron_hapo.training.checkpoint import load_checkpoint, save_checkpoint
+
+    root = os.path.join(ctx.work, "ckpt")
+    a = ctx.new_policy(distributed_optimizer=True)
+    a.train_step(ctx.train_batch(a, seed=1))
+    save_checkpoint(root, 1, a)
+    a.train_step(ctx.train_batch(a, seed=2))
+    straight = _params(a)
+    b = ctx.new_policy(distributed_optimizer=True)
+    load_checkpoint(os.path.join(root, "iter_0000001"), b)
+    b.train_step(ctx.train_batch(b, seed=2))
+    d = _max_diff(_params(b), straight)
+    tol = 1e-6 if dev.is_gpu() else 0.0  # bit-exact on CPU; GPU kernels may reorder sums
+    return f"max|Δw| resumed vs straight {d:.2e} (tol {tol:g})", d <= tol
+
+
+@check("a local-spec (CPU-converted) checkpoint loads into the TE model")
+def c_local_into_te(ctx):
+    need_gpu()
+    from megatron.core import dist_checkpointing
+
+    from megatron_hapo.models.hf_config import build_gpt_model, transformer_config
+    from megatron_hapo.training.checkpoint import load_model_checkpoint
+
+    local, _ = _logits(ctx, "local")
+    model = build_gpt_model(ctx.spec, transformer_config(ctx.spec), pre_process=True, post_process=True, layer_spec="local")
+    from megatron_hapo.models.convert import load_state_strict
+    from megatron_hapo.models.mapping import hf_to_megatron
+
+    load_state_strict(model, hf_to_megatron(ctx.hf, ctx.spec, layer_spec="local"), "local")
+    path = os.path.join(ctx.work, "local_ckpt")
+    os.makedirs(path)
+    with dev.megatron_scope():
+        dist_checkpointing.save({"model": model.sharded_state_dict()}, path)
+    te_policy = ctx.new_policy(layer_spec="te")
+    with torch.no_grad():
+        for c in te_policy.chunks:
+            for p in c.module.parameters():
+                p.zero_()
+    load_model_checkpoint(path, te_policy)
+    restored = te_policy.hf_state_dict()
+    d = max((restored[k].float() - ctx.hf[k].float()).abs().max().item() for k in restored)
+    return f"TE policy from a local-spec checkpoint: max|Δw| vs HF {d:.2e}", d == 0.0
+
+
+@check("engine built after the policy keeps the rank's current device")
+def c_engine_device(ctx):
+    from megatron_hapo.rollout.engine import RolloutEngine
+
+    ctx.ensure_model()
+    before = torch.cuda.current_device() if dev.is_gpu() else "cpu"
+    ctx.engine = RolloutEngine(ctx.model_dir, max_model_len=128, kv_cache_memory_bytes=64 * 2**20, seed=0,
+                               dtype="float32", gpu_memory_utilization=0.3, enable_sleep_mode=dev.is_gpu())
+    after = torch.cuda.current_device() if dev.is_gpu() else "cpu"
+    executor = ctx.engine.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
+    dev.check_current("self-test")
+    return f"executor {executor}; current device {before} → {after}", before == after and executor == "external_launcher"
+
+
+@check("temperature processor: records vs recomputation, tokens/s")
+def c_temperature(ctx):
+    from vllm import SamplingParams, TokensPrompt
+
+    from megatron_hapo import algorithms as A
+    from megatron_hapo.rollout.engine import SamplingConfig
+    from megatron_hapo.training.policy import PolicyBatch
+
+    if ctx.engine is None:
+        raise Skip("skipped: no engine (the engine check failed)")
+    policy = ctx.policy or ctx.new_policy()
+    stats = A.EntropyStats(q=math.log(4.0), sigma=0.5, z_pos=2.0, z_neg=-3.0)
+    prompts = [[1] + list(range(5 + i, 15 + i)) for i in range(8)]
+    sampling = SamplingConfig(max_tokens=24, adaptive=True, tau=0.3, stop_token_ids=())
+    t0 = time.perf_counter()
+    out = ctx.engine.generate(prompts, 4, sampling, stats, seeds=list(range(len(prompts))))
+    t_hapo = time.perf_counter() - t0
+    responses = [r for group in out for r in group]
+    rows = [prompts[r.prompt_index] + r.token_ids for r in responses]
+    width = max(map(len, rows)) + 1
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    temps = torch.ones(len(rows), width)
+    rec_lp = torch.zeros(len(rows), width)
+    rec_h = torch.zeros(len(rows), width)
+    for i, (row, r) in enumerate(zip(rows, responses)):
+        p = len(prompts[r.prompt_index])
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, p - 1:p - 1 + r.length] = True
+        temps[i, p - 1:p - 1 + r.length] = torch.tensor(r.temperatures)
+        rec_lp[i, p - 1:p - 1 + r.length] = torch.tensor(r.logprobs)
+        rec_h[i, p - 1:p - 1 + r.length] = torch.tensor(r.entropies)
+    batch = PolicyBatch(ids, mask)
+    lp_t, _ = policy.compute_logprobs(batch, temperature=temps)
+    _, h1 = policy.compute_logprobs(batch)
+    t_recomputed = A.adaptive_temperature(h1, stats, 1.0, 0.3, "signed")
+    d_lp = (lp_t - rec_lp)[mask].abs().max().item()
+    d_t = (t_recomputed - temps)[mask].abs().max().item()
+    d_h = (h1 - rec_h)[mask].abs().max().item()
+    tokens = sum(r.length for r in responses)
+    params = [SamplingParams(n=1, temperature=1.0, max_tokens=24, seed=i, detokenize=False) for i in range(len(prompts) * 4)]
+    t0 = time.perf_counter()
+    plain = ctx.engine.llm.generate([TokensPrompt(prompt_token_ids=prompts[i // 4]) for i in range(len(params))], params,
+                                    use_tqdm=False)
+    t_plain = time.perf_counter() - t0
+    plain_tokens = sum(len(o.outputs[0].token_ids) for o in plain)
+    tol = 5e-3 if dev.is_gpu() else 2e-4
+    return (f"{tokens} tokens: max|ΔT| {d_t:.1e}, |ΔH| {d_h:.1e}, |Δlog p_T| {d_lp:.1e} (tol {tol:g}); "
+            f"{tokens / t_hapo:.0f} tok/s with the processor vs {plain_tokens / t_plain:.0f} plain "
+            f"(first call includes warm-up)"), max(d_t, d_h, d_lp) < tol
+
+
+@check("weight sync on the device: no host copy, time vs a device copy, mismatch after sync")
+def c_weight_sync(ctx):
+    from megatron_hapo.algorithms import logprob_mismatch
+    from megatron_hapo.rollout.weight_sync import policy_hf_weights, sync_policy_to_engine
+
+    if ctx.engine is None:
+        raise Skip("skipped: no engine (the engine check failed)")
+    policy = ctx.policy or ctx.new_policy()
+    for seed in (5, 6):
+        policy.train_step(ctx.train_batch(policy, seed=seed))
+    off_device = [n for n, t in policy_hf_weights(policy) if t.device != dev.device()]
+    sync = sync_policy_to_engine(policy, ctx.engine)
+    flat = [t for _, t in policy_hf_weights(policy)]
+    _sync()
+    t0 = time.perf_counter()
+    copies = [t.clone() for t in flat]
+    _sync()
+    t_copy = time.perf_counter() - t0
+    del copies
+    b = ctx.batch(seed=9)
+    trainer, _ = policy.compute_logprobs(b)
+    eng = torch.tensor(ctx.engine.score(b.input_ids.tolist()), device=trainer.device)
+    mm = logprob_mismatch(eng, trainer[:, :-1], b.loss_mask[:, :-1])
+    tol = 1e-2 if dev.is_gpu() else 1e-4
+    figure = (f"{sync['weight_sync_bytes'] / 2**20:.1f} MiB in {sync['weight_sync_s'] * 1e3:.0f} ms "
+              f"({sync['weight_sync_s'] / max(t_copy, 1e-9):.0f}× a device copy); mismatch max {mm['logp_mismatch_max']:.1e} "
+              f"(tol {tol:g})")
+    if off_device:
+        figure += f"; off the device: {off_device[:3]}"
+    return figure, not off_device and mm["logp_mismatch_max"] < tol
+
+
+@check("three sleep/wake cycles without memory growth")
+def c_sleep(ctx):
+    need_gpu()
+    if ctx.engine is None:
+        raise Skip("skipped: no engine (the engine check failed)")
+    from megatron_hapo.rollout.weight_sync import sync_policy_to_engine
+
+    policy = ctx.policy or ctx.new_policy()
+    free = []
+    for _ in range(3):
+        ctx.engine.sleep()
+        dev.free_cached_memory()
+        slept = torch.cuda.mem_get_info()[0]
+        ctx.engine.wake_up_weights()
+        sync_policy_to_engine(policy, ctx.engine)
+        ctx.engine.wake_up_kv_cache()
+        dev.free_cached_memory()
+        free.append((slept, torch.cuda.mem_get_info()[0]))
+    growth = (free[0][1] - free[-1][1]) / 2**20
+    released = (free[0][0] - free[0][1]) / 2**20
+    return f"sleeping frees {released:.0f} MiB; free memory change over 3 cycles {growth:+.0f} MiB (tol 256)", \
+        growth < 256 and released > 0
+
+
+@check("trainer: 2 steps, then resume for a third")
+def c_trainer(ctx):
+    run_dir = os.path.join(ctx.work, "run")
+    base = [sys.executable, "-m", "megatron_hapo.train", f"train.run_dir={run_dir}", "log.progress=off",
+            "rollout.max_response_tokens=6", "eval.at_end=false", "reward.workers=0", "rollout.prompts_per_step=4",
+            "train.mini_batch_prompts=4", "train.micro_batch_size=4", "rollout.gpu_memory_utilization=0.2"]
+    env = dict(os.environ, LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("MASTER_PORT", None)
+    t0 = time.perf_counter()
+    first = subprocess.run(base + ["train.steps=2"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    second = subprocess.run(base + ["train.steps=3"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    for name, res in (("first", first), ("resume", second)):
+        if res.returncode:
+            return f"{name} run exited {res.returncode}: {res.stderr.strip().splitlines()[-1:]}", False
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f if line.strip()]
+    ok = "resumed from" in second.stdout and steps == [1, 2, 3]
+    return f"steps logged {steps}, resumed: {'resumed from' in second.stdout}, {time.perf_counter() - t0:.0f} s", ok
+
+
+@check("2 GPUs: TP 2, DP 2 and PP 2 vs TP 1; engines at inference TP 2 and two at TP 1")
+def c_multi(ctx):
+    if not ctx.multi_on_cpu:
+        need_gpu(2)
+    from megatron_hapo.training.policy import PolicyBatch
+
+    ref_policy = ctx.new_policy(algo="dapo")
+    b = ctx.batch(seed=11)
+    logp, _ = ref_policy.compute_logprobs(b)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], device=dev.device())
+    ref_policy.train_step(PolicyBatch(b.input_ids, b.loss_mask, advantages=adv, old_logp=logp))
+    torch.save({"input_ids": b.input_ids.cpu(), "loss_mask": b.loss_mask.cpu(), "advantages": adv.cpu(), "logp": logp.cpu(),
+                "after": ref_policy.hf_state_dict()}, os.path.join(ctx.work, "reference.pt"))
+    figures, ok = [], True
+    for extra in ([], ["--engines-tp1"]):
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              os.path.join(ROOT, "tools", "gpu_selftest_multi.py"), ctx.work] + extra,
+                             capture_output=True, text=True, cwd=ROOT, timeout=600)
+        lines = [x for x in res.stdout.splitlines() if x.startswith("MULTI ")]
+        if res.returncode or not lines:
+            return f"{' '.join(extra) or 'layouts'} exited {res.returncode}: {(res.stderr.strip().splitlines() or [''])[-1][:200]}", False
+        result = json.loads(lines[-1][6:])
+        figures.append(result["figure"])
+        ok = ok and result["ok"]
+    return ("" if dev.is_gpu() else "(CPU, gloo) ") + "; ".join(figures), ok
+
+
+# ---- driver ----------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="gpu_selftest.json")
+    p.add_argument("--skip", default="", help="comma-separated check-name fragments to skip (e.g. trainer,2 GPUs)")
+    p.add_argument("--only", default="", help="comma-separated check-name fragments to run")
+    p.add_argument("--multi-on-cpu", action="store_true", help="run the 2-rank check over gloo without GPUs (tests)")
+    a = p.parse_args(argv)
+    skip = [s for s in a.skip.split(",") if s]
+    only = [s for s in a.only.split(",") if s]
+    dev.set_current()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="gpu-selftest-") as work:
+        ctx = Ctx(work)
+        ctx.multi_on_cpu = a.multi_on_cpu
+        for name, fn in CHECKS:
+            t0 = time.perf_counter()
+            if any(s in name for s in skip) or (only and not any(s in name for s in only)):
+                status, figure = "skipped", "skipped: not selected"
+            else:
+                try:
+                    figure, ok = fn(ctx)
+                    status = "pass" if ok else "FAIL"
+                except Skip as exc:
+                    status, figure = "skipped", str(exc)
+                except Exception as exc:  # a failing layer: say where, keep going with the others
+                    status, figure = "FAIL", f"{type(exc).__name__}: {str(exc)[:300]}"
+                    traceback.print_exc()
+            results.append({"check": name, "status": status, "figure": figure, "seconds": round(time.perf_counter() - t0, 2)})
+            print(f"[{status:>7}] {name}: {figure}", flush=True)
+    where = torch.cuda.get_device_name() if dev.is_gpu() else "CPU (no GPU)"
+    print(f"\nGPU self-test on {where}, {torch.cuda.device_count() if dev.is_gpu() else 0} GPU(s)")
+    w = max(len(r["check"]) for r in results)
+    print(f"| {'check':<{w}} | status  | seconds | figure")
+    for r in results:
+        print(f"| {r['check']:<{w}} | {r['status']:<7} | {r['seconds']:>7.1f} | {r['figure']}")
+    with open(a.out, "w") as f:
+        json.dump({"device": where, "results": results}, f, indent=2)
+    print(f"wrote {a.out}")
+    try:
+        from megatron_hapo.training.parallel import destroy_model_parallel
+
+        destroy_model_parallel()
+    except Exception:
+        pass
+    return 1 if any(r["status"] == "FAIL" for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
