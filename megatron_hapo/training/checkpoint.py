@@ -99,7 +99,11 @@ def _load_model_state(policy, loaded_model: dict) -> None:
 def _sharded(policy, is_loading: bool = False):
     model_sd = _model_sharded(policy)
     sd = {"model": model_sd}
-    sd["optimizer"] = policy.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    # fully_reshardable: the distributed optimizer's state in the canonical per-parameter layout, so a
+    # checkpoint resumes at any TP/PP/DP (Megatron's default for it, fully_sharded_model_space, relies on
+    # flattened ranges that its torch_dist writer no longer accepts). Plain optimizers ignore the key.
+    sd["optimizer"] = policy.optimizer.sharded_state_dict(
+        model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     return sd
 
 

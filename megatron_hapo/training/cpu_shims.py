@@ -12,7 +12,9 @@ measured on megatron-core 0.16.1:
   entered process-wide;
 - Tensor.cuda()/Module.cuda() (tied embeddings with PP > 1, optimizer state) → stay on CPU;
 - tensor.type() checks that expect "torch.cuda.FloatTensor" (grad clipping, optimizers) → report
-  CPU tensors under their CUDA type name.
+  CPU tensors under their CUDA type name;
+- the distributed optimizer's fully_reshardable load expects every state key of torch AdamW in the
+  checkpoint, `step` included, which it keeps in the param groups → the current `step` is kept.
 """
 from __future__ import annotations
 
@@ -108,6 +110,23 @@ def apply() -> bool:
         return original_type(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = _type
+
+    # The distributed optimizer's fully_reshardable load copies every key of a parameter's optimizer
+    # state from the checkpoint; torch AdamW's per-parameter `step` (the CPU fallback; TE's FusedAdam
+    # keeps none) is not among the saved tensors but restored from the param groups just before.
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    set_states = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def _set_states(self, model_param, tensors):
+        if "step" not in tensors:
+            group, order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]]
+            if "step" in state:
+                tensors = {**tensors, "step": state["step"]}
+        return set_states(self, model_param, tensors)
+
+    dopt.DistributedOptimizer._set_main_param_and_optimizer_states = _set_states
     _APPLIED = True
     return True
 
