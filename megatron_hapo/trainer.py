@@ -6,8 +6,8 @@
     → weight sync → metrics → evaluation / checkpoint every K steps
 
 SPMD: one process per rank (torchrun/srun, or a single process). Every rank holds a Megatron shard
-and a share of a colocated vLLM engine: one engine per inference-TP group (`external_launcher`
-when it spans ranks). Each step takes `prompts_per_step` prompts at the run's global data
+and a share of a colocated vLLM engine: one engine per inference-TP group (vLLM's `external_launcher`
+on every rank, `rollout/engine.py`). Each step takes `prompts_per_step` prompts at the run's global data
 position; every engine generates an equal slice and scores it; a few numbers per response are
 gathered so every rank sees the same list (dynamic sampling, metrics and the split over
 data-parallel ranks are identical under every layout), and one all-to-all then moves each kept

@@ -46,8 +46,9 @@ def as_mask(name: str, mask, like: torch.Tensor) -> torch.Tensor:
     return m.to(device=like.device) != 0
 
 
-def group_index(group_ids, n: int) -> tuple[torch.Tensor, int]:
-    """Maps arbitrary group ids (ints, strings, a tensor) to 0..G-1 in order of first appearance."""
+def group_index(group_ids, n: int, device=None) -> tuple[torch.Tensor, int]:
+    """Maps arbitrary group ids (ints, strings, a tensor) to 0..G-1 in order of first appearance,
+    as a tensor on `device` (the rewards' device)."""
     if isinstance(group_ids, torch.Tensor):
         if group_ids.dim() != 1:
             raise ValueError(f"group_ids: expected one id per sequence (1-D), got shape {tuple(group_ids.shape)}")
@@ -58,7 +59,7 @@ def group_index(group_ids, n: int) -> tuple[torch.Tensor, int]:
         raise ValueError(f"group_ids: {len(ids)} ids for {n} sequences")
     table: dict = {}
     index = [table.setdefault(g, len(table)) for g in ids]
-    return torch.tensor(index, dtype=torch.long), len(table)
+    return torch.tensor(index, dtype=torch.long, device=device), len(table)
 
 
 def group_all_equal(values: torch.Tensor, index: torch.Tensor, n_groups: int) -> torch.Tensor:

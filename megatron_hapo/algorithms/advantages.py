@@ -40,7 +40,7 @@ def _grpo(r: torch.Tensor, index: torch.Tensor, n_groups: int, eps: float) -> to
 def grpo_advantages(rewards, group_ids, eps: float = 1e-6) -> torch.Tensor:
     """GRPO: A_i = (R_i − mean_g R) / (std_g R + eps), unbiased std; a group of one: mean 0, std 1."""
     r, out_dtype = _rewards(rewards)
-    index, n_groups = group_index(group_ids, r.numel())
+    index, n_groups = group_index(group_ids, r.numel(), r.device)
     return _grpo(r, index.to(r.device), n_groups, eps).to(out_dtype)
 
 
@@ -70,7 +70,7 @@ def token_group_advantages_with_fallback(
         raise ValueError(f"lengths: must be non-negative, got {lengths.min().item()}")
     if fallback_threshold is not None and not fallback_threshold > 0:
         raise ValueError(f"fallback_threshold: must be positive or None, got {fallback_threshold}")
-    index, n_groups = group_index(group_ids, r.numel())
+    index, n_groups = group_index(group_ids, r.numel(), r.device)
     index = index.to(r.device)
 
     tokens = _group_sum(lengths, index, n_groups)

@@ -42,6 +42,6 @@ def informative_groups(rewards, group_ids) -> torch.Tensor:
         raise ValueError(f"rewards: expected one reward per sequence (1-D), got shape {tuple(r.shape)}")
     r = r.to(torch.float64)
     finite("rewards", r)
-    index, n_groups = group_index(group_ids, r.numel())
+    index, n_groups = group_index(group_ids, r.numel(), r.device)
     index = index.to(r.device)
     return ~group_all_equal(r, index, n_groups) | (group_sizes(index, n_groups) == 1)

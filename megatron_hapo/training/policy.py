@@ -277,6 +277,11 @@ class MegatronPolicy:
 
     def _micro_batches(self, batch: PolicyBatch) -> List[dict]:
         mbs = self.cfg.micro_batch_size
+        if batch.segment_ids is not None and self.layer_spec == "te":
+            # TE's attention with the causal mask type ignores an explicit mask: packed rows would
+            # attend across segments. They need Megatron's packed-sequence (THD) parameters instead.
+            raise NotImplementedError("packed rows (segment_ids) with model.layer_spec=te: not supported yet; use padded "
+                                      "rows or the local spec")
         out = []
         for start in range(0, num_micro_batches(batch.size, mbs) * mbs, mbs):
             part = batch.select(slice(start, start + mbs)).to(self.device)
