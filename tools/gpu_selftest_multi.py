@@ -62,12 +62,16 @@ def main() -> int:
             if ps.get_data_parallel_world_size() == 2:
                 half = ids.shape[0] // 2
                 rows = slice(ps.get_data_parallel_rank() * half, (ps.get_data_parallel_rank() + 1) * half)
-            policy.train_step(PolicyBatch(ids[rows].to(d), mask[rows].to(d), advantages=adv[rows].to(d),
-                                          old_logp=ref["logp"][rows].to(d)))
+            m = policy.train_step(PolicyBatch(ids[rows].to(d), mask[rows].to(d), advantages=adv[rows].to(d),
+                                              old_logp=ref["logp"][rows].to(d)))
             after = policy.hf_state_dict()
             d_w = max((after[k].float() - ref["after"][k].float()).abs().max().item() for k in ref["after"])
-            ok = ok and d_logp < tol and d_w < tol
-            figures.append(f"{name}: |Δlogp| {d_logp:.1e} |Δw| {d_w:.1e}")
+            # one Adam step moves each weight by about ±lr whatever the gradient's size: the loss and the
+            # gradient norm are what show a wrong gradient
+            d_g = abs(m["grad_norm"] - ref["grad_norm"]) / ref["grad_norm"]
+            d_l = abs(m["loss"] - ref["loss"])  # absolute: at ratio 1 the loss itself is near zero
+            ok = ok and d_logp < tol and d_w < tol and d_g < tol and d_l < tol
+            figures.append(f"{name}: |Δlogp| {d_logp:.1e} rel Δgrad-norm {d_g:.1e} |Δloss| {d_l:.1e} |Δw| {d_w:.1e}")
         engine = RolloutEngine(model_dir, max_model_len=128, kv_cache_memory_bytes=64 * 2**20, tensor_parallel_size=2,
                                dtype="float32", gpu_memory_utilization=0.2)
     else:

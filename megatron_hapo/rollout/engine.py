@@ -328,7 +328,9 @@ class RolloutEngine:
 
         if self.sleep_enabled:
             dev.free_cached_memory()
-            self.llm.wake_up(tags=["kv_cache"])
+            if not self.llm.wake_up(tags=["kv_cache"]):  # anything else still asleep: wake it all
+                self.llm.wake_up()
+            self.llm.reset_prefix_cache()  # the freed KV blocks' contents are gone
 
 
 def _with_tied_head(named_tensors):
