@@ -226,7 +226,8 @@ def test_slurm_script_with_stand_in_slurm(tmp_path):
     inside the container's working folder, and SIGUSR1 → stop file → wait for the job → resubmit."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    _stub(bin_dir, "scontrol", "echo node-a; echo node-b")
+    # many nodes: a pipe that stops reading after the first line would die of SIGPIPE under pipefail
+    _stub(bin_dir, "scontrol", "echo node-a; for i in $(seq 20000); do echo node-$i; done")
     _stub(bin_dir, "srun", f'printf "%s\\n" "$@" > {tmp_path}/srun_args; '
                            f'for i in $(seq 100); do [ -f {tmp_path}/stop ] && break; sleep 0.1; done; sleep 0.5')
     _stub(bin_dir, "sbatch", f'echo "$@" > {tmp_path}/resubmitted')
