@@ -71,6 +71,7 @@ class RewardConfig:
     timeout_s: float = 10.0  # per response; a verifier past it gets the failure reward, counted
     correct: Optional[float] = None  # reward values; None: the verifier's (math: ±1, others 1/0)
     wrong: Optional[float] = None
+    max_error_fraction: float = 1.0  # stop when the verifier errors on this share of a batch's responses (1.0: all)
 
 
 @dataclasses.dataclass
@@ -176,6 +177,8 @@ class Config:
 
         if rw.type != "auto" and rw.type not in BUILTIN and ":" not in rw.type:
             raise ValueError(f"reward.type: unknown verifier {rw.type!r}; expected auto, one of {list(BUILTIN)} or 'module:Class'")
+        if not 0 < rw.max_error_fraction <= 1:
+            raise ValueError(f"reward.max_error_fraction: must lie in (0, 1], got {rw.max_error_fraction}")
         if rw.workers < 0 or not rw.timeout_s > 0:
             raise ValueError(f"reward.workers must be ≥ 0 and reward.timeout_s positive, got {rw.workers}, {rw.timeout_s}")
         if e.interval < 0 or e.n < 1 or e.num_prompts < 0 or e.temperature < 0 or not 0 < e.top_p <= 1:

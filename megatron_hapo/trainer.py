@@ -72,11 +72,12 @@ class Group:
     """A prompt and its samples, scored; it stays on the rank that generated it until a
     data-parallel rank that trains on it fetches it."""
 
-    __slots__ = ("position", "prompt_ids", "samples", "rewards", "correct", "statuses")
+    __slots__ = ("position", "prompt_ids", "samples", "rewards", "correct", "statuses", "first_error")
 
-    def __init__(self, position, prompt_ids, samples, rewards, correct, statuses):
+    def __init__(self, position, prompt_ids, samples, rewards, correct, statuses, first_error=None):
         self.position, self.prompt_ids, self.samples = position, prompt_ids, samples
         self.rewards, self.correct, self.statuses = rewards, correct, statuses
+        self.first_error = first_error  # the first verifier error's reason in this group, if any
 
     def summary(self) -> "GroupSummary":
         import numpy as np
@@ -84,18 +85,37 @@ class Group:
         temps = np.concatenate([s.temperatures for s in self.samples] or [np.zeros(0, np.float32)])
         return GroupSummary(self.position, list(self.rewards), list(self.correct), list(self.statuses),
                             [s.length for s in self.samples], sum(s.truncated for s in self.samples),
-                            (float(temps.min()), float(temps.max()), float(temps.sum()), int(temps.size)) if temps.size else None)
+                            (float(temps.min()), float(temps.max()), float(temps.sum()), int(temps.size)) if temps.size else None,
+                            self.first_error)
 
 
 class GroupSummary:
     """What every rank learns about every group (a few numbers per response): enough for dynamic
     sampling, metrics and evaluation; the tokens stay with the owner rank."""
 
-    __slots__ = ("position", "rewards", "correct", "statuses", "lengths", "truncated", "temps")
+    __slots__ = ("position", "rewards", "correct", "statuses", "lengths", "truncated", "temps", "first_error")
 
-    def __init__(self, position, rewards, correct, statuses, lengths, truncated, temps):
+    def __init__(self, position, rewards, correct, statuses, lengths, truncated, temps, first_error=None):
         self.position, self.rewards, self.correct = position, rewards, correct
         self.statuses, self.lengths, self.truncated, self.temps = statuses, lengths, truncated, temps
+        self.first_error = first_error
+
+
+def _describe_groups(groups) -> str:
+    """What a list of groups looked like: how many were all correct, all wrong, all errored, mixed."""
+    kinds = {"all correct": 0, "all wrong": 0, "all reward errors": 0, "all timed out": 0, "mixed": 0}
+    for g in groups:
+        if all(st == "error" for st in g.statuses):
+            kinds["all reward errors"] += 1
+        elif all(st == "timeout" for st in g.statuses):
+            kinds["all timed out"] += 1
+        elif all(g.correct):
+            kinds["all correct"] += 1
+        elif not any(g.correct):
+            kinds["all wrong"] += 1
+        else:
+            kinds["mixed"] += 1
+    return ", ".join(f"{n} {k}" for k, n in kinds.items() if n) or "none"
 
 
 class _NoBar:
@@ -121,7 +141,7 @@ class Trainer:
         from .data import addition
         from .data.datasets import as_sources, default_reward_type, held_out_sources
         from .models.hf_config import ModelSpec
-        from .rewards import RewardPool, build_verifier
+        from .rewards import RewardPool, RewardWorkersError, build_verifier
         from .rollout.engine import RolloutEngine, SamplingConfig
         from .training.parallel import control_group, init_model_parallel
         from .training.policy import MegatronPolicy, PolicyConfig
@@ -179,7 +199,17 @@ class Trainer:
         # ---- rewards (scored on each engine's first rank) ----
         kind = cfg.reward.type if cfg.reward.type != "auto" else default_reward_type(d.train)
         self.verifier = build_verifier(kind, cfg.reward.correct, cfg.reward.wrong)
-        self.rewards = RewardPool(self.verifier, cfg.reward.workers, cfg.reward.timeout_s) if self.engine_leader else None
+        self.rewards, problem = None, ""
+        if self.engine_leader:
+            try:  # started now, so a script without a main guard or an unloadable verifier stops the run here
+                self.rewards = RewardPool(self.verifier, cfg.reward.workers, cfg.reward.timeout_s)
+                self.rewards.start()
+            except RewardWorkersError as exc:
+                problem = str(exc)
+        problems = [None] * self.world
+        dist.all_gather_object(problems, problem, group=self.control)  # every rank stops, not only the leaders
+        if any(problems):
+            raise RewardWorkersError(next(p for p in problems if p))
 
         # ---- policy and engine ----
         self.policy = MegatronPolicy(self.spec, PolicyConfig(
@@ -275,16 +305,22 @@ class Trainer:
         """Rewards for this engine's responses (its first rank scores; the others return nothing)."""
         if not self.engine_leader:
             return []
+        from .rewards import RewardResult, RewardWorkersError
+
         flat = [x for responses in outs for x in responses]
         texts = self.tokenizer.batch_decode([x.token_ids for x in flat], skip_special_tokens=True)
-        results = self.rewards.score(texts, [g for g, responses in zip(truths, outs) for _ in responses])
+        try:
+            results = self.rewards.score(texts, [g for g, responses in zip(truths, outs) for _ in responses])
+        except RewardWorkersError as exc:  # a re-spawn failed: every response errors, and the check stops the run
+            results = [RewardResult(self.verifier.failure_reward, str(exc), status="error")] * len(flat)
         out, k = [], 0
         for (position, prompt), responses in zip(groups_prompts, outs):
             res = results[k: k + len(responses)]
             k += len(responses)
             statuses = ["rollout_error" if x.error else s.status for x, s in zip(responses, res)]
+            first_error = next((s.reason for x, s in zip(responses, res) if not x.error and s.status == "error"), None)
             out.append(Group(position, prompt, [Sample(x) for x in responses], [s.score for s in res],
-                             [bool(s.correct) for s in res], statuses))
+                             [bool(s.correct) for s in res], statuses, first_error))
         return out
 
     def _generate_groups(self, positions: List[int], indices: List[int], dataset, sampling, n, stats):
@@ -302,7 +338,24 @@ class Trainer:
         local = self._score([(pos, dataset[i].prompt_ids) for pos, i in mine], outs, [dataset[i].ground_truth for _, i in mine])
         gathered = [None] * self.world
         dist.all_gather_object(gathered, [g.summary() for g in local], group=self.control)
-        return sorted((g for part in gathered for g in part), key=lambda g: g.position), {g.position: g for g in local}
+        summaries = sorted((g for part in gathered for g in part), key=lambda g: g.position)
+        self._check_reward_errors(summaries)
+        return summaries, {g.position: g for g in local}
+
+    def _check_reward_errors(self, groups: List["GroupSummary"]) -> None:
+        """Stops (on every rank: the summaries are the same everywhere) when the verifier errored on
+        at least reward.max_error_fraction of a batch's scored responses (default 1.0: on all of
+        them), quoting its first error: training or evaluating on failure rewards is never wanted."""
+        statuses = [st for g in groups for st in g.statuses if st != "rollout_error"]
+        errors = statuses.count("error")
+        limit = self.cfg.reward.max_error_fraction
+        if not errors or errors < limit * len(statuses):
+            return
+        first = next(g.first_error for g in groups if g.first_error)
+        raise RuntimeError(f"reward: the verifier failed on {errors} of {len(statuses)} responses of a batch "
+                           f"(reward.max_error_fraction={limit:g}); the first error:\n    {first}\n"
+                           f"Check reward.type={self.cfg.reward.type!r} on one response by hand "
+                           f"(megatron_hapo.rewards.build_verifier(...).score(text, answer)).")
 
     def _fetch(self, wanted_by_dp_rank: List[List[int]], local: Dict[int, Group]) -> List[Group]:
         """Moves full groups from the ranks that generated them to the data-parallel ranks that
@@ -350,7 +403,8 @@ class Trainer:
             if r.max_num_gen_batches and gen_batches > r.max_num_gen_batches:
                 bar.close()
                 raise RuntimeError(f"dynamic sampling: only {len(kept)} of {need} informative groups after "
-                                   f"{r.max_num_gen_batches} generation batches (rollout.max_num_gen_batches)")
+                                   f"{r.max_num_gen_batches} generation batches (rollout.max_num_gen_batches); "
+                                   f"the {len(seen)} groups seen: {_describe_groups(seen)}")
             positions = list(range(self.data_position, self.data_position + need))
             self.data_position += need
             groups, mine = self._generate_groups(positions, self.sampler.indices(positions[0], need), self.train_data,
@@ -683,10 +737,14 @@ class Trainer:
         evals = {k: v for k, v in m.items() if k.startswith("eval_mean@") or k.startswith("eval_pass@")}
         if evals:
             line += " | " + " ".join(f"{k} {v:.3f}" for k, v in evals.items())
+            if m.get("eval_reward_timeouts") or m.get("eval_reward_errors"):
+                line += f" eval reward timeouts {m['eval_reward_timeouts']:.0f} errors {m['eval_reward_errors']:.0f}"
         print(line, flush=True)
 
     def _print_eval(self, m) -> None:
-        print("eval: " + " ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("eval_")), flush=True)
+        quiet = ("eval_reward_timeouts", "eval_reward_errors")  # shown when non-zero
+        print("eval: " + " ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("eval_") and (k not in quiet or v)),
+              flush=True)
 
 
 def _tb_tag(key: str) -> str:

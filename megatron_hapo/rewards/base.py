@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import sys
 import threading
 from typing import Any, List, Optional, Sequence
 
@@ -88,6 +89,49 @@ def _worker_score(verifier, response, ground_truth, timeout_s):
         timer.cancel()
 
 
+class RewardWorkersError(RuntimeError):
+    """The scoring processes cannot start or cannot load the verifier: every reward would fail."""
+
+
+def main_script_without_guard() -> Optional[str]:
+    """The path of the running main script if it has no `if __name__ == "__main__":` block (spawned
+    worker processes re-import it and re-run its top level), else None (a guarded script, `-m`
+    module, `-c`, an interactive session)."""
+    import ast
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or getattr(main, "__spec__", None) is not None or not os.path.isfile(path):
+        return None  # `python -m pkg.mod` (its own guard decides) or no file
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test) and "__main__" in ast.unparse(node.test):
+            return None
+    return path
+
+
+_NO_GUARD_HELP = ("reward.workers > 0 scores in spawned processes, which re-import the main script {path} and re-run "
+                  "everything at its top level (building another Trainer). Put the code that runs under\n"
+                  "    if __name__ == \"__main__\":\n"
+                  "(Python's rule for multiprocessing with spawn), or set reward.workers=0 to score in this process.")
+
+
+def _probe(blob: bytes) -> str:
+    """Runs in a fresh scoring process: unpickles the verifier; '' or the error's traceback."""
+    import pickle
+    import traceback
+
+    try:
+        pickle.loads(blob)
+        return ""
+    except BaseException:  # noqa: BLE001 - reported to the trainer verbatim
+        return traceback.format_exc(limit=4)
+
+
 class RewardPool:
     """Scores responses in persistent worker processes (spawned once, reused every step).
 
@@ -98,18 +142,54 @@ class RewardPool:
     A worker that dies gives status "error". workers=0 scores in this process (exceptions are
     still contained, a hang is not)."""
 
-    def __init__(self, verifier: Verifier, workers: int = 2, timeout_s: float = 30.0):
+    def __init__(self, verifier: Verifier, workers: int = 2, timeout_s: float = 30.0, start_timeout_s: float = 180.0):
         if workers < 0:
             raise ValueError(f"workers: must be ≥ 0, got {workers}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s: must be positive, got {timeout_s}")
+        if workers > 0:
+            path = main_script_without_guard()
+            if path:  # the workers would re-run the script: fail now, not with every reward an error
+                raise RewardWorkersError("reward workers cannot start: " + _NO_GUARD_HELP.format(path=path))
         self.verifier, self.workers, self.timeout_s = verifier, workers, float(timeout_s)
+        self.start_timeout_s = start_timeout_s
         self._pool: Optional[cf.ProcessPoolExecutor] = None
 
     def _executor(self) -> cf.ProcessPoolExecutor:
+        """The worker pool, started and probed: every worker process must come up and load the
+        verifier, or this raises RewardWorkersError quoting the first worker's error."""
+        import pickle
+
         if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
+            pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
+            blob = pickle.dumps(self.verifier)
+            futures = [pool.submit(_probe, blob) for _ in range(self.workers)]
+            done, not_done = cf.wait(futures, timeout=self.start_timeout_s)
+            problem = None
+            for f in futures:
+                if f in not_done:
+                    problem = f"a worker did not start within {self.start_timeout_s:g}s"
+                elif f.exception() is not None:
+                    problem = f"a worker process died while starting ({type(f.exception()).__name__}: {f.exception()})"
+                elif f.result():
+                    problem = "a worker could not load the verifier:\n" + f.result()
+                if problem:
+                    break
+            if problem:
+                self._pool = pool
+                self.close()
+                hint = ""
+                path = main_script_without_guard()
+                if path:
+                    hint = "\nLikely cause: " + _NO_GUARD_HELP.format(path=path)
+                raise RewardWorkersError(f"reward workers cannot start: {problem}{hint}")
+            self._pool = pool
         return self._pool
+
+    def start(self) -> None:
+        """Starts and probes the worker processes now (RewardWorkersError if they cannot start)."""
+        if self.workers > 0:
+            self._executor()
 
     def score(self, responses: Sequence[str], ground_truths: Sequence[Any]) -> List[RewardResult]:
         if len(responses) != len(ground_truths):
