@@ -307,3 +307,19 @@ def test_gpu_selftest_on_cpu(tmp_path):
     assert "native GPU modules skipped: no GPU" in results[next(c for c in results if c.startswith("stack"))]["figure"]
     assert "(CPU, gloo)" in results[next(c for c in results if c.startswith("2 GPUs"))]["figure"]
     assert "| check" in res.stdout  # the table
+
+
+def test_te_spec_gets_no_explicit_mask():
+    """TE's causal attention implies the mask: the policy builds none for it (a [b, 1, s, s] bool
+    tensor per micro-batch otherwise), with the same positions and labels as the local spec's."""
+    from megatron_hapo.models.hf_config import attention_mask_for
+    from megatron_hapo.training.policy import model_inputs
+
+    ids = torch.randint(0, 100, (3, 17))
+    pos, mask, labels = model_inputs(ids)
+    pos_te, mask_te, labels_te = model_inputs(ids, with_mask=False)
+    assert mask_te is None and torch.equal(pos, pos_te) and torch.equal(labels, labels_te)
+    assert mask.shape == (3, 1, 17, 17) and bool(mask[0, 0, 0, 1]) and not bool(mask[0, 0, 1, 0])
+    assert attention_mask_for("te", mask) is None and attention_mask_for("local", mask) is mask
+    seg = torch.tensor([[0] * 8 + [1] * 9] * 3)
+    assert model_inputs(ids, seg, with_mask=False)[1] is not None  # packed rows always carry their mask

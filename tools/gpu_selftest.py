@@ -213,7 +213,7 @@ def c_placement(ctx):
 def _logits(ctx, layer_spec, dtype=torch.float32):
     """Megatron GPTModel logits (single rank) for the HF weights, and the token ids used."""
     from megatron_hapo.models.convert import load_state_strict
-    from megatron_hapo.models.hf_config import build_gpt_model, transformer_config
+    from megatron_hapo.models.hf_config import attention_mask_for, build_gpt_model, transformer_config
     from megatron_hapo.models.mapping import hf_to_megatron
     from megatron_hapo.training.policy import model_inputs
 
@@ -224,7 +224,7 @@ def _logits(ctx, layer_spec, dtype=torch.float32):
     ids = ctx.batch(rows=2, width=32, seed=3).input_ids
     pos, mask, _ = model_inputs(ids)
     with torch.no_grad(), dev.megatron_scope():
-        out = model(ids, pos, mask)
+        out = model(ids, pos, attention_mask_for(layer_spec, mask))
     return out[..., : ctx.spec.vocab_size].float(), ids
 
 

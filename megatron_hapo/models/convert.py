@@ -244,7 +244,9 @@ def verify(hf_dir: str, ckpt_dir: str, prompts: int = 4, length: int = 16, seed:
     mask = torch.ones(length, length, dtype=torch.bool).triu(1)[None, None].expand(prompts, 1, length, length)
     from .. import device as dev
 
-    ids_d, mask_d = ids.to(dev.device()), mask.to(dev.device())
+    from .hf_config import attention_mask_for
+
+    ids_d, mask_d = ids.to(dev.device()), attention_mask_for(dev.resolve_layer_spec(None), mask.to(dev.device()))
     with torch.no_grad(), dev.megatron_scope():
         ours = model.float()(ids_d, torch.arange(length, device=ids_d.device).expand(prompts, length),
                              mask_d)[..., : spec.vocab_size].cpu()

@@ -143,6 +143,12 @@ def transformer_config(spec: ModelSpec, tp: int = 1, pp: int = 1, *, dtype=torch
     )
 
 
+def attention_mask_for(layer_spec: str, mask):
+    """The attention mask to hand a GPTModel: the local spec needs the explicit causal mask; TE's
+    attention with the causal mask type implies it (Megatron passes None there too)."""
+    return mask if layer_spec == "local" else None
+
+
 def build_gpt_model(spec: ModelSpec, config, *, pre_process: bool, post_process: bool, vp_stage=None,
                     layer_spec: Optional[str] = None):
     """One GPTModel chunk for this rank on its device. layer_spec: "te" (Transformer Engine, fused

@@ -117,9 +117,14 @@ def num_micro_batches(batch_size: int, micro_batch_size: int) -> int:
     return batch_size // micro_batch_size
 
 
-def model_inputs(input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None):
-    """(position_ids, attention_mask, labels): causal mask (True = masked), block-diagonal when packed."""
+def model_inputs(input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None, with_mask: bool = True):
+    """(position_ids, attention_mask, labels): causal mask (True = masked), block-diagonal when packed;
+    mask None for unpacked rows when with_mask=False (TE's causal attention implies it)."""
     b, s = input_ids.shape
+    if segment_ids is None and not with_mask:
+        labels = torch.zeros_like(input_ids)
+        labels[:, :-1] = input_ids[:, 1:]
+        return torch.arange(s, device=input_ids.device).expand(b, s).contiguous(), None, labels
     causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu(1)
     if segment_ids is None:
         position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
@@ -285,7 +290,9 @@ class MegatronPolicy:
         out = []
         for start in range(0, num_micro_batches(batch.size, mbs) * mbs, mbs):
             part = batch.select(slice(start, start + mbs)).to(self.device)
-            position_ids, mask, labels = model_inputs(part.input_ids, part.segment_ids)
+            # TE's causal attention implies the mask: no [b, 1, s, s] tensor per micro-batch (150 MB at 12k tokens)
+            position_ids, mask, labels = model_inputs(part.input_ids, part.segment_ids,
+                                                      with_mask=self.layer_spec == "local")
             out.append(dict(batch=part, position_ids=position_ids, attention_mask=mask, labels=labels))
         return out
 
