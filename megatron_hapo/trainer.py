@@ -603,7 +603,10 @@ class Trainer:
 
         from .models.convert import copy_hf_assets
 
-        weights = self.policy.hf_state_dict()
+        weights = {}
+        for name, t in self.policy.hf_weights():  # every rank walks (collectives); rank 0 keeps host copies
+            if self.rank == 0:
+                weights[name] = t.cpu().clone()
         if self.rank == 0:
             copy_hf_assets(self.model_dir, path)
             save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(path, "model.safetensors"))

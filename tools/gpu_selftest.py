@@ -420,16 +420,16 @@ def c_temperature(ctx):
 @check("weight sync on the device: no host copy, time vs a device copy, mismatch after sync")
 def c_weight_sync(ctx):
     from megatron_hapo.algorithms import logprob_mismatch
-    from megatron_hapo.rollout.weight_sync import policy_hf_weights, sync_policy_to_engine
+    from megatron_hapo.rollout.weight_sync import sync_policy_to_engine
 
     if ctx.engine is None:
         raise Skip("skipped: no engine (the engine check failed)")
     policy = ctx.policy or ctx.new_policy()
     for seed in (5, 6):
         policy.train_step(ctx.train_batch(policy, seed=seed))
-    off_device = [n for n, t in policy_hf_weights(policy) if t.device != dev.device()]
+    off_device = [n for n, t in policy.hf_weights() if t.device != dev.device()]
     sync = sync_policy_to_engine(policy, ctx.engine)
-    flat = [t for _, t in policy_hf_weights(policy)]
+    flat = [t for _, t in policy.hf_weights()]
     _sync()
     t0 = time.perf_counter()
     copies = [t.clone() for t in flat]

@@ -142,6 +142,20 @@ def model_inputs(input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = 
     return position_ids.contiguous(), mask.contiguous(), labels
 
 
+def _buckets(sizes, bucket_bytes: int) -> List[List[int]]:
+    """Consecutive indices grouped into buckets of at most bucket_bytes (a larger item alone) and
+    one dtype each; sizes: [(nbytes, dtype)]."""
+    buckets: List[List[int]] = []
+    size = 0
+    for i, (nbytes, dtype) in enumerate(sizes):
+        if not buckets or size + nbytes > bucket_bytes or sizes[buckets[-1][0]][1] != dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(i)
+        size += nbytes
+    return buckets
+
+
 class MegatronPolicy:
     """A Megatron GPTModel (DDP-wrapped chunks), its optimizer and LR schedule, and the RL passes."""
 
@@ -249,7 +263,7 @@ class MegatronPolicy:
         with dev.megatron_scope():
             self.optimizer.reload_model_params()
 
-    def named_tp_merged_parameters(self):
+    def _named_tp_merged_parameters(self):
         """(chunk layer base, Megatron name, TP-merged tensor) for this PP stage's parameters."""
         tp = self.cfg.tensor_model_parallel_size
         for i, chunk in enumerate(self.chunks):
@@ -263,20 +277,44 @@ class MegatronPolicy:
                     t = merge_tp(name, parts)
                 yield self._chunk_layer_base(i), name, t
 
-    def hf_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The full model under HF names on every rank (TP all-gather, PP all_gather_object)."""
-        local = {}
-        for base, name, t in self.named_tp_merged_parameters():
+    def _stage_hf_tensors(self):
+        """(HF name, tensor) of this PP stage's parameters, TP-merged, on the device."""
+        for base, name, t in self._named_tp_merged_parameters():
             if name == "output_layer.weight" and self.spec.tie_word_embeddings:
-                continue
-            for hf_name, hf_t in megatron_to_hf(name, t, self.spec, base):
-                local[hf_name] = hf_t.cpu().clone()  # host copies: they are pickled across stages and saved
-        if self.pp_size > 1:
-            parts: List[dict] = [None] * self.pp_size
-            dist.all_gather_object(parts, local, group=self.pp_group)
-            for part in parts:
-                local.update(part)
-        return local
+                continue  # the last stage's copy of a tied embedding
+            yield from megatron_to_hf(name, t, self.spec, base)
+
+    def hf_weights(self, bucket_bytes: int = 64 * 2**20):
+        """The one walk of the weights: every rank yields the complete HF-named set in a fixed order,
+        one tensor at a time, on the device. TP shards are all-gathered and merged (fused QKV per KV
+        group, [gate; up], row/column splits, vocabulary padding removed); with PP each stage
+        broadcasts its tensors to the others in buckets of at most `bucket_bytes`, so the peak extra
+        memory is one bucket plus one merged parameter. Used by the weight sync and the export."""
+        if self.pp_size == 1:
+            yield from self._stage_hf_tensors()
+            return
+        for stage in range(self.pp_size):
+            src = dist.get_global_rank(self.pp_group, stage)
+            local = list(self._stage_hf_tensors()) if self.pp_rank == stage else None
+            meta = [[(n, tuple(t.shape), t.dtype) for n, t in local] if local is not None else None]
+            dist.broadcast_object_list(meta, src=src, group=self.pp_group)
+            for bucket in _buckets([(torch.Size(s).numel() * torch.empty((), dtype=d).element_size(), d)
+                                    for _, s, d in meta[0]], bucket_bytes):
+                dtype = meta[0][bucket[0]][2]
+                numels = [torch.Size(meta[0][i][1]).numel() for i in bucket]
+                if local is not None:
+                    flat = torch.cat([local[i][1].reshape(-1).to(dtype) for i in bucket]).contiguous()
+                else:
+                    flat = torch.empty(sum(numels), dtype=dtype, device=self.device)
+                dist.broadcast(flat, src=src, group=self.pp_group)
+                for i, part in zip(bucket, flat.split(numels)):
+                    name, shape, _ = meta[0][i]
+                    yield name, part.view(shape)
+                del flat
+
+    def hf_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The full model under HF names on every rank, as host copies (tests, export)."""
+        return {name: t.cpu().clone() for name, t in self.hf_weights()}
 
     # ---- passes -------------------------------------------------------------------------------
 
