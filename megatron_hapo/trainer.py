@@ -351,7 +351,7 @@ class Trainer:
         limit = self.cfg.reward.max_error_fraction
         if not errors or errors < limit * len(statuses):
             return
-        first = next(g.first_error for g in groups if g.first_error)
+        first = next((g.first_error for g in groups if g.first_error), "(no reason recorded)")
         raise RuntimeError(f"reward: the verifier failed on {errors} of {len(statuses)} responses of a batch "
                            f"(reward.max_error_fraction={limit:g}); the first error:\n    {first}\n"
                            f"Check reward.type={self.cfg.reward.type!r} on one response by hand "
