@@ -547,10 +547,8 @@ class Trainer:
         e = self.cfg.eval
         if self.eval_data is None:
             raise ValueError("evaluation needs data.eval (no held-out split for these training sources)")
+        # every prompt is evaluated: engines take slices that differ by at most one prompt
         count = min(num_prompts or e.num_prompts or len(self.eval_data), len(self.eval_data))
-        count -= count % self.num_engines
-        if count == 0:
-            raise ValueError(f"eval: {len(self.eval_data)} eval prompts cannot split over {self.num_engines} engines")
         t0 = time.perf_counter()
         max_tokens = e.max_response_tokens or self.cfg.rollout.max_response_tokens
         sampling = SamplingConfig(max_tokens=max_tokens, base_temperature=e.temperature or 1.0, top_p=e.top_p,

@@ -180,3 +180,14 @@ def test_source_kinds_decide_defaults():
     assert default_reward_type(["reasoning_gym:countdown"]) == "reasoning_gym"
     with pytest.raises(ValueError, match=r"mixes \['exact', 'math'\] sources"):
         default_reward_type(["addition", "x.jsonl"])
+
+
+def test_split_evenly_covers_every_item_in_order():
+    from megatron_hapo.data.datasets import split_evenly
+
+    items = list(range(30))
+    for parts in (1, 4, 7, 32):  # AIME's 30 problems over 32 engines: 30 engines take one, 2 take none
+        slices = [split_evenly(items, parts, i) for i in range(parts)]
+        assert [x for s in slices for x in s] == items
+        assert max(map(len, slices)) - min(map(len, slices)) <= 1
+    assert [split_evenly(list(range(8)), 4, i) for i in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]

@@ -179,7 +179,8 @@ def test_demo_pipeline_small(tmp_path):
 
 
 LAYOUT_EXTRA = ["rollout.dynamic_sampling=false", "rollout.prompts_per_step=4", "train.mini_batch_prompts=4",
-                "train.micro_batch_size=4", "rollout.max_response_tokens=6"]
+                "train.micro_batch_size=4", "rollout.max_response_tokens=6",
+                "eval.num_prompts=7"]  # odd: two engines take 4 and 3, none is dropped
 ROLLOUT_KEYS = ("reward", "rollout_accuracy", "response_length", "response_tokens", "data_position")
 
 
@@ -209,6 +210,8 @@ def test_two_rank_layouts_match_one_rank(single_rank, layout):
             for key in ("loss", "entropy", "grad_norm", "temperature_min", "temperature_max", "entropy_q"):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
             assert b["logp_mismatch_max"] < 1e-4
+        assert history[-1]["eval_prompts"] == one[-1]["eval_prompts"] == 7  # every eval prompt, whatever the layout
+        assert history[-1]["eval_mean@1"] == one[-1]["eval_mean@1"]
     assert one[1]["temperature_min"] < 1.0 < one[1]["temperature_max"]
 
 

@@ -290,6 +290,9 @@ class PromptSampler:
 
 
 def split_evenly(items: Sequence, parts: int, index: int) -> list:
-    """The index-th of `parts` contiguous, equal slices (len(items) divisible by parts)."""
-    n = len(items) // parts
-    return list(items[index * n:(index + 1) * n])
+    """The index-th of `parts` contiguous slices, as equal as possible: equal when len(items) is
+    divisible by parts (training batches, validated at start), else the first len % parts slices
+    hold one more (evaluation sets: every prompt is evaluated whatever the number of engines)."""
+    n, extra = divmod(len(items), parts)
+    start = index * n + min(index, extra)
+    return list(items[start:start + n + (index < extra)])
