@@ -47,27 +47,16 @@ def set_current() -> torch.device:
     return dev
 
 
-def check_current(where: str) -> None:
-    """Raises if something (a library) moved the current CUDA device away from this rank's GPU."""
-    dev = device()
-    if dev.type == "cuda" and torch.cuda.current_device() != dev.index:
-        raise RuntimeError(f"{where}: the current CUDA device is {torch.cuda.current_device()}, this rank's is "
-                           f"{dev.index} (LOCAL_RANK)")
-
-
 def dist_backend() -> str:
     """The default process group's backend: CPU tensors over gloo, CUDA tensors over NCCL."""
     return "cpu:gloo,cuda:nccl" if is_gpu() else "gloo"
 
 
-def default_layer_spec() -> str:
-    """Megatron layer spec: Transformer Engine where CUDA is, the local (torch) spec otherwise."""
-    return "te" if is_gpu() else "local"
-
-
 def resolve_layer_spec(value: Optional[str]) -> str:
+    """Megatron layer spec: te (Transformer Engine) or local (torch modules); None/auto: te where
+    CUDA is, local otherwise."""
     if value in (None, "auto"):
-        return default_layer_spec()
+        return "te" if is_gpu() else "local"
     if value not in ("te", "local"):
         raise ValueError(f"model.layer_spec: {value!r}; expected auto, te or local")
     if value == "te" and not is_gpu():
@@ -96,9 +85,7 @@ def memory_report() -> Dict[str, float]:
     """GiB reserved by torch's allocator and free on the device (empty on CPU)."""
     if not is_gpu():
         return {}
-    free, total = torch.cuda.mem_get_info()
-    return {"reserved_gib": torch.cuda.memory_reserved() / 2**30, "allocated_gib": torch.cuda.memory_allocated() / 2**30,
-            "free_gib": free / 2**30, "total_gib": total / 2**30}
+    return {"reserved_gib": torch.cuda.memory_reserved() / 2**30, "free_gib": torch.cuda.mem_get_info()[0] / 2**30}
 
 
 def check_allocator_config(enable_sleep_mode: bool, environ=None) -> Optional[str]:

@@ -230,7 +230,6 @@ class Trainer:
                                     kv_cache_memory_bytes=r.kv_cache_memory_bytes, seed=t.seed, tensor_parallel_size=itp,
                                     dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
                                     enable_sleep_mode=r.enable_sleep_mode)
-        dev.check_current("after building the vLLM engine")
         self.sampling = SamplingConfig(max_tokens=r.max_response_tokens, base_temperature=r.base_temperature, top_p=r.top_p,
                                        adaptive=self.algo.adaptive_temperature, tau=self.algo.tau,
                                        sign_mode=self.algo.sign_mode, stop_token_ids=self.stop_ids)
@@ -513,7 +512,7 @@ class Trainer:
 
     def _memory(self, phase: str) -> Dict[str, float]:
         """Device memory after a phase (GiB reserved by torch, free on the device); empty on CPU."""
-        return {f"mem_{phase}_{k}": v for k, v in dev.memory_report().items() if k in ("reserved_gib", "free_gib")}
+        return {f"mem_{phase}_{k}": v for k, v in dev.memory_report().items()}
 
     def _rollout_metrics(self, kept: List[GroupSummary], seen: List[GroupSummary], gen_batches: int) -> Dict[str, float]:
         def flat(groups, attr):

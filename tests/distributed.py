@@ -84,3 +84,13 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 240.0):
     if errors:
         raise AssertionError("\n".join(errors))
     return [got[r] for r in range(world_size)]
+
+
+def error_text(expected, fn, *args, **kwargs):
+    """str() of the `expected` exception fn raised, or None when it returned: for workers, whose
+    results travel back to the test as plain values."""
+    try:
+        fn(*args, **kwargs)
+    except expected as exc:
+        return str(exc)
+    return None

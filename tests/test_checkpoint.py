@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from .distributed import run_ranks
+from .distributed import error_text, run_ranks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N = 4
@@ -118,11 +118,7 @@ def retention_worker(rank, world, root):
     megatron_to_hf_checkpoint(f"{root}/iter_0000004", f"{root}/hf_out", hf_config_dir=f"{root}/cfg", progress=False)
     exported, live = read_hf_tensors(f"{root}/hf_out"), policy.hf_state_dict()
     export_exact = sorted(exported) == sorted(live) and all(torch.equal(exported[k], live[k]) for k in live)
-    try:
-        save_checkpoint(root, 4, policy)
-        overwrite = None
-    except FileExistsError as exc:
-        overwrite = str(exc)
+    overwrite = error_text(FileExistsError, save_checkpoint, root, 4, policy)
     return kept, overwrite, export_exact
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from .distributed import run_ranks
+from .distributed import error_text, run_ranks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAMILIES = ["llama", "qwen2", "qwen3"]
@@ -118,18 +118,11 @@ def errors_worker(rank, world, tmp):
     out = {}
     for label, (src, kw) in cases.items():
         target = f"{tmp}/out_{label}"
-        try:
-            hf_to_megatron_checkpoint(src, target, progress=False, **kw)
-            out[label] = None
-        except (ValueError, KeyError, FileExistsError) as exc:
-            out[label] = str(exc)
+        out[label] = error_text((ValueError, KeyError, FileExistsError), hf_to_megatron_checkpoint, src, target,
+                                progress=False, **kw)
         out[label + "_left_behind"] = sorted(p for p in os.listdir(tmp) if p.startswith(f"out_{label}"))
     os.makedirs(f"{tmp}/exists")
-    try:
-        hf_to_megatron_checkpoint(good, f"{tmp}/exists", progress=False)
-        out["exists"] = None
-    except FileExistsError as exc:
-        out["exists"] = str(exc)
+    out["exists"] = error_text(FileExistsError, hf_to_megatron_checkpoint, good, f"{tmp}/exists", progress=False)
     return out
 
 

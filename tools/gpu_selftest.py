@@ -210,17 +210,25 @@ def c_placement(ctx):
     return figure, not wrong and math.isfinite(m["loss"])
 
 
-def _logits(ctx, layer_spec, dtype=torch.float32):
-    """Megatron GPTModel logits (single rank) for the HF weights, and the token ids used."""
+def _hf_gpt_model(ctx, layer_spec, dtype=torch.float32):
+    """A single-rank Megatron GPTModel of `layer_spec` holding the HF weights (strict load)."""
     from megatron_hapo.models.convert import load_state_strict
-    from megatron_hapo.models.hf_config import attention_mask_for, build_gpt_model, transformer_config
+    from megatron_hapo.models.hf_config import build_gpt_model, transformer_config
     from megatron_hapo.models.mapping import hf_to_megatron
-    from megatron_hapo.training.policy import model_inputs
 
     ctx.ensure_model()
     model = build_gpt_model(ctx.spec, transformer_config(ctx.spec, dtype=dtype), pre_process=True, post_process=True,
                             layer_spec=layer_spec).eval()
     load_state_strict(model, hf_to_megatron(ctx.hf, ctx.spec, layer_spec=layer_spec), f"{layer_spec} spec")
+    return model
+
+
+def _logits(ctx, layer_spec, dtype=torch.float32):
+    """Megatron GPTModel logits (single rank) for the HF weights, and the token ids used."""
+    from megatron_hapo.models.hf_config import attention_mask_for
+    from megatron_hapo.training.policy import model_inputs
+
+    model = _hf_gpt_model(ctx, layer_spec, dtype)
     ids = ctx.batch(rows=2, width=32, seed=3).input_ids
     pos, mask, _ = model_inputs(ids)
     with torch.no_grad(), dev.megatron_scope():
@@ -326,15 +334,9 @@ def c_local_into_te(ctx):
     need_gpu()
     from megatron.core import dist_checkpointing
 
-    from megatron_hapo.models.hf_config import build_gpt_model, transformer_config
     from megatron_hapo.training.checkpoint import load_model_checkpoint
 
-    local, _ = _logits(ctx, "local")
-    model = build_gpt_model(ctx.spec, transformer_config(ctx.spec), pre_process=True, post_process=True, layer_spec="local")
-    from megatron_hapo.models.convert import load_state_strict
-    from megatron_hapo.models.mapping import hf_to_megatron
-
-    load_state_strict(model, hf_to_megatron(ctx.hf, ctx.spec, layer_spec="local"), "local")
+    model = _hf_gpt_model(ctx, "local")
     path = os.path.join(ctx.work, "local_ckpt")
     os.makedirs(path)
     with dev.megatron_scope():
@@ -360,7 +362,6 @@ def c_engine_device(ctx):
                                dtype="float32", gpu_memory_utilization=0.3, enable_sleep_mode=dev.is_gpu())
     after = torch.cuda.current_device() if dev.is_gpu() else "cpu"
     executor = ctx.engine.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
-    dev.check_current("self-test")
     return f"executor {executor}; current device {before} → {after}", before == after and executor == "external_launcher"
 
 

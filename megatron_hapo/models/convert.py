@@ -114,18 +114,6 @@ def load_sharded(sharded: dict, path: str, where: str) -> dict:
     return loaded
 
 
-def checkpoint_layer_spec(path: str) -> Optional[str]:
-    """The layer spec a checkpoint was written with (recorded in its metadata), or None."""
-    for name in (META, "trainer_state.json"):
-        meta = os.path.join(path, name)
-        if os.path.exists(meta):
-            with open(meta) as f:
-                spec = json.load(f).get("layer_spec")
-            if spec:
-                return spec
-    return None
-
-
 def load_state_strict(module, state: dict, where: str) -> None:
     """load_state_dict that allows only Transformer Engine's _extra_state to be absent."""
     result = module.load_state_dict(state, strict=False)

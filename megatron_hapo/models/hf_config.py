@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from .. import device as dev
+
 FAMILIES = ("llama", "qwen2", "qwen3")
 
 
@@ -138,7 +140,7 @@ def transformer_config(spec: ModelSpec, tp: int = 1, pp: int = 1, *, dtype=torch
         bf16=bf16,
         pipeline_dtype=dtype,
         # on GPU the weights are created on the rank's current device (set before this); on CPU there is no other
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=not dev.is_gpu(),
         init_method_std=init_std,
     )
 
@@ -155,8 +157,6 @@ def build_gpt_model(spec: ModelSpec, config, *, pre_process: bool, post_process:
     norm+linear; GPU) or "local" (torch modules); None/"auto": te on GPU, local on CPU."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    from .. import device as dev
 
     layer_spec = dev.resolve_layer_spec(layer_spec)
     if layer_spec == "te":

@@ -160,30 +160,23 @@ class RewardPool:
         verifier, or this raises RewardWorkersError quoting the first worker's error."""
         import pickle
 
-        if self._pool is None:
-            pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
-            blob = pickle.dumps(self.verifier)
-            futures = [pool.submit(_probe, blob) for _ in range(self.workers)]
-            done, not_done = cf.wait(futures, timeout=self.start_timeout_s)
-            problem = None
-            for f in futures:
-                if f in not_done:
-                    problem = f"a worker did not start within {self.start_timeout_s:g}s"
-                elif f.exception() is not None:
-                    problem = f"a worker process died while starting ({type(f.exception()).__name__}: {f.exception()})"
-                elif f.result():
-                    problem = "a worker could not load the verifier:\n" + f.result()
-                if problem:
-                    break
-            if problem:
-                self._pool = pool
-                self.close()
-                hint = ""
-                path = main_script_without_guard()
-                if path:
-                    hint = "\nLikely cause: " + _NO_GUARD_HELP.format(path=path)
-                raise RewardWorkersError(f"reward workers cannot start: {problem}{hint}")
-            self._pool = pool
+        if self._pool is not None:
+            return self._pool
+        self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
+        blob = pickle.dumps(self.verifier)
+        futures = [self._pool.submit(_probe, blob) for _ in range(self.workers)]
+        _, not_done = cf.wait(futures, timeout=self.start_timeout_s)
+        for f in futures:
+            if f in not_done:
+                problem = f"a worker did not start within {self.start_timeout_s:g}s"
+            elif f.exception() is not None:
+                problem = f"a worker process died while starting ({type(f.exception()).__name__}: {f.exception()})"
+            elif f.result():
+                problem = "a worker could not load the verifier:\n" + f.result()
+            else:
+                continue
+            self.close()  # (a main script without a guard was refused in __init__, before any spawn)
+            raise RewardWorkersError(f"reward workers cannot start: {problem}")
         return self._pool
 
     def start(self) -> None:

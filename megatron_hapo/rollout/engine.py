@@ -29,6 +29,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import device as dev
 from ..algorithms import EntropyStats
 from ..algorithms.entropy import SIGN_MODES
 
@@ -117,8 +118,6 @@ class RolloutEngine:
         _vllm_env()
         import torch.distributed as dist
         from vllm import LLM
-
-        from .. import device as dev
 
         import logging
 
@@ -316,16 +315,12 @@ class RolloutEngine:
 
     def wake_up_weights(self) -> None:
         """First stage of waking: the weights only (the caller syncs new weights next)."""
-        from .. import device as dev
-
         if self.sleep_enabled:
             dev.free_cached_memory()  # the trainer's cached blocks go back before vLLM's pool maps memory
             self.llm.wake_up(tags=["weights"])
 
     def wake_up_kv_cache(self) -> None:
         """Second stage: the KV cache, after the weight sync freed its temporaries."""
-        from .. import device as dev
-
         if self.sleep_enabled:
             dev.free_cached_memory()
             if not self.llm.wake_up(tags=["kv_cache"]):  # anything else still asleep: wake it all

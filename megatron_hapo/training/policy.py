@@ -93,20 +93,20 @@ class PolicyBatch:
         return self.input_ids.shape[0]
 
     def select(self, idx) -> "PolicyBatch":
-        return self._map(lambda name, t: t[idx])
+        return self._map(lambda t: t[idx])
 
     def to(self, device) -> "PolicyBatch":
-        return self._map(lambda name, t: t.to(device, non_blocking=True))
+        return self._map(lambda t: t.to(device, non_blocking=True))
 
     def pad_width(self, width: int) -> "PolicyBatch":
         """Right-pads every row to `width` positions (nothing scored there)."""
         extra = width - self.input_ids.shape[1]
         if extra <= 0:
             return self
-        return self._map(lambda name, t: t if t.dim() == 1 else torch.nn.functional.pad(t, (0, extra)))
+        return self._map(lambda t: t if t.dim() == 1 else torch.nn.functional.pad(t, (0, extra)))
 
     def _map(self, fn) -> "PolicyBatch":
-        return PolicyBatch(**{f.name: (None if getattr(self, f.name) is None else fn(f.name, getattr(self, f.name)))
+        return PolicyBatch(**{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
                               for f in dataclasses.fields(self)})
 
 
@@ -121,14 +121,11 @@ def model_inputs(input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = 
     """(position_ids, attention_mask, labels): causal mask (True = masked), block-diagonal when packed;
     mask None for unpacked rows when with_mask=False (TE's causal attention implies it)."""
     b, s = input_ids.shape
-    if segment_ids is None and not with_mask:
-        labels = torch.zeros_like(input_ids)
-        labels[:, :-1] = input_ids[:, 1:]
-        return torch.arange(s, device=input_ids.device).expand(b, s).contiguous(), None, labels
-    causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu(1)
+    causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu(1) \
+        if with_mask or segment_ids is not None else None
     if segment_ids is None:
         position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-        mask = causal[None, None].expand(b, 1, s, s)
+        mask = None if causal is None else causal[None, None].expand(b, 1, s, s)
     else:
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
         mask = (causal[None] | ~same)[:, None]
@@ -139,7 +136,7 @@ def model_inputs(input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = 
         position_ids = idx - seg_start
     labels = torch.zeros_like(input_ids)
     labels[:, :-1] = input_ids[:, 1:]
-    return position_ids.contiguous(), mask.contiguous(), labels
+    return position_ids.contiguous(), None if mask is None else mask.contiguous(), labels
 
 
 def _buckets(sizes, bucket_bytes: int) -> List[List[int]]:
