@@ -1,12 +1,16 @@
-"""One typed config for a run: YAML file + `key.sub=value` command-line overrides, validated at start.
+"""One typed config for a run: YAML file + `key.sub=value` command-line overrides.
 
-Parallelism uses Megatron's flag names; the algorithm section is `AlgorithmConfig` (every HAPO
-switch of docs/HAPO.md). `Config.load(path, overrides)` → validated config; `config.dump()` is what
-gets printed and saved with the run.
+Every section is a dataclass; `Config.load(path, overrides)` coerces each value to its field's
+type and checks its range once, under the name the user wrote (`train.steps: expected an integer,
+got 'abc'`); `Config.validate(world_size)` adds the checks that need the layout. The algorithm
+section is the resolved `AlgorithmConfig` (a preset by `name`, then the user's overrides), so
+`config.dump()`, what is printed, saved with the run and stored in checkpoints, holds every
+effective value. Parallelism uses Megatron's flag names.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Dict, List, Optional
 
@@ -15,23 +19,47 @@ import yaml
 from .algorithms import AlgorithmConfig
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the setting's name."""
+
+
+def _need(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
 @dataclasses.dataclass
 class ModelConfig:
-    hf_path: Optional[str] = None  # an HF folder (config, tokenizer, weights); None: the built-in tiny model
+    hf_path: Optional[str] = None  # an HF folder (config, tokenizer, weights); None: the built-in addition model (demo)
     load: Optional[str] = None  # a Megatron checkpoint (tools/convert_hf_to_megatron.py) to start from instead of hf_path's weights
-    dtype: str = "float32"
+    dtype: str = "float32"  # bfloat16 on GPU
     layer_spec: str = "auto"  # te (Transformer Engine, GPU) | local (torch modules) | auto: te on GPU, local on CPU
+
+    def check(self) -> None:
+        _need(self.dtype in ("float32", "bfloat16"), "model.dtype", f"expected float32 | bfloat16, got {self.dtype!r}")
+        _need(self.layer_spec in ("auto", "te", "local"), "model.layer_spec", f"expected auto | te | local, got {self.layer_spec!r}")
 
 
 @dataclasses.dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None  # refused: see training/policy.py
     use_distributed_optimizer: bool = False
     sequence_parallel: bool = False  # with TP > 1 and the TE spec (GPU)
     inference_tensor_parallel_size: int = 1
     timeout_s: int = 1800  # training collectives (NCCL watchdog); a hung collective fails after this
     control_timeout_s: int = 14400  # control-plane exchanges over gloo that wait for the slowest rollout
+
+    def check(self) -> None:
+        for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "inference_tensor_parallel_size"):
+            _need(getattr(self, f) >= 1, f"parallel.{f}", f"must be ≥ 1, got {getattr(self, f)}")
+        _need(not self.virtual_pipeline_model_parallel_size, "parallel.virtual_pipeline_model_parallel_size",
+              "refused: over gloo the interleaved schedule's training forward does not match PP without interleaving, "
+              "and it is not yet checked on GPUs")
+        _need(self.timeout_s >= 60 and self.control_timeout_s >= self.timeout_s, "parallel.timeout_s",
+              f"parallel.timeout_s={self.timeout_s} must be ≥ 60 and parallel.control_timeout_s={self.control_timeout_s} "
+              "at least as long")
 
 
 @dataclasses.dataclass
@@ -49,6 +77,21 @@ class RolloutConfig:
     overlong_buffer: int = 0  # 0 = no overlong shaping
     overlong_penalty_factor: float = 1.0
 
+    def check(self) -> None:
+        for f in ("prompts_per_step", "samples_per_prompt", "max_response_tokens", "kv_cache_memory_bytes"):
+            _need(getattr(self, f) >= 1, f"rollout.{f}", f"must be ≥ 1, got {getattr(self, f)}")
+        _need(self.base_temperature > 0 and math.isfinite(self.base_temperature), "rollout.base_temperature",
+              f"must be positive, got {self.base_temperature}")
+        _need(0 < self.top_p <= 1, "rollout.top_p", f"must lie in (0, 1], got {self.top_p}")
+        _need(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+              f"must lie in (0, 1], got {self.gpu_memory_utilization}")
+        _need(self.max_num_gen_batches >= 0, "rollout.max_num_gen_batches", f"must be ≥ 0, got {self.max_num_gen_batches}")
+        _need(0 <= self.overlong_buffer <= self.max_response_tokens, "rollout.overlong_buffer",
+              f"rollout.overlong_buffer={self.overlong_buffer} exceeds rollout.max_response_tokens={self.max_response_tokens}"
+              if self.overlong_buffer > 0 else f"must be ≥ 0, got {self.overlong_buffer}")
+        _need(self.overlong_penalty_factor >= 0, "rollout.overlong_penalty_factor",
+              f"must be ≥ 0, got {self.overlong_penalty_factor}")
+
 
 @dataclasses.dataclass
 class DataConfig:
@@ -63,6 +106,16 @@ class DataConfig:
     reasoning_gym_size: int = 1000
     reasoning_gym_config: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def check(self) -> None:
+        from .data.datasets import as_sources
+
+        _need(bool(self.train), "data.train", "no training source")
+        for name, src in (("train", self.train), ("eval", self.eval)):
+            for item in as_sources(src):
+                _need(isinstance(item, str), f"data.{name}", f"expected a path or source name, got {item!r}")
+        _need(self.max_prompt_tokens >= 1, "data.max_prompt_tokens", f"must be ≥ 1, got {self.max_prompt_tokens}")
+        _need(self.reasoning_gym_size >= 1, "data.reasoning_gym_size", f"must be ≥ 1, got {self.reasoning_gym_size}")
+
 
 @dataclasses.dataclass
 class RewardConfig:
@@ -72,6 +125,15 @@ class RewardConfig:
     correct: Optional[float] = None  # reward values; None: the verifier's (math: ±1, others 1/0)
     wrong: Optional[float] = None
     max_error_fraction: float = 1.0  # stop when the verifier errors on this share of a batch's responses (1.0: all)
+
+    def check(self) -> None:
+        from .rewards.registry import BUILTIN
+
+        _need(self.type == "auto" or self.type in BUILTIN or ":" in self.type, "reward.type",
+              f"unknown verifier {self.type!r}; expected auto, one of {list(BUILTIN)} or 'module:Class'")
+        _need(0 < self.max_error_fraction <= 1, "reward.max_error_fraction", f"must lie in (0, 1], got {self.max_error_fraction}")
+        _need(self.workers >= 0 and self.timeout_s > 0, "reward.workers",
+              f"reward.workers must be ≥ 0 and reward.timeout_s positive, got {self.workers}, {self.timeout_s}")
 
 
 @dataclasses.dataclass
@@ -85,6 +147,14 @@ class EvalConfig:
     top_p: float = 1.0
     max_response_tokens: int = 0  # 0: rollout.max_response_tokens
 
+    def check(self) -> None:
+        _need(self.interval >= 0 and self.n >= 1 and self.num_prompts >= 0 and self.temperature >= 0
+              and 0 < self.top_p <= 1 and self.max_response_tokens >= 0, "eval",
+              f"need interval ≥ 0, n ≥ 1, num_prompts ≥ 0, temperature ≥ 0, 0 < top_p ≤ 1, max_response_tokens ≥ 0; "
+              f"got {self.interval}, {self.n}, {self.num_prompts}, {self.temperature}, {self.top_p}, {self.max_response_tokens}")
+        _need(not (self.temperature == 0 and self.n > 1), "eval.n",
+              f"eval.n={self.n} with eval.temperature=0: greedy decoding gives n identical samples")
+
 
 @dataclasses.dataclass
 class LogConfig:
@@ -92,21 +162,61 @@ class LogConfig:
     progress: str = "auto"  # auto (on a terminal) | on | off
     token_samples: int = 2048  # (entropy, temperature) pairs kept per step for `megatron-hapo plot`
 
+    def check(self) -> None:
+        _need(self.progress in ("auto", "on", "off"), "log.progress", f"expected auto | on | off, got {self.progress!r}")
+        _need(self.token_samples >= 0, "log.token_samples", f"must be ≥ 0, got {self.token_samples}")
+
 
 @dataclasses.dataclass
-class TrainConfig:
+class OptimConfig:
+    """The optimizer and LR schedule: one definition, read from `train.*` by the run and used as
+    is by `training.policy.PolicyConfig` (which extends it)."""
+
+    lr: float = 1e-5
+    min_lr: Optional[float] = None  # None: lr (a constant schedule after the warm-up)
+    lr_warmup_steps: int = 0  # optimizer steps (mini-batches), not rollout steps
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    def check_optim(self, section: str) -> None:
+        _need(self.lr > 0, f"{section}.lr", f"must be positive, got {self.lr}")
+        _need(self.min_lr is None or 0 <= self.min_lr <= self.lr, f"{section}.min_lr",
+              f"must lie in [0, lr={self.lr}], got {self.min_lr}")
+        _need(self.lr_warmup_steps >= 0, f"{section}.lr_warmup_steps", f"must be ≥ 0, got {self.lr_warmup_steps}")
+        _need(self.weight_decay >= 0, f"{section}.weight_decay", f"must be ≥ 0, got {self.weight_decay}")
+        for f in ("adam_beta1", "adam_beta2"):
+            _need(0 <= getattr(self, f) < 1, f"{section}.{f}", f"must lie in [0, 1), got {getattr(self, f)}")
+        _need(self.adam_eps > 0, f"{section}.adam_eps", f"must be positive, got {self.adam_eps}")
+        _need(self.clip_grad >= 0, f"{section}.clip_grad", f"must be ≥ 0 (0: no clipping), got {self.clip_grad}")
+
+
+@dataclasses.dataclass
+class TrainConfig(OptimConfig):
     steps: int = 10
     mini_batch_prompts: int = 4
     micro_batch_size: int = 4
-    lr: float = 1e-5
-    lr_warmup_steps: int = 0
-    weight_decay: float = 0.1
-    clip_grad: float = 1.0
+    logprob_chunk_size: Optional[int] = 1024  # positions per chunk of the vocab-parallel log-prob pass (memory)
     seed: int = 0
     run_dir: str = "runs/default"
     save_interval: int = 0  # 0 = only at the end
     keep_last: Optional[int] = 3
     resume: str = "auto"  # auto | none | a checkpoint folder
+
+    def check(self) -> None:
+        self.check_optim("train")
+        _need(self.steps >= 1, "train.steps", f"must be ≥ 1, got {self.steps}")
+        for f in ("mini_batch_prompts", "micro_batch_size"):
+            _need(getattr(self, f) >= 1, f"train.{f}", f"must be ≥ 1, got {getattr(self, f)}")
+        _need(self.logprob_chunk_size is None or self.logprob_chunk_size >= 1, "train.logprob_chunk_size",
+              f"must be ≥ 1 or null, got {self.logprob_chunk_size}")
+        _need(self.save_interval >= 0, "train.save_interval", f"must be ≥ 0, got {self.save_interval}")
+        _need(self.keep_last is None or self.keep_last >= 1, "train.keep_last", f"must be ≥ 1 or null, got {self.keep_last}")
+
+
+SECTIONS = ("model", "parallel", "rollout", "train", "data", "reward", "eval", "log", "algorithm")
 
 
 @dataclasses.dataclass
@@ -119,79 +229,51 @@ class Config:
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
-    algorithm: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "hapo"})
+    algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
 
-    def algo(self) -> AlgorithmConfig:
-        a = dict(self.algorithm)
-        return AlgorithmConfig.preset(a.pop("name", "hapo"), **a)
+    def check(self) -> "Config":
+        """Every section's own ranges (run by `load`; `validate` runs it again for configs built in code)."""
+        for name in SECTIONS[:-1]:
+            getattr(self, name).check()
+        return self
 
     def validate(self, world_size: int = 1) -> "Config":
+        """The checks that need the layout (world size), after each section's own."""
+        self.check()
         p, r, t = self.parallel, self.rollout, self.train
         tp_pp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
         if world_size % tp_pp:
-            raise ValueError(f"parallel: world size {world_size} is not divisible by tensor×pipeline = {tp_pp}")
+            raise ConfigError(f"parallel: world size {world_size} is not divisible by tensor×pipeline = {tp_pp}")
         if world_size % p.inference_tensor_parallel_size:
-            raise ValueError(f"parallel.inference_tensor_parallel_size={p.inference_tensor_parallel_size} does not divide "
-                             f"the world size {world_size}")
+            raise ConfigError(f"parallel.inference_tensor_parallel_size={p.inference_tensor_parallel_size} does not divide "
+                              f"the world size {world_size}")
         dp = world_size // tp_pp
         engines = world_size // p.inference_tensor_parallel_size
         if r.prompts_per_step % dp:
-            raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} does not divide over {dp} data-parallel ranks")
+            raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} does not divide over {dp} data-parallel ranks")
         if r.prompts_per_step % engines:
-            raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} does not divide over {engines} rollout engines "
-                             f"(world {world_size} / inference_tensor_parallel_size {p.inference_tensor_parallel_size})")
+            raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} does not divide over {engines} rollout "
+                              f"engines (world {world_size} / inference_tensor_parallel_size {p.inference_tensor_parallel_size})")
         if t.mini_batch_prompts % dp:
-            raise ValueError(f"train.mini_batch_prompts={t.mini_batch_prompts} does not divide over {dp} data-parallel ranks")
+            raise ConfigError(f"train.mini_batch_prompts={t.mini_batch_prompts} does not divide over {dp} data-parallel ranks")
         if r.prompts_per_step % t.mini_batch_prompts:
-            raise ValueError(f"train.mini_batch_prompts={t.mini_batch_prompts} does not divide "
-                             f"rollout.prompts_per_step={r.prompts_per_step}")
+            raise ConfigError(f"train.mini_batch_prompts={t.mini_batch_prompts} does not divide "
+                              f"rollout.prompts_per_step={r.prompts_per_step}")
         seqs = t.mini_batch_prompts * r.samples_per_prompt
         if seqs % dp or (seqs // dp) % t.micro_batch_size:
-            raise ValueError(f"train.micro_batch_size={t.micro_batch_size} does not divide the {seqs // max(dp, 1)} "
-                             f"sequences of a mini-batch on each of {dp} data-parallel ranks")
-        if r.overlong_buffer > r.max_response_tokens:
-            raise ValueError(f"rollout.overlong_buffer={r.overlong_buffer} exceeds rollout.max_response_tokens={r.max_response_tokens}")
+            raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} does not divide the {seqs // max(dp, 1)} "
+                              f"sequences of a mini-batch on each of {dp} data-parallel ranks")
         from .device import resolve_layer_spec
 
         spec = resolve_layer_spec(self.model.layer_spec)  # names the setting when it cannot work here
         if p.sequence_parallel and (spec != "te" or p.tensor_model_parallel_size == 1):
-            raise ValueError("parallel.sequence_parallel: needs tensor_model_parallel_size > 1 and the Transformer Engine "
-                             f"spec (model.layer_spec=te, GPU); got TP={p.tensor_model_parallel_size}, layer spec {spec}")
-        if p.timeout_s < 60 or p.control_timeout_s < p.timeout_s:
-            raise ValueError(f"parallel.timeout_s={p.timeout_s} must be ≥ 60 and parallel.control_timeout_s="
-                             f"{p.control_timeout_s} at least as long")
-        if t.steps < 1:
-            raise ValueError(f"train.steps: must be ≥ 1, got {t.steps}")
-        d, rw, e, lg = self.data, self.reward, self.eval, self.log
-        from .data.datasets import as_sources
-
-        for name, src in (("train", d.train), ("eval", d.eval)):
-            for item in as_sources(src):
-                if not isinstance(item, str):
-                    raise ValueError(f"data.{name}: expected a path or source name, got {item!r}")
-        if not d.train:
-            raise ValueError("data.train: no training source")
-        if d.max_prompt_tokens < 1:
-            raise ValueError(f"data.max_prompt_tokens: must be ≥ 1, got {d.max_prompt_tokens}")
-        from .rewards.registry import BUILTIN
-
-        if rw.type != "auto" and rw.type not in BUILTIN and ":" not in rw.type:
-            raise ValueError(f"reward.type: unknown verifier {rw.type!r}; expected auto, one of {list(BUILTIN)} or 'module:Class'")
-        if not 0 < rw.max_error_fraction <= 1:
-            raise ValueError(f"reward.max_error_fraction: must lie in (0, 1], got {rw.max_error_fraction}")
-        if rw.workers < 0 or not rw.timeout_s > 0:
-            raise ValueError(f"reward.workers must be ≥ 0 and reward.timeout_s positive, got {rw.workers}, {rw.timeout_s}")
-        if e.interval < 0 or e.n < 1 or e.num_prompts < 0 or e.temperature < 0 or not 0 < e.top_p <= 1:
-            raise ValueError(f"eval: need interval ≥ 0, n ≥ 1, num_prompts ≥ 0, temperature ≥ 0, 0 < top_p ≤ 1; got "
-                             f"{e.interval}, {e.n}, {e.num_prompts}, {e.temperature}, {e.top_p}")
-        if e.temperature == 0 and e.n > 1:
-            raise ValueError(f"eval.n={e.n} with eval.temperature=0: greedy decoding gives n identical samples")
-        if isinstance(lg.progress, bool):  # YAML 1.1 reads on/off as booleans
-            lg.progress = "on" if lg.progress else "off"
-        if lg.progress not in ("auto", "on", "off"):
-            raise ValueError(f"log.progress: expected auto | on | off, got {lg.progress!r}")
-        self.algo()  # validates the algorithm section, naming the field
+            raise ConfigError("parallel.sequence_parallel: needs tensor_model_parallel_size > 1 and the Transformer Engine "
+                              f"spec (model.layer_spec=te, GPU); got TP={p.tensor_model_parallel_size}, layer spec {spec}")
         return self
+
+    def optimizer_steps(self) -> int:
+        """Optimizer steps in the whole run (one per mini-batch)."""
+        return self.train.steps * (self.rollout.prompts_per_step // self.train.mini_batch_prompts)
 
     def dump(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
@@ -202,43 +284,114 @@ class Config:
         if path:
             with open(path) as f:
                 data = yaml.safe_load(f) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        raw: Dict[str, str] = {}  # the override's text, for string fields ("train.run_dir=1e3" stays "1e3")
         for item in overrides or []:
             if "=" not in item:
-                raise ValueError(f"override {item!r}: expected key.sub=value")
+                raise ConfigError(f"override {item!r}: expected key.sub=value")
             key, value = item.split("=", 1)
-            node = data
             parts = key.split(".")
+            node = data
             for part in parts[:-1]:
                 node = node.setdefault(part, {})
-            parsed = yaml.safe_load(value)
-            if isinstance(parsed, str):  # YAML 1.1 reads "1e-4" as a string
-                try:
-                    parsed = float(parsed)
-                except ValueError:
-                    pass
-            node[parts[-1]] = parsed
-        return cls._from_dict(data)
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {item!r}: {part} is not a section")
+            node[parts[-1]] = yaml.safe_load(value)
+            raw[key] = value
+        return cls.from_dict(data, raw)
 
     @classmethod
-    def _from_dict(cls, data: Dict[str, Any]) -> "Config":
-        kwargs = {}
+    def from_dict(cls, data: Dict[str, Any], raw: Optional[Dict[str, str]] = None) -> "Config":
+        raw = raw or {}
         hints = typing.get_type_hints(cls)
+        kwargs = {}
         for key, value in data.items():
             if key not in hints:
-                raise ValueError(f"config: unknown section {key!r}; expected one of {sorted(hints)}")
+                raise ConfigError(f"config: unknown section {key!r}; expected one of {list(SECTIONS)}")
+            if not isinstance(value, dict):
+                raise ConfigError(f"config.{key}: expected a mapping, got {value!r}")
             if key == "algorithm":
-                if not isinstance(value, dict):
-                    raise ValueError("config.algorithm: expected a mapping")
-                known = {f.name for f in dataclasses.fields(AlgorithmConfig)}
-                bad = sorted(set(value) - known)
-                if bad:
-                    raise ValueError(f"config.algorithm: unknown settings {bad}")
-                kwargs[key] = value
-                continue
-            section_cls = hints[key]
-            fields = {f.name: f for f in dataclasses.fields(section_cls)}
-            bad = sorted(set(value) - set(fields))
-            if bad:
-                raise ValueError(f"config.{key}: unknown settings {bad}; expected some of {sorted(fields)}")
-            kwargs[key] = section_cls(**value)
-        return cls(**kwargs)
+                kwargs[key] = _algorithm(value, raw)
+            else:
+                kwargs[key] = hints[key](**_coerce_fields(hints[key], value, key, raw))
+        return cls(**kwargs).check()
+
+
+def _algorithm(value: Dict[str, Any], raw: Dict[str, str]) -> AlgorithmConfig:
+    """A preset by name, then the user's values (a dumped config, with every field, loads back the same)."""
+    value = dict(value)
+    name = _coerce(value.pop("name", "hapo"), str, "algorithm.name", raw.get("algorithm.name"))
+    fields = _coerce_fields(AlgorithmConfig, value, "algorithm", raw)
+    try:
+        return AlgorithmConfig.preset(name, **fields)
+    except ValueError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith("algorithm") else f"algorithm: {msg}") from None
+
+
+def _coerce_fields(section_cls, values: Dict[str, Any], section: str, raw: Dict[str, str]) -> Dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    names = [f.name for f in dataclasses.fields(section_cls)]
+    bad = sorted(set(values) - set(names))
+    if bad:
+        raise ConfigError(f"config.{section}: unknown settings {bad}; expected some of {sorted(names)}")
+    return {k: _coerce(v, hints[k], f"{section}.{k}", raw.get(f"{section}.{k}")) for k, v in values.items()}
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce(value: Any, hint: Any, name: str, raw: Optional[str] = None) -> Any:
+    """`value` as the field's type, or a ConfigError naming the field."""
+    if hint is Any:
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin in (dict, Dict) or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return value
+    if hint is str:
+        if raw is not None:
+            return raw
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans (log.progress: off)
+            return "on" if value else "off"
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, int)) and str(value).strip().lower() in _TRUE + _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+            if f.is_integer():
+                return int(f)
+        if isinstance(value, int):
+            return value
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    return value

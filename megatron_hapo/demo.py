@@ -13,11 +13,39 @@ import json
 import os
 import shutil
 import time
+from typing import List
 
 from .config import Config
 from .plot import plot_curves, plot_runs, read_jsonl
 
 ACC = "eval_mean@1"  # greedy accuracy on the 810 held-out pairs
+
+
+def supervised_warmup(trainer, steps: int, batch_size: int = 64, seed: int = 777) -> List[float]:
+    """Teacher-forced warm-up on the gold answers through the trainer's Megatron update: with a
+    fresh old-policy pass each step the ratio is 1 and the loss with A = 1 has the gradient of the
+    token-mean negative log-likelihood. Returns the NLL per step; the engine gets the weights."""
+    import torch
+
+    from .data import PromptSampler
+    from .rollout.collect import pad_rows
+    from .training.policy import PolicyBatch
+
+    sampler = PromptSampler(len(trainer.train_data), seed=seed)
+    eos, device = trainer.stop_ids[0], trainer.device
+    losses = []
+    for k in range(steps):
+        items = [trainer.train_data[i] for i in sampler.indices(k * batch_size, batch_size)]
+        answers = [trainer.tokenizer(str(x.ground_truth), add_special_tokens=False)["input_ids"] + [eos] for x in items]
+        ids, mask = pad_rows([x.prompt_ids + a for x, a in zip(items, answers)], [len(x.prompt_ids) for x in items],
+                             [len(a) for a in answers], device)
+        old, _ = trainer.policy.compute_logprobs(PolicyBatch(ids, mask))
+        h_hat = torch.zeros(ids.shape, device=device) if trainer.algo.uses_entropy else None
+        trainer.policy.train_step(PolicyBatch(ids, mask, advantages=torch.ones(len(items), device=device), old_logp=old,
+                                              h_hat=h_hat))
+        losses.append(-old[mask].mean().item())
+    trainer.sync_weights()
+    return losses
 
 
 def _config(run_dir, **overrides):
@@ -33,7 +61,7 @@ def run_demo(root: str = "runs/demo", warmup_steps: int = 300, rl_steps: int = 6
               "train.mini_batch_prompts": 32, "train.micro_batch_size": 64, "rollout.kv_cache_memory_bytes": 128 * 2**20}
     warm = Trainer(_config(f"{root}/warmup", **common, **{"train.lr": 1e-3, "algorithm.name": "dapo", "train.steps": 1}))
     acc0 = warm.evaluate()[ACC]
-    losses = warm.supervised_warmup(warmup_steps)
+    losses = supervised_warmup(warm, warmup_steps)
     acc_warm = warm.evaluate()[ACC]
     warm.export_hf(f"{root}/warmup/model")
     warm.close()

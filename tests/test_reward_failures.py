@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from megatron_hapo.trainer import Trainer
+from megatron_hapo.metrics import eval_line, step_line
 
 from .distributed import run_ranks
 from .test_trainer import train_worker
@@ -33,11 +33,12 @@ def test_script_without_main_guard_fails_fast_with_the_fix(tmp_path):
     script = tmp_path / "my_run.py"
     script.write_text(textwrap.dedent(f"""
         from megatron_hapo.config import Config
+        from megatron_hapo.demo import supervised_warmup
         from megatron_hapo.trainer import Trainer
 
         cfg = Config.load(None, ["train.run_dir={tmp_path / 'run'}", "reward.workers=2", "log.progress=off"])
         trainer = Trainer(cfg)
-        trainer.supervised_warmup(2)
+        supervised_warmup(trainer, 2)
         print("eval", trainer.evaluate())
     """))
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -73,9 +74,9 @@ def test_step_and_eval_lines_show_reward_failures(capsys):
          "temperature_min": 1.0, "temperature_max": 1.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0,
          "logp_mismatch_mean": 0.0, "keep_rate": 1.0, "time_step": 1.0, "reward_timeouts": 0.0, "reward_errors": 4.0,
          "eval_mean@1": 0.25, "eval_reward_timeouts": 2.0, "eval_reward_errors": 0.0}
-    Trainer._print_step(None, m)
-    Trainer._print_eval(None, m)
-    Trainer._print_eval(None, {"eval_mean@1": 0.5, "eval_reward_timeouts": 0.0, "eval_reward_errors": 0.0})
+    print(step_line(m))
+    print(eval_line(m))
+    print(eval_line({"eval_mean@1": 0.5, "eval_reward_timeouts": 0.0, "eval_reward_errors": 0.0}))
     step, ev, quiet = capsys.readouterr().out.splitlines()
     assert "reward timeouts 0 errors 4" in step and "eval reward timeouts 2 errors 0" in step
     assert "eval_reward_timeouts 2.000" in ev and "eval_reward_errors" not in ev

@@ -44,7 +44,7 @@ def test_loop_writes_metrics_and_checkpoint(run):
                 "reward_timeouts", "reward_errors", "truncated_frac", "data_position", "weight_sync_bytes"):
         assert key in lines[0], key
     assert (root / "checkpoints" / "iter_0000003" / "COMPLETE").exists()
-    saved = Config._from_dict(__import__("yaml").safe_load((root / "config.yaml").read_text()))
+    saved = Config.from_dict(__import__("yaml").safe_load((root / "config.yaml").read_text()))
     assert saved.train.steps == 4 and saved.eval.interval == 2  # the effective config of the (latest) run
     assert [("eval_mean@1" in m) for m in lines] == [False, True, True, True]  # every 2 steps and at the end
     assert 0.0 <= lines[1]["eval_mean@1"] <= 1.0 and lines[1]["eval_prompts"] == 16
@@ -221,6 +221,6 @@ def test_cluster_recipes_validate_for_their_world(name):
 
     path = Path(__file__).parent.parent / "examples" / "qwen2.5-math-7b" / f"{name}.yaml"
     cfg = Config.load(str(path)).validate(world_size=32)  # 4 nodes × 8 GPUs
-    assert cfg.algo().name == name and cfg.rollout.prompts_per_step == 512 and cfg.train.lr == 1e-6
+    assert cfg.algorithm.name == name and cfg.rollout.prompts_per_step == 512 and cfg.train.lr == 1e-6
     with pytest.raises(ValueError, match="does not divide over 12 data-parallel ranks"):
         cfg.validate(world_size=48)

@@ -19,13 +19,22 @@ from .loss import (
     ppo_token_losses,
     redistribute_advantages,
     truncated_is_weights,
+    weighted_token_losses,
 )
-from .objectives import AlgorithmConfig, compute_advantages, compute_policy_loss, logprob_mismatch, loss_entropy_scale
+from .objectives import (
+    AlgorithmConfig,
+    PolicyLoss,
+    compute_advantages,
+    compute_policy_loss,
+    logprob_mismatch,
+    loss_entropy_scale,
+)
 
 __all__ = [
     "AGGREGATIONS",
     "SIGN_MODES",
     "AlgorithmConfig",
+    "PolicyLoss",
     "EntropyStats",
     "adaptive_clip_bounds",
     "adaptive_temperature",
@@ -45,4 +54,5 @@ __all__ = [
     "token_group_advantages",
     "token_group_advantages_with_fallback",
     "truncated_is_weights",
+    "weighted_token_losses",
 ]

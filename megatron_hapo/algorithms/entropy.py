@@ -41,6 +41,10 @@ class EntropyStats:
         if self.z_neg >= 0:
             raise ValueError(f"EntropyStats.z_neg: must be negative, got {self.z_neg}")
 
+    def metrics(self) -> dict:
+        """As a step reports them: entropy_q, entropy_sigma, entropy_z_pos, entropy_z_neg."""
+        return {f"entropy_{k}": v for k, v in self.to_dict().items()}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -161,10 +161,17 @@ def policy_loss(
     (per token, no gradient) multiplies each token's loss, e.g. truncated importance weights.
     """
     one_of("agg", agg, AGGREGATIONS)
-    loss, _ = ppo_token_losses(logp, old_logp, advantages, mask, eps_low, eps_high, clip_ratio_c)
+    loss, _ = weighted_token_losses(logp, old_logp, advantages, mask, eps_low, eps_high, clip_ratio_c, weights)
+    return aggregate_loss(loss, mask, agg, normalizer)
+
+
+def weighted_token_losses(logp, old_logp, advantages, mask, eps_low, eps_high, clip_ratio_c=10.0, weights=None):
+    """`ppo_token_losses` with each token's loss multiplied by `weights` (no gradient; None: 1), the
+    one place where truncated importance weights enter the loss."""
+    loss, info = ppo_token_losses(logp, old_logp, advantages, mask, eps_low, eps_high, clip_ratio_c)
     if weights is not None:
         loss = loss * _per_token("weights", weights, loss).detach()
-    return aggregate_loss(loss, mask, agg, normalizer)
+    return loss, info
 
 
 def truncated_is_weights(old_logp, behaviour_logp, mask, cap: float = 2.0) -> torch.Tensor:

@@ -6,6 +6,7 @@ ablation. Dynamic sampling and overlong shaping are trainer settings shared by a
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
@@ -13,7 +14,8 @@ import torch
 from ._checks import as_mask, one_of
 from .advantages import grpo_advantages, token_group_advantages_with_fallback
 from .entropy import SIGN_MODES, EntropyStats, entropy_stats, normalized_entropy
-from .loss import AGGREGATIONS, adaptive_clip_bounds, aggregate_loss, ppo_token_losses, redistribute_advantages, truncated_is_weights
+from .loss import (AGGREGATIONS, adaptive_clip_bounds, aggregate_loss, redistribute_advantages, truncated_is_weights,
+                   weighted_token_losses)
 
 ALGORITHMS = ("hapo", "dapo", "grpo")
 LOSS_STATS = ("step_old", "micro_batch_current")
@@ -50,10 +52,12 @@ class AlgorithmConfig:
         one_of("algorithm.agg", self.agg, AGGREGATIONS)
         if self.rollout_correction not in ROLLOUT_CORRECTIONS:
             raise ValueError(f"algorithm.rollout_correction: unknown value {self.rollout_correction!r}; expected None or 'tis'")
-        for field, lo, hi in (("tau", 0.0, 1.0), ("eps_low", 0.0, 1.0), ("pivot", 0.0, 1.0)):
-            v = getattr(self, field)
-            if not lo <= v <= hi:
-                raise ValueError(f"algorithm.{field}: must lie in [{lo}, {hi}], got {v}")
+        if not 0 <= self.tau < 1:
+            raise ValueError(f"algorithm.tau: must lie in [0, 1) so that temperatures stay positive, got {self.tau}")
+        if not 0 <= self.eps_low < 1:
+            raise ValueError(f"algorithm.eps_low: must lie in [0, 1), got {self.eps_low}")
+        if not 0 <= self.pivot <= 1:
+            raise ValueError(f"algorithm.pivot: the entropy quantile must lie in [0, 1], got {self.pivot}")
         for field in ("beta", "alpha", "eps_high", "tis_cap"):
             if not getattr(self, field) >= 0:
                 raise ValueError(f"algorithm.{field}: must be non-negative, got {getattr(self, field)}")
@@ -121,8 +125,9 @@ def compute_policy_loss(
 ):
     """The loss of one micro-batch, and metric sums to be reduced across micro-batches and ranks.
 
-    Returns (loss, metrics) where metrics holds float tensors: tokens, clip_low, clip_high,
-    clip_dual, adv_redistributed, bounds_adapted, tis_weight (sums over valid tokens).
+    Returns (loss, metrics) where metrics holds float64 tensors: tokens, clip_low, clip_high,
+    clip_dual, adv_redistributed, bounds_adapted, tis_weight, tis_truncated (sums over valid tokens).
+    TIS weights multiply the per-token loss exactly as `policy_loss(..., weights=)` does.
     """
     mask = as_mask("mask", mask, logp)
     eps_low, eps_high = cfg.eps_low, cfg.eps_high
@@ -138,13 +143,15 @@ def compute_policy_loss(
         adv = redistribute_advantages(advantages, h_hat, ratio, eps_low, eps_high, cfg.beta)
         base = advantages if advantages.dim() == adv.dim() else advantages.unsqueeze(-1).expand_as(adv)
         metrics["adv_redistributed"] = (mask & (adv != base)).sum()
-    token_loss, info = ppo_token_losses(logp, old_logp, adv, mask, eps_low, eps_high, cfg.clip_ratio_c)
+    weights = None
     if cfg.rollout_correction == "tis":
         if behaviour_logp is None:
             raise ValueError("rollout_correction='tis' needs behaviour_logp (the engine's log-probs at T_b)")
-        w = truncated_is_weights(old_logp, behaviour_logp, mask, cfg.tis_cap)
-        token_loss = token_loss * w
-        metrics["tis_weight"] = w.sum()
+        weights = truncated_is_weights(old_logp, behaviour_logp, mask, cfg.tis_cap)
+        metrics["tis_weight"] = weights.sum()
+        log_w = old_logp.detach() - behaviour_logp.detach().to(old_logp.device)
+        metrics["tis_truncated"] = (mask & (log_w >= math.log(cfg.tis_cap))).sum()
+    token_loss, info = weighted_token_losses(logp, old_logp, adv, mask, eps_low, eps_high, cfg.clip_ratio_c, weights)
     loss = aggregate_loss(token_loss, mask, cfg.agg, normalizer)
     metrics.update(
         tokens=mask.sum(),
@@ -153,6 +160,73 @@ def compute_policy_loss(
         clip_dual=info["clip_dual"].sum(),
     )
     return loss, {k: v.detach().to(torch.float64) for k, v in metrics.items()}
+
+
+class PolicyLoss:
+    """The loss as the Megatron layer sees it, so that a new algorithm touches `algorithms/` only:
+
+    - `inputs`: the per-sequence / per-token tensors it reads from the batch, by name;
+    - `normalizer(mask)`: what one micro-batch counts (valid tokens for token-mean, non-empty
+      sequences otherwise); the loss returns the local *sum* and Megatron divides the gradient by
+      the count summed over micro-batches and data-parallel ranks (a global mean whatever the split);
+    - `__call__` → (loss sum, count, metric sums), `SUMS` their names, `metrics(totals)` the
+      reduced numbers a step reports.
+    """
+
+    SUMS = ("loss_sum", "count", "tokens", "entropy_sum", "drift_sum", "clip_low", "clip_high", "clip_dual",
+            "adv_redistributed", "bounds_adapted", "tis_weight", "tis_truncated")
+
+    def __init__(self, cfg: AlgorithmConfig):
+        self.cfg = cfg
+
+    @property
+    def inputs(self) -> tuple:
+        names = ("advantages", "old_logp")
+        if self.cfg.uses_entropy and self.cfg.loss_stats == "step_old":
+            names += ("h_hat",)  # h̃ of the old pass's entropies under the step's statistics
+        if self.cfg.rollout_correction == "tis":
+            names += ("behaviour_logp",)
+        return names
+
+    def check(self, available) -> None:
+        missing = [n for n in self.inputs if n not in available]
+        if missing:
+            raise ValueError(f"algorithm {self.cfg.name!r} (loss_stats={self.cfg.loss_stats!r}, rollout_correction="
+                             f"{self.cfg.rollout_correction!r}) needs {missing} in the batch")
+
+    def normalizer(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask.sum() if self.cfg.agg == "token-mean" else (mask.sum(-1) > 0).sum()
+
+    def __call__(self, logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, inputs: dict):
+        cfg = self.cfg
+        h = inputs.get("h_hat")
+        if cfg.uses_entropy and cfg.loss_stats == "micro_batch_current":
+            h = loss_entropy_scale(cfg, mask, current_entropy=entropy) if bool(mask.any()) else torch.zeros_like(entropy)
+        old = inputs["old_logp"]
+        loss_sum, sums = compute_policy_loss(cfg, logp, old, inputs["advantages"], mask, h_hat=h, normalizer=1.0,
+                                             behaviour_logp=inputs.get("behaviour_logp"))
+        count = self.normalizer(mask)
+        sums.update(loss_sum=loss_sum.detach().double(), count=count.double(),
+                    entropy_sum=(entropy.detach() * mask).sum().double(),
+                    drift_sum=((logp.detach() - old).abs() * mask).sum().double())
+        return loss_sum, count, sums
+
+    def metrics(self, totals: dict) -> dict:
+        tokens = max(totals["tokens"], 1.0)
+        out = {
+            "loss": totals["loss_sum"] / max(totals["count"], 1.0),
+            "entropy": totals["entropy_sum"] / tokens,
+            "clip_frac_low": totals["clip_low"] / tokens,
+            "clip_frac_high": totals["clip_high"] / tokens,
+            "clip_frac_dual": totals["clip_dual"] / tokens,
+            "hapo_adv_changed_frac": totals["adv_redistributed"] / tokens,
+            "hapo_bounds_changed_frac": totals["bounds_adapted"] / tokens,
+            "policy_drift": totals["drift_sum"] / tokens,
+            "tokens": totals["tokens"],
+        }
+        if self.cfg.rollout_correction == "tis":
+            out.update(tis_weight_mean=totals["tis_weight"] / tokens, tis_truncated_frac=totals["tis_truncated"] / tokens)
+        return out
 
 
 def logprob_mismatch(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, mask) -> dict:

@@ -61,3 +61,20 @@ def build_model_dir(out_dir: str, seed: int = 0) -> None:
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(tiny_model_config(), dtype=torch.float32).save_pretrained(out_dir)
     build_tokenizer(out_dir)
+
+
+def resolve_model_dir(hf_path, run_dir: str, seed: int, rank: int) -> str:
+    """The run's HF model folder: `model.hf_path`, or (unset, the demo's default) the built-in
+    addition model, built once by rank 0 in run_dir/initial_model."""
+    import os
+
+    import torch.distributed as dist
+
+    model_dir = hf_path or os.path.join(run_dir, "initial_model")
+    if hf_path is None and rank == 0 and not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+        build_model_dir(model_dir, seed=seed)
+    if dist.is_initialized():
+        dist.barrier()
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"model.hf_path: {model_dir!r} holds no config.json")
+    return model_dir

@@ -296,3 +296,23 @@ def split_evenly(items: Sequence, parts: int, index: int) -> list:
     n, extra = divmod(len(items), parts)
     start = index * n + min(index, extra)
     return list(items[start:start + n + (index < extra)])
+
+
+def load_run_data(cfg, tokenizer, max_positions: int):
+    """(train, eval or None) datasets of a run from its `data`, `rollout` and `eval` sections;
+    prompts are capped so that prompt + response fit the model's `max_positions`."""
+    d, r, e = cfg.data, cfg.rollout, cfg.eval
+    max_prompt = min(d.max_prompt_tokens, max_positions - r.max_response_tokens)
+    if max_prompt < 1:
+        raise ValueError(f"rollout.max_response_tokens={r.max_response_tokens} leaves no room for a prompt in the "
+                         f"model's {max_positions} positions")
+    opts = DataOptions(prompt_key=d.prompt_key, answer_key=d.answer_key, apply_chat_template=d.apply_chat_template,
+                       max_prompt_tokens=max_prompt, strict=d.strict, reasoning_gym_size=d.reasoning_gym_size,
+                       reasoning_gym_config=dict(d.reasoning_gym_config))
+    train = load_prompts(d.train, tokenizer, opts, "train", seed=cfg.train.seed)
+    eval_sources = d.eval if d.eval is not None else held_out_sources(d.train)
+    evals = load_prompts(eval_sources, tokenizer, opts, "eval", seed=cfg.train.seed) if eval_sources else None
+    if evals is None and (e.interval or e.before_train):
+        raise ValueError(f"eval.interval={e.interval} / eval.before_train={e.before_train}: no eval set; "
+                         f"set data.eval (the training sources {as_sources(d.train)} have no held-out split)")
+    return train, evals

@@ -17,7 +17,7 @@ from typing import Dict, Optional
 import torch
 
 from .hf_config import ModelSpec, check_layout
-from .mapping import hf_param_shapes, hf_to_megatron, megatron_to_hf
+from .mapping import hf_param_shapes, hf_to_megatron, megatron_state_to_hf
 
 HF_ASSETS = "hf_config"  # inside a Megatron checkpoint: config.json and tokenizer files of the source
 META = "megatron_hapo_meta.json"
@@ -42,6 +42,10 @@ def _check_output(out_dir: str) -> str:
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir):
         raise FileExistsError(f"output folder {out_dir} exists; choose a new one (nothing is overwritten)")
+    return _temp_folder(out_dir)
+
+
+def _temp_folder(out_dir: str) -> str:
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -181,18 +185,32 @@ def load_megatron_model(ckpt_dir: str, dtype: Optional[str] = None, hf_config_di
 
 def megatron_to_hf_checkpoint(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None, hf_config_dir: Optional[str] = None,
                               max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> str:
+    spec, model = load_megatron_model(ckpt_dir, dtype, hf_config_dir)
+    items = list(model.state_dict().items())
+    weights = megatron_state_to_hf(_progress(items, len(items), "megatron → hf", progress), spec)
+    return save_hf_folder(weights, spec, out_dir, hf_config_dir or os.path.join(ckpt_dir, HF_ASSETS), max_shard_bytes)
+
+
+def save_hf_folder(weights, spec: ModelSpec, out_dir: str, assets_dir: str, max_shard_bytes: int = 5 * 2**30,
+                   write: bool = True, overwrite: bool = False) -> str:
+    """The one HF writer: consumes `weights` ((HF name, tensor) pairs; every rank must, when they
+    come from the policy's collective walk) and, where `write`, checks them against the
+    architecture and writes safetensors shards of at most `max_shard_bytes` (with the index when
+    there are several) plus the config and tokenizer files of `assets_dir`, into a temporary
+    folder renamed into place: the folder is complete or absent. `overwrite` replaces an existing
+    folder (the trainer's export); otherwise an existing one is refused."""
     from safetensors.torch import save_file
 
-    spec, model = load_megatron_model(ckpt_dir, dtype, hf_config_dir)
-    tmp = _check_output(out_dir)
+    hf: Dict[str, torch.Tensor] = {}
+    for name, t in weights:  # every rank walks (collectives); only a writer keeps host copies
+        if write:
+            hf[name] = t.detach().contiguous().cpu().clone()
+    out_dir = os.path.abspath(out_dir)
+    if not write:
+        return out_dir
+    replace = overwrite and os.path.exists(out_dir)
+    tmp = _check_output(out_dir) if not replace else _temp_folder(out_dir)
     try:
-        hf: Dict[str, torch.Tensor] = {}
-        items = [(k, v) for k, v in model.state_dict().items() if not k.endswith("_extra_state")]
-        for name, t in _progress(items, len(items), "megatron → hf", progress):
-            if name == "output_layer.weight" and spec.tie_word_embeddings:
-                continue
-            for hf_name, hf_t in megatron_to_hf(name, t.detach(), spec):
-                hf[hf_name] = hf_t.contiguous().cpu().clone()
         check_hf_tensors(hf, spec)
         shards, current, size = [], {}, 0
         for name in hf_param_shapes(spec):
@@ -212,13 +230,18 @@ def megatron_to_hf_checkpoint(ckpt_dir: str, out_dir: str, dtype: Optional[str] 
             total = sum(t.numel() * t.element_size() for t in hf.values())
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        cfg_dir = hf_config_dir or os.path.join(ckpt_dir, HF_ASSETS)
-        copy_hf_assets(cfg_dir, tmp)
-        os.rename(tmp, os.path.abspath(out_dir))
+        copy_hf_assets(assets_dir, tmp)
+        if replace:  # the old folder stays whole until the new one is complete
+            old = f"{out_dir}.old-{os.getpid()}"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return os.path.abspath(out_dir)
+    return out_dir
 
 
 def verify(hf_dir: str, ckpt_dir: str, prompts: int = 4, length: int = 16, seed: int = 0) -> float:

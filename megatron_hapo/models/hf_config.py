@@ -184,3 +184,14 @@ def build_gpt_model(spec: ModelSpec, config, *, pre_process: bool, post_process:
             **kwargs,
         )
     return model.to(device=dev.device(), dtype=config.params_dtype)
+
+
+def stop_token_ids(tokenizer, model_dir: str) -> tuple:
+    """End-of-sequence ids: the tokenizer's and those of the folder's generation_config.json."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_path = os.path.join(model_dir, "generation_config.json")
+    if os.path.exists(gen_path):
+        with open(gen_path) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return tuple(sorted(ids))

@@ -216,3 +216,13 @@ def hf_param_shapes(spec: ModelSpec) -> Dict[str, tuple]:
     if not spec.tie_word_embeddings:
         shapes["lm_head.weight"] = (spec.vocab_size, h)
     return shapes
+
+
+def megatron_state_to_hf(named, spec: ModelSpec, layer_base: int = 0):
+    """(HF name, tensor) for the (Megatron name, full tensor) pairs of one model chunk: the one
+    Megatron → HF walk, used by the policy's weight iterator (sync, export) and by the offline
+    conversion. TE `_extra_state` entries and a tied output layer's copy are skipped."""
+    for name, t in named:
+        if name.endswith("_extra_state") or (name == "output_layer.weight" and spec.tie_word_embeddings):
+            continue
+        yield from megatron_to_hf(name, t, spec, layer_base)

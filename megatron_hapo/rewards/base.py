@@ -233,3 +233,24 @@ def score_batch(verifier: Verifier, responses: Sequence[str], ground_truths: Seq
         return pool.score(responses, ground_truths)
     finally:
         pool.close()
+
+
+def start_reward_pool(verifier: Verifier, workers: int, timeout_s: float, leader: bool, group) -> Optional["RewardPool"]:
+    """The scoring pool of an engine's first rank (`leader`), started now: a script without a main
+    guard or an unloadable verifier stops the run at start, on every rank of `group`."""
+    import torch.distributed as dist
+
+    pool, problem = None, ""
+    if leader:
+        try:
+            pool = RewardPool(verifier, workers, timeout_s)
+            pool.start()
+        except RewardWorkersError as exc:
+            problem = str(exc)
+    problems = [None] * dist.get_world_size(group)
+    dist.all_gather_object(problems, problem, group=group)
+    if any(problems):
+        if pool is not None:
+            pool.close()
+        raise RewardWorkersError(next(p for p in problems if p))
+    return pool

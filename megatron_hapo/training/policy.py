@@ -22,14 +22,18 @@ import torch
 import torch.distributed as dist
 
 from .. import device as dev
-from ..algorithms import AlgorithmConfig, compute_policy_loss, loss_entropy_scale
+from ..algorithms import AlgorithmConfig, PolicyLoss
+from ..config import OptimConfig
 from ..models.hf_config import ModelSpec, build_gpt_model, transformer_config
-from ..models.mapping import hf_to_megatron, layer_offset, megatron_to_hf, merge_tp, param_kind
+from ..models.mapping import hf_to_megatron, layer_offset, megatron_state_to_hf, merge_tp, param_kind
 from ..parallel import vocab_parallel_logprobs_and_entropy
 
 
 @dataclasses.dataclass
-class PolicyConfig:
+class PolicyConfig(OptimConfig):
+    """The Megatron side of a run: layout, precision, micro-batching, and the optimizer settings
+    it inherits from `OptimConfig` (the same fields and defaults a run reads from `train.*`)."""
+
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
@@ -38,17 +42,19 @@ class PolicyConfig:
     micro_batch_size: int = 1
     dtype: str = "float32"  # bfloat16 on GPU
     layer_spec: str = "auto"  # te | local | auto (te on GPU, local on CPU)
-    lr: float = 1e-6
-    min_lr: Optional[float] = None
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    lr_warmup_steps: int = 10
-    train_steps: int = 100000
+    train_steps: int = 100000  # optimizer steps of the run (the LR schedule's length)
     logprob_chunk_size: Optional[int] = 1024
     seed: int = 1234
+
+    @classmethod
+    def from_config(cls, cfg) -> "PolicyConfig":
+        """From a run's `Config`: each field from the section that owns it."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        for section in (cfg.parallel, cfg.model, cfg.train):
+            values.update({f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in names})
+        values["train_steps"] = cfg.optimizer_steps()
+        return cls(**values)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in ("float32", "bfloat16"):
@@ -56,37 +62,37 @@ class PolicyConfig:
         return getattr(torch, self.dtype)
 
 
-@dataclasses.dataclass
 class PolicyBatch:
-    """One data-parallel rank's share of a (mini-)batch. Shapes: [B, S] unless said.
+    """One data-parallel rank's share of a (mini-)batch: what the model reads, and the loss's
+    inputs by name (whatever `algorithms.PolicyLoss.inputs` declares; none for a forward pass).
 
-    input_ids: prompt + response tokens, right-padded. loss_mask: True at positions t whose
-    next token t+1 is a response token. advantages: [B] or [B, S]. old_logp / h_hat /
-    behaviour_logp: per position, aligned like loss_mask. segment_ids: for packed rows, the
-    sequence each token belongs to (attention stays within a segment, positions restart).
+    input_ids [B, S]: prompt + response tokens, right-padded. loss_mask [B, S]: True at positions t
+    whose next token t+1 is a response token. segment_ids [B, S]: for packed rows, the sequence
+    each token belongs to (attention stays within a segment, positions restart). Each input is
+    per position [B, S] (aligned like loss_mask) or per sequence [B]; None values are dropped.
     """
 
-    input_ids: torch.Tensor
-    loss_mask: torch.Tensor
-    advantages: Optional[torch.Tensor] = None
-    old_logp: Optional[torch.Tensor] = None
-    h_hat: Optional[torch.Tensor] = None
-    behaviour_logp: Optional[torch.Tensor] = None
-    segment_ids: Optional[torch.Tensor] = None
-
-    def __post_init__(self):
-        if self.input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected [batch, seq], got shape {tuple(self.input_ids.shape)}")
-        shape = tuple(self.input_ids.shape)
-        for name in ("loss_mask", "old_logp", "h_hat", "behaviour_logp", "segment_ids"):
-            t = getattr(self, name)
+    def __init__(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
+                 **inputs: Optional[torch.Tensor]):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected [batch, seq], got shape {tuple(input_ids.shape)}")
+        shape = tuple(input_ids.shape)
+        self.input_ids, self.segment_ids = input_ids, segment_ids
+        self.inputs = {k: v for k, v in inputs.items() if v is not None}
+        for name, t in (("loss_mask", loss_mask), ("segment_ids", segment_ids)):
             if t is not None and tuple(t.shape) != shape:
                 raise ValueError(f"{name}: shape {tuple(t.shape)} does not match input_ids {shape}")
-        if self.advantages is not None and tuple(self.advantages.shape) not in ((shape[0],), shape):
-            raise ValueError(f"advantages: shape {tuple(self.advantages.shape)}; expected ({shape[0]},) or {shape}")
-        self.loss_mask = self.loss_mask.bool()
+        for name, t in self.inputs.items():
+            if tuple(t.shape) not in ((shape[0],), shape):
+                raise ValueError(f"{name}: shape {tuple(t.shape)}; expected per sequence ({shape[0]},) or per position {shape}")
+        self.loss_mask = loss_mask.bool()
         if bool(self.loss_mask[:, -1].any()):
             raise ValueError("loss_mask: the last position has no next token to score")
+
+    def __getattr__(self, name):  # batch.old_logp: an input, or None when the batch does not carry it
+        if name.startswith("__") or name == "inputs":
+            raise AttributeError(name)
+        return self.inputs.get(name)
 
     @property
     def size(self) -> int:
@@ -105,9 +111,18 @@ class PolicyBatch:
             return self
         return self._map(lambda t: t if t.dim() == 1 else torch.nn.functional.pad(t, (0, extra)))
 
-    def _map(self, fn) -> "PolicyBatch":
-        return PolicyBatch(**{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
-                              for f in dataclasses.fields(self)})
+    def cat(self, other: "PolicyBatch") -> "PolicyBatch":
+        return self._map(lambda t, o: torch.cat([t, o]), other)
+
+    def _map(self, fn, other: Optional["PolicyBatch"] = None) -> "PolicyBatch":
+        def f(name, t):
+            if t is None:
+                return None
+            return fn(t) if other is None else fn(t, getattr(other, name) if name in ("input_ids", "loss_mask", "segment_ids")
+                                                   else other.inputs[name])
+
+        return PolicyBatch(f("input_ids", self.input_ids), f("loss_mask", self.loss_mask), f("segment_ids", self.segment_ids),
+                           **{k: f(k, v) for k, v in self.inputs.items()})
 
 
 def num_micro_batches(batch_size: int, micro_batch_size: int) -> int:
@@ -160,6 +175,7 @@ class MegatronPolicy:
         from megatron.core import parallel_state as ps
 
         self.spec, self.cfg, self.algo = spec, cfg, algo
+        self.loss = PolicyLoss(algo)
         tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
         vpp = cfg.virtual_pipeline_model_parallel_size
         if ps.get_tensor_model_parallel_world_size() != tp or ps.get_pipeline_model_parallel_world_size() != pp:
@@ -277,9 +293,7 @@ class MegatronPolicy:
     def _stage_hf_tensors(self):
         """(HF name, tensor) of this PP stage's parameters, TP-merged, on the device."""
         for base, name, t in self._named_tp_merged_parameters():
-            if name == "output_layer.weight" and self.spec.tie_word_embeddings:
-                continue  # the last stage's copy of a tied embedding
-            yield from megatron_to_hf(name, t, self.spec, base)
+            yield from megatron_state_to_hf([(name, t)], self.spec, base)
 
     def hf_weights(self, bucket_bytes: int = 64 * 2**20):
         """The one walk of the weights: every rank yields the complete HF-named set in a fixed order,
@@ -381,9 +395,7 @@ class MegatronPolicy:
             extra = mbs - n_rows % mbs
             pad = batch.select(torch.zeros(extra, dtype=torch.long))
             pad.loss_mask = torch.zeros_like(pad.loss_mask)
-            batch = PolicyBatch(**{f.name: (None if getattr(batch, f.name) is None
-                                            else torch.cat([getattr(batch, f.name), getattr(pad, f.name)]))
-                                   for f in dataclasses.fields(batch)})
+            batch = batch.cat(pad)
             if isinstance(temperature, torch.Tensor):
                 temperature = torch.cat([temperature, torch.ones_like(temperature[:extra])])
         if isinstance(temperature, torch.Tensor):
@@ -425,36 +437,15 @@ class MegatronPolicy:
 
     def train_step(self, batch: PolicyBatch) -> Dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch (split into micro-batches)."""
-        if batch.advantages is None or batch.old_logp is None:
-            raise ValueError("train_step needs advantages and old_logp")
-        if self.algo.uses_entropy and self.algo.loss_stats == "step_old" and batch.h_hat is None:
-            raise ValueError("loss_stats='step_old' needs h_hat (from the old-policy entropies and the step statistics)")
-        if self.algo.rollout_correction == "tis" and batch.behaviour_logp is None:
-            raise ValueError("rollout_correction='tis' needs behaviour_logp")
+        self.loss.check(batch.inputs)
         t0 = time.perf_counter()
-        algo = self.algo
         batch = self._fit_width(batch)
 
         def loss_fn(mb, logits):
             b: PolicyBatch = mb["batch"]
-            mask = b.loss_mask
-            need_current = algo.uses_entropy and algo.loss_stats == "micro_batch_current"
             logp, ent = self._logprobs(mb, logits)
-            h = b.h_hat
-            if need_current:
-                h = (loss_entropy_scale(algo, mask, current_entropy=ent) if bool(mask.any())
-                     else torch.zeros_like(ent))
-            loss_sum, m = compute_policy_loss(algo, logp, b.old_logp, b.advantages, mask, h_hat=h, normalizer=1.0,
-                                              behaviour_logp=b.behaviour_logp)
-            if algo.agg == "token-mean":
-                count = mask.sum()
-            else:
-                count = (mask.sum(-1) > 0).sum()
-            m["loss_sum"] = loss_sum.detach().double()
-            m["count"] = count.double()
-            m["entropy_sum"] = (ent.detach() * mask).sum().double()
-            m["drift_sum"] = ((logp.detach() - b.old_logp).abs() * mask).sum().double()
-            return loss_sum, count.to(torch.int), m
+            loss_sum, count, sums = self.loss(logp, ent, b.loss_mask, b.inputs)
+            return loss_sum, count.to(torch.int), sums
 
         with dev.megatron_scope():
             for c in self.chunks:
@@ -462,8 +453,7 @@ class MegatronPolicy:
             self.optimizer.zero_grad()
         store = self._run(batch, loss_fn, forward_only=False)
 
-        keys = ["loss_sum", "count", "tokens", "entropy_sum", "drift_sum", "clip_low", "clip_high", "clip_dual",
-                "adv_redistributed", "bounds_adapted", "tis_weight"]
+        keys = PolicyLoss.SUMS
         sums = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
         for s in store:
             for i, k in enumerate(keys):
@@ -471,7 +461,7 @@ class MegatronPolicy:
                     sums[i] += s[k].double()
         sums = self._from_last_stage(sums, (len(keys),), torch.float64)
         dist.all_reduce(sums, group=self.dp_group)
-        total = dict(zip(keys, sums.tolist()))
+        metrics = self.loss.metrics(dict(zip(keys, sums.tolist())))
 
         # LR for this update (warm-up reaches the full LR at step lr_warmup_steps), then the step.
         with dev.megatron_scope():
@@ -486,19 +476,7 @@ class MegatronPolicy:
                 ok, grad_norm, _ = self.optimizer.step()
                 skipped = not ok
         self.steps_done += 1
-        tokens = max(total["tokens"], 1.0)
-        return {
-            "loss": total["loss_sum"] / max(total["count"], 1.0),
-            "entropy": total["entropy_sum"] / tokens,
-            "clip_frac_low": total["clip_low"] / tokens,
-            "clip_frac_high": total["clip_high"] / tokens,
-            "clip_frac_dual": total["clip_dual"] / tokens,
-            "hapo_adv_changed_frac": total["adv_redistributed"] / tokens,
-            "hapo_bounds_changed_frac": total["bounds_adapted"] / tokens,
-            "policy_drift": total["drift_sum"] / tokens,
-            "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-            "skipped": float(skipped),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "tokens": total["tokens"],
-            "tokens_per_s": total["tokens"] / max(time.perf_counter() - t0, 1e-9),
-        }
+        metrics.update(grad_norm=float("nan") if grad_norm is None else float(grad_norm), skipped=float(skipped),
+                       lr=self.optimizer.param_groups[0]["lr"],
+                       tokens_per_s=metrics["tokens"] / max(time.perf_counter() - t0, 1e-9))
+        return metrics

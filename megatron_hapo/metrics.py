@@ -1,0 +1,197 @@
+"""A step's metrics: one table of what each number is (its TensorBoard group), the reductions that
+make them the same on every rank, and where they go (metrics.jsonl, TensorBoard, the console,
+token samples for `megatron-hapo plot`).
+
+Rollout metrics come from the global group summaries (identical on every rank). Per-token numbers
+measured on each data-parallel rank's share are reduced as sums and counts, so a mean is over all
+tokens of the step, whatever the split (not a mean of per-rank means).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# TensorBoard group of every metric a step or an evaluation reports; names not listed fall back
+# on the prefix rules below (eval_<...>, mem_<phase>_<...>), then on "train".
+GROUPS = {
+    "rollout": ("reward", "reward_std", "accuracy", "rollout_accuracy", "response_length", "response_length_max",
+                "response_tokens", "truncated_frac", "reward_timeouts", "reward_errors", "rollout_errors", "keep_rate",
+                "gen_batches", "rollout_tokens_per_s"),
+    "train": ("loss", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "hapo_adv_changed_frac",
+              "hapo_bounds_changed_frac", "policy_drift", "grad_norm", "skipped", "lr", "tokens", "tokens_per_s",
+              "adv_fallback_frac", "tis_weight_mean", "tis_truncated_frac"),
+    "entropy": ("entropy", "entropy_q", "entropy_sigma", "entropy_z_pos", "entropy_z_neg"),
+    "temperature": ("temperature_min", "temperature_max", "temperature_mean"),
+    "mismatch": ("logp_mismatch_mean", "logp_mismatch_max", "ratio_bias"),
+    "time": ("time_rollout", "time_old_pass", "time_train", "time_weight_sync", "time_step", "time_eval"),
+    "data": ("data_position", "data_epoch", "data_skipped_rows"),
+    "weight_sync": ("weight_sync_bytes",),
+}
+_TAG = {name: group for group, names in GROUPS.items() for name in names}
+_PREFIXES = (("eval_", "eval"), ("mem_", "memory"))
+
+
+def tb_tag(key: str) -> str:
+    group = _TAG.get(key) or next((g for p, g in _PREFIXES if key.startswith(p)), "train")
+    return f"{group}/{key}"
+
+
+def mean_over_micro_batches(parts: List[Dict[str, float]]) -> Dict[str, float]:
+    return {k: sum(x[k] for x in parts) / len(parts) for k in parts[0]}
+
+
+def mismatch_sums(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[Σ|Δ|, Σ(exp(−Δ) − 1), count] over valid tokens and max |Δ| (float64, host) for one rank's share."""
+    d = (engine_logp.double() - trainer_logp.double())[mask.bool()]
+    if d.numel() == 0:
+        return torch.zeros(4, dtype=torch.float64)
+    return torch.stack([d.abs().sum(), (torch.exp(-d) - 1).sum(), torch.tensor(float(d.numel()), dtype=torch.float64,
+                                                                               device=d.device), d.abs().max()]).cpu()
+
+
+def reduce_step_sums(mismatch: torch.Tensor, fallback: torch.Tensor, group) -> Dict[str, float]:
+    """Token-weighted mismatch and the GRPO-fallback share over the data-parallel group (host
+    tensors: gloo on GPU nodes too)."""
+    sums = torch.cat([mismatch[:3], torch.tensor([float(fallback.sum()), float(fallback.numel())], dtype=torch.float64)])
+    mx = mismatch[3:].clone()
+    dist.all_reduce(sums, group=group)
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+    tokens = max(sums[2].item(), 1.0)
+    return {"logp_mismatch_mean": sums[0].item() / tokens, "ratio_bias": sums[1].item() / tokens,
+            "logp_mismatch_max": mx.item(), "adv_fallback_frac": sums[3].item() / max(sums[4].item(), 1.0)}
+
+
+def rollout_metrics(kept, seen, gen_batches: int) -> Dict[str, float]:
+    """From the global group summaries of a step (kept: trained on; seen: every group generated)."""
+    def flat(groups, attr):
+        return [v for g in groups for v in getattr(g, attr)]
+
+    kept_rewards = torch.cat([torch.as_tensor(g.rewards, dtype=torch.float32) for g in kept])
+    lengths = flat(kept, "lengths")
+    temps = [g.temps for g in kept if g.temps is not None] or [(1.0, 1.0, 1.0, 1)]
+    statuses = flat(seen, "statuses")
+    all_correct, kept_correct = flat(seen, "correct"), flat(kept, "correct")
+    return {
+        "reward": kept_rewards.mean().item(), "reward_std": kept_rewards.std().item() if kept_rewards.numel() > 1 else 0.0,
+        "accuracy": sum(kept_correct) / max(len(kept_correct), 1),
+        "rollout_accuracy": sum(all_correct) / max(len(all_correct), 1),
+        "response_length": sum(lengths) / max(len(lengths), 1), "response_length_max": float(max(lengths)),
+        "response_tokens": float(sum(lengths)),
+        "truncated_frac": sum(g.truncated for g in kept) / max(len(lengths), 1),
+        "reward_timeouts": float(statuses.count("timeout")), "reward_errors": float(statuses.count("error")),
+        "rollout_errors": float(statuses.count("rollout_error")),
+        "keep_rate": len(kept) / max(len(seen), 1), "gen_batches": float(gen_batches),
+        "temperature_min": min(t[0] for t in temps), "temperature_max": max(t[1] for t in temps),
+        "temperature_mean": sum(t[2] for t in temps) / max(sum(t[3] for t in temps), 1),
+    }
+
+
+def eval_metrics(groups, n: int) -> Dict[str, float]:
+    """mean@n and pass@n over evaluated groups (n samples each), with what the verifier could not score."""
+    correct = [sum(g.correct) for g in groups]
+    lengths = [x for g in groups for x in g.lengths]
+    return {f"eval_mean@{n}": sum(correct) / (len(groups) * n), f"eval_pass@{n}": sum(c > 0 for c in correct) / len(groups),
+            "eval_response_length": sum(lengths) / max(len(lengths), 1), "eval_prompts": float(len(groups)),
+            "eval_reward_timeouts": float(sum(g.statuses.count("timeout") for g in groups)),
+            "eval_reward_errors": float(sum(g.statuses.count("error") for g in groups))}
+
+
+def step_line(m: Dict[str, Any]) -> str:
+    line = (f"step {m['step']:>4} reward {m['reward']:+.3f} acc {m['rollout_accuracy']:.3f} (kept {m['accuracy']:.3f}) "
+            f"len {m['response_length']:.1f} entropy {m['entropy']:.3f} T [{m['temperature_min']:.3f}, "
+            f"{m['temperature_max']:.3f}] clip {m['clip_frac_low']:.3f}/{m['clip_frac_high']:.3f} "
+            f"mismatch {m['logp_mismatch_mean']:.1e} keep {m['keep_rate']:.2f} {m['time_step']:.1f}s")
+    if m["reward_timeouts"] or m["reward_errors"]:
+        line += f" reward timeouts {m['reward_timeouts']:.0f} errors {m['reward_errors']:.0f}"
+    evals = {k: v for k, v in m.items() if k.startswith("eval_mean@") or k.startswith("eval_pass@")}
+    if evals:
+        line += " | " + " ".join(f"{k} {v:.3f}" for k, v in evals.items())
+        if m.get("eval_reward_timeouts") or m.get("eval_reward_errors"):
+            line += f" eval reward timeouts {m['eval_reward_timeouts']:.0f} errors {m['eval_reward_errors']:.0f}"
+    return line
+
+
+def eval_line(m: Dict[str, Any]) -> str:
+    quiet = ("eval_reward_timeouts", "eval_reward_errors")  # shown when non-zero
+    return "eval: " + " ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("eval_") and (k not in quiet or v))
+
+
+class _NoBar:
+    n = 0
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress_bar(enabled: bool, desc: str, total: int):
+    """A tqdm bar on rank 0 with log.progress on; an object that ignores updates otherwise."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+class RunLogger:
+    """metrics.jsonl, TensorBoard scalars and histograms, token samples, console lines (rank 0 only)."""
+
+    def __init__(self, run_dir: str, tensorboard: bool, token_samples: int, enabled: bool):
+        self.run_dir, self.tensorboard, self.token_samples, self.enabled = run_dir, tensorboard, token_samples, enabled
+        self.writer = None
+
+    def _tb(self):
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+        return self.writer
+
+    def log(self, m: Dict[str, Any], echo: str = "step") -> None:
+        """One metrics row: metrics.jsonl, TensorBoard scalars, a console line."""
+        if not self.enabled:
+            return
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if self.tensorboard:
+            for key, value in m.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb().add_scalar(tb_tag(key), value, m["step"])
+            self._tb().flush()
+        print(step_line(m) if echo == "step" else eval_line(m), flush=True)
+
+    def log_distributions(self, step: int, hist: Dict[str, Optional[torch.Tensor]], entropies: List[np.ndarray],
+                          temperatures: List[np.ndarray]) -> None:
+        """A step's per-token distributions as TensorBoard histograms, and up to `token_samples`
+        (engine entropy, temperature) pairs in token_samples.jsonl for the plots."""
+        if not self.enabled:
+            return
+        if self.tensorboard:
+            for key, values in hist.items():
+                if values is not None and values.numel():
+                    self._tb().add_histogram(f"distributions/{key}", values.float(), step)
+        n = self.token_samples
+        if n <= 0:
+            return
+        ent = np.concatenate(entropies or [np.zeros(0, np.float32)])
+        temp = np.concatenate(temperatures or [np.zeros(0, np.float32)])
+        if ent.size > n:
+            pick = np.sort(np.random.default_rng(step).choice(ent.size, n, replace=False))
+            ent, temp = ent[pick], temp[pick]
+        with open(os.path.join(self.run_dir, "token_samples.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "entropy": np.round(ent, 5).tolist(),
+                                "temperature": np.round(temp, 5).tolist()}) + "\n")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

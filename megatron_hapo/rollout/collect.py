@@ -1,0 +1,301 @@
+"""Rollout collection: every engine generates its slice of a step's prompts, its first rank scores
+them, dynamic sampling keeps the informative groups, and one exchange hands each data-parallel
+rank its share as one typed `RolloutBatch`.
+
+What crosses ranks: a few numbers per response (`GroupSummary`: rewards, correctness, lengths,
+temperature range) are gathered so every rank sees the same list, which makes dynamic sampling,
+metrics and the split over data-parallel ranks identical under every layout; then one all-to-all
+of pickled bytes moves each kept group's tokens from the rank that generated it to the rank that
+trains on it. A prompt's samples depend only on (seed, its position in the data stream).
+Everything here runs on the gloo control group (host bytes, the long control timeout).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import algorithms as A
+from ..data.datasets import split_evenly
+
+PER_TOKEN = ("temperatures", "entropies", "logprobs", "logprobs_t1")  # what the engine recorded per token
+
+
+class Sample:
+    """One response, compact for the exchange (float32 arrays, not Python lists)."""
+
+    __slots__ = ("token_ids", "truncated", "error") + PER_TOKEN
+
+    def __init__(self, response):
+        self.token_ids = list(response.token_ids)
+        for name in PER_TOKEN:
+            setattr(self, name, np.asarray(getattr(response, name), dtype=np.float32))
+        self.truncated = response.finish_reason == "length"
+        self.error = response.error
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass
+class GroupSummary:
+    """What every rank learns about every group (a few numbers per response); the tokens stay
+    with the rank that generated them until the exchange."""
+
+    position: int
+    rewards: object  # list of floats; a float32 tensor once shaped (overlong penalty)
+    correct: List[bool]
+    statuses: List[str]  # the verifier's status per response; "rollout_error" when generation failed
+    lengths: List[int]
+    truncated: int
+    temps: Optional[Tuple[float, float, float, int]]  # min, max, sum, count of the sampled temperatures
+    first_error: Optional[str] = None  # the first verifier error's reason in this group
+
+
+@dataclasses.dataclass
+class Group:
+    """A prompt and its scored samples, on the rank that generated it."""
+
+    position: int
+    prompt_ids: List[int]
+    samples: List[Sample]
+    rewards: List[float]
+    correct: List[bool]
+    statuses: List[str]
+    first_error: Optional[str] = None
+
+    def summary(self) -> GroupSummary:
+        temps = np.concatenate([s.temperatures for s in self.samples] or [np.zeros(0, np.float32)])
+        return GroupSummary(self.position, list(self.rewards), list(self.correct), list(self.statuses),
+                            [s.length for s in self.samples], sum(s.truncated for s in self.samples),
+                            (float(temps.min()), float(temps.max()), float(temps.sum()), int(temps.size)) if temps.size else None,
+                            self.first_error)
+
+
+def describe_groups(groups: Sequence[GroupSummary]) -> str:
+    """What a list of groups looked like: how many were all correct, all wrong, all errored, mixed."""
+    kinds = {"all correct": 0, "all wrong": 0, "all reward errors": 0, "all timed out": 0, "mixed": 0}
+    for g in groups:
+        if all(st == "error" for st in g.statuses):
+            kinds["all reward errors"] += 1
+        elif all(st == "timeout" for st in g.statuses):
+            kinds["all timed out"] += 1
+        elif all(g.correct):
+            kinds["all correct"] += 1
+        elif not any(g.correct):
+            kinds["all wrong"] += 1
+        else:
+            kinds["mixed"] += 1
+    return ", ".join(f"{n} {k}" for k, n in kinds.items() if n) or "none"
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """A step's rollouts: this data-parallel rank's sequences (one row per response, grouped by
+    prompt) and, for metrics, the summaries of every group kept and seen on all ranks."""
+
+    prompt_ids: List[List[int]]
+    response_ids: List[List[int]]
+    rewards: torch.Tensor  # [N] after shaping
+    group_ids: List[int]  # [N] the row's group among this rank's groups
+    per_token: Dict[str, List[np.ndarray]]  # PER_TOKEN name -> one float32 array per response
+    kept: List[GroupSummary]  # global, the same on every rank
+    seen: List[GroupSummary]
+    gen_batches: int
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def prompt_lens(self) -> List[int]:
+        return [len(p) for p in self.prompt_ids]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([len(r) for r in self.response_ids])
+
+    def padded(self, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, loss_mask), right-padded to the longest row plus one spare column so the
+        last position scores nothing; built on the host, moved in one copy each."""
+        return pad_rows([p + r for p, r in zip(self.prompt_ids, self.response_ids)], self.prompt_lens,
+                        [len(r) for r in self.response_ids], device)
+
+    def per_position(self, name: str, width: int, device=None) -> torch.Tensor:
+        """A per-token record (PER_TOKEN) aligned with the loss mask: [N, width], zero elsewhere."""
+        out = torch.zeros(len(self), width)
+        for i, (v, p) in enumerate(zip(self.per_token[name], self.prompt_lens)):
+            if len(v):
+                out[i, p - 1: p - 1 + len(v)] = torch.from_numpy(v)
+        return out.to(device or "cpu")
+
+
+def pad_rows(rows: List[List[int]], prompt_lens: List[int], resp_lens: List[int], device=None):
+    """(input_ids, loss_mask) for prompt+response rows: position t scores token t+1."""
+    width = max(len(r) for r in rows) + 1
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (r, p, n) in enumerate(zip(rows, prompt_lens, resp_lens)):
+        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, p - 1: p - 1 + n] = True
+    return ids.to(device or "cpu"), mask.to(device or "cpu")
+
+
+@dataclasses.dataclass
+class Layout:
+    """Where this rank sits: its engine (and whether it scores for it) and its data-parallel share."""
+
+    world: int
+    rank: int
+    num_engines: int
+    engine_index: int
+    engine_leader: bool
+    dp: int
+    dp_rank: int
+
+
+class RolloutCollector:
+    """Generation, scoring and the exchange for one rank. `engine` needs only
+    `generate(prompts, n, sampling, stats, seeds=)` returning per prompt a list of responses
+    (`rollout.engine.Response`); `rewards` (a `RewardPool`, on engine leaders only) scores texts."""
+
+    def __init__(self, engine, rewards, failure_reward: float, decode: Callable[[List[List[int]]], List[str]],
+                 layout: Layout, control, seed: int, max_error_fraction: float = 1.0, reward_name: str = "auto"):
+        self.engine, self.rewards, self.failure_reward, self.decode = engine, rewards, failure_reward, decode
+        self.layout, self.control, self.seed = layout, control, seed
+        self.max_error_fraction, self.reward_name = max_error_fraction, reward_name
+        self.rank_dp = [None] * layout.world  # who trains on which data-parallel share
+        dist.all_gather_object(self.rank_dp, layout.dp_rank, group=control)
+
+    # ---- one generation batch on every engine -----------------------------------------------------
+
+    def generate(self, positions: List[int], indices: List[int], dataset, sampling, n: int, stats,
+                 ) -> Tuple[List[GroupSummary], Dict[int, Group]]:
+        """Every engine generates its slice of the prompts and its first rank scores it. Returns the
+        summaries of all engines' groups (the same list on every rank, by position) and this rank's
+        own full groups {position: Group}."""
+        lay = self.layout
+        mine = split_evenly(list(zip(positions, indices)), lay.num_engines, lay.engine_index)
+        prompts = [dataset[i].prompt_ids for _, i in mine]
+        seeds = [(self.seed * 1_000_003 + pos) % (2**31 - 1) for pos, _ in mine]
+        outs = self.engine.generate(prompts, n, sampling, stats, seeds=seeds)
+        local = self._score([(pos, dataset[i].prompt_ids) for pos, i in mine], outs, [dataset[i].ground_truth for _, i in mine])
+        gathered = [None] * lay.world
+        dist.all_gather_object(gathered, [g.summary() for g in local], group=self.control)
+        summaries = sorted((g for part in gathered for g in part), key=lambda g: g.position)
+        self.check_reward_errors(summaries)
+        return summaries, {g.position: g for g in local}
+
+    def _score(self, groups_prompts, outs, truths) -> List[Group]:
+        """Rewards for this engine's responses (its first rank scores; the others return nothing)."""
+        if not self.layout.engine_leader:
+            return []
+        from ..rewards import RewardResult, RewardWorkersError
+
+        flat = [x for responses in outs for x in responses]
+        texts = self.decode([x.token_ids for x in flat])
+        try:
+            results = self.rewards.score(texts, [g for g, responses in zip(truths, outs) for _ in responses])
+        except RewardWorkersError as exc:  # a re-spawn failed: every response errors, and the check stops the run
+            results = [RewardResult(self.failure_reward, str(exc), status="error")] * len(flat)
+        out, k = [], 0
+        for (position, prompt), responses in zip(groups_prompts, outs):
+            res = results[k: k + len(responses)]
+            k += len(responses)
+            statuses = ["rollout_error" if x.error else s.status for x, s in zip(responses, res)]
+            first_error = next((s.reason for x, s in zip(responses, res) if not x.error and s.status == "error"), None)
+            out.append(Group(position, list(prompt), [Sample(x) for x in responses], [s.score for s in res],
+                             [bool(s.correct) for s in res], statuses, first_error))
+        return out
+
+    def check_reward_errors(self, groups: List[GroupSummary]) -> None:
+        """Stops (on every rank: the summaries are the same everywhere) when the verifier errored on
+        at least reward.max_error_fraction of a batch's scored responses (default 1.0: on all of
+        them), quoting its first error: training or evaluating on failure rewards is never wanted."""
+        statuses = [st for g in groups for st in g.statuses if st != "rollout_error"]
+        errors = statuses.count("error")
+        limit = self.max_error_fraction
+        if not errors or errors < limit * len(statuses):
+            return
+        first = next((g.first_error for g in groups if g.first_error), "(no reason recorded)")
+        raise RuntimeError(f"reward: the verifier failed on {errors} of {len(statuses)} responses of a batch "
+                           f"(reward.max_error_fraction={limit:g}); the first error:\n    {first}\n"
+                           f"Check reward.type={self.reward_name!r} on one response by hand "
+                           f"(megatron_hapo.rewards.build_verifier(...).score(text, answer)).")
+
+    # ---- a training step's rollouts ---------------------------------------------------------------
+
+    def collect(self, data_position: int, sampler, dataset, sampling, cfg, stats, bar) -> Tuple[RolloutBatch, int]:
+        """`cfg.prompts_per_step` groups (only informative ones under dynamic sampling) from the data
+        stream at `data_position`, this rank's share as a RolloutBatch; and the new data position.
+        `cfg` is the rollout section (prompts_per_step, samples_per_prompt, dynamic sampling,
+        overlong shaping, max_num_gen_batches)."""
+        need = cfg.prompts_per_step
+        kept: List[GroupSummary] = []
+        seen: List[GroupSummary] = []
+        local: Dict[int, Group] = {}
+        gen_batches = 0
+        while len(kept) < need:
+            gen_batches += 1
+            if cfg.max_num_gen_batches and gen_batches > cfg.max_num_gen_batches:
+                raise RuntimeError(f"dynamic sampling: only {len(kept)} of {need} informative groups after "
+                                   f"{cfg.max_num_gen_batches} generation batches (rollout.max_num_gen_batches); "
+                                   f"the {len(seen)} groups seen: {describe_groups(seen)}")
+            positions = list(range(data_position, data_position + need))
+            data_position += need
+            groups, mine = self.generate(positions, sampler.indices(positions[0], need), dataset, sampling,
+                                         cfg.samples_per_prompt, stats)
+            local.update(mine)
+            for g in groups:
+                rewards = torch.tensor(g.rewards, dtype=torch.float32)
+                if cfg.overlong_buffer:
+                    rewards = rewards + A.overlong_penalty(g.lengths, cfg.max_response_tokens,
+                                                           cfg.overlong_buffer, cfg.overlong_penalty_factor)
+                g.rewards = rewards
+                seen.append(g)
+                if len(kept) < need and (not cfg.dynamic_sampling or bool(A.informative_groups(rewards, [0] * len(rewards)).all())):
+                    kept.append(g)
+            bar.update(len(kept) - bar.n)
+            bar.set_postfix_str(f"generation batch {gen_batches}")
+        lay = self.layout
+        wanted = [[g.position for g in split_evenly(kept, lay.dp, d)] for d in range(lay.dp)]
+        groups = self.exchange(wanted, local)
+        summaries = split_evenly(kept, lay.dp, lay.dp_rank)  # same order as `groups`: shaped rewards
+        rows = [(gi, g, s, r) for gi, (g, summ) in enumerate(zip(groups, summaries))
+                for s, r in zip(g.samples, summ.rewards.tolist())]
+        batch = RolloutBatch(prompt_ids=[g.prompt_ids for _, g, _, _ in rows], response_ids=[s.token_ids for _, _, s, _ in rows],
+                             rewards=torch.tensor([r for *_, r in rows], dtype=torch.float32),
+                             group_ids=[gi for gi, *_ in rows],
+                             per_token={name: [getattr(s, name) for _, _, s, _ in rows] for name in PER_TOKEN},
+                             kept=kept, seen=seen, gen_batches=gen_batches)
+        return batch, data_position
+
+    def exchange(self, wanted_by_dp_rank: List[List[int]], local: Dict[int, Group]) -> List[Group]:
+        """Moves full groups from the ranks that generated them to the data-parallel ranks that
+        train on them (one all-to-all of pickled bytes; nothing else crosses ranks). Returns this
+        rank's groups in the order of its list."""
+        send = []
+        for r in range(self.layout.world):
+            want = wanted_by_dp_rank[self.rank_dp[r]]
+            send.append(pickle.dumps([local[p] for p in want if p in local], protocol=pickle.HIGHEST_PROTOCOL))
+        sizes = torch.tensor([len(b) for b in send], dtype=torch.long)
+        recv_sizes = torch.empty_like(sizes)
+        dist.all_to_all_single(recv_sizes, sizes, group=self.control)
+        out = torch.empty(int(recv_sizes.sum()), dtype=torch.uint8)
+        payload = torch.frombuffer(bytearray(b"".join(send)), dtype=torch.uint8) if sum(map(len, send)) else \
+            torch.empty(0, dtype=torch.uint8)
+        dist.all_to_all_single(out, payload, output_split_sizes=recv_sizes.tolist(), input_split_sizes=sizes.tolist(),
+                               group=self.control)
+        received: Dict[int, Group] = {}
+        for chunk in out.split(recv_sizes.tolist()):
+            for g in pickle.loads(chunk.numpy().tobytes()):
+                received[g.position] = g
+        mine = wanted_by_dp_rank[self.layout.dp_rank]
+        missing = [p for p in mine if p not in received]
+        if missing:
+            raise RuntimeError(f"rollout exchange: groups at positions {missing[:5]} did not arrive")
+        return [received[p] for p in mine]
