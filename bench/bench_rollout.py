@@ -33,7 +33,7 @@ def main():
     import torch
     import transformers
 
-    from megatron_hapo.algorithms import EntropyStats, entropy_stats
+    from megatron_hapo.algorithms import entropy_stats
     from megatron_hapo.rollout.engine import RolloutEngine, SamplingConfig
 
     layers = 6 if args.quick else 30

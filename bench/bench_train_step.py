@@ -79,11 +79,10 @@ def baseline_step_fn(hf, ids, mask, adv, algo):
     return step
 
 
-def rank_main(rank, world, port, args, out):
+def rank_main(rank, world, args):
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     import transformers
 
@@ -109,8 +108,9 @@ def rank_main(rank, world, port, args, out):
     if rank == 0:
         t_base, m_base = timed(baseline_step_fn(hf, ids, mask, adv, algo), args.steps)
         params = sum(p.numel() for p in hf.parameters())
-        out.put(dict(tp=world, t_meg=t_meg, m_meg=m_meg, t_base=t_base, m_base=m_base, params=params))
+        result = dict(tp=world, t_meg=t_meg, m_meg=m_meg, t_base=t_base, m_base=m_base, params=params)
     dist.barrier()
+    return result if rank == 0 else None
 
 
 def main():
@@ -123,14 +123,13 @@ def main():
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--micro", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per layout before every rank is stopped")
     args = p.parse_args()
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
         os.execv(sys.executable, [sys.executable] + sys.argv)
-    import multiprocessing as mp
-    import socket
+    from megatron_hapo.spawn import run_ranks
 
-    ctx = mp.get_context("spawn")
     tokens = args.batch * args.seq
     print(f"HAPO train step (forward+backward+optimizer), Qwen2-shaped hidden {args.hidden}, {args.layers} layers, "
           f"vocab {args.vocab}, {args.batch}x{args.seq} tokens, micro-batch {args.micro}, fp32, {os.cpu_count()} CPU cores")
@@ -139,16 +138,7 @@ def main():
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|", flush=True)
     for world in (int(x) for x in args.tp.split(",")):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        q = ctx.Queue()
-        procs = [ctx.Process(target=rank_main, args=(r, world, port, args, q)) for r in range(world)]
-        for pr in procs:
-            pr.start()
-        r = q.get()
-        for pr in procs:
-            pr.join()
+        r = run_ranks(world, rank_main, args, timeout=args.timeout)[0]
         gib = 2**30
         print(f"| {r['tp']:>2} | {r['params'] / 1e6:.1f}M | {r['t_meg']:>10.3f} | {tokens / r['t_meg']:>8.0f} | "
               f"{r['t_base']:>10.3f} | {tokens / r['t_base']:>17.0f} | {r['t_base'] / r['t_meg']:>10.2f}x | "

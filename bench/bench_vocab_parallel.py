@@ -106,22 +106,12 @@ def available_bytes() -> int:
     return 0
 
 
-def rank_main(rank, world, port, shapes, chunk, dtype_name, repeats, out):
+def rank_main(rank, world, shapes, chunk, dtype_name, repeats):
     import torch
-    import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    if world > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    for t, v in shapes:
-        row = run_shape(rank, world, t, v, chunk, dtype_name, repeats)
-        if rank == 0:
-            out.put(row)
-    if rank == 0:
-        out.put(None)
-    if world > 1:
-        dist.destroy_process_group()
+    rows = [run_shape(rank, world, t, v, chunk, dtype_name, repeats) for t, v in shapes]
+    return rows if rank == 0 else None
 
 
 def main():
@@ -131,32 +121,24 @@ def main():
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per layout before every rank is stopped")
     args = p.parse_args()
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # freed tensors must go back to the kernel for RSS peaks
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
         os.execv(sys.executable, [sys.executable] + sys.argv)
 
-    import multiprocessing as mp
-    import socket
+    from megatron_hapo.spawn import run_ranks
 
     shapes = QUICK if args.quick else SHAPES
-    ctx = mp.get_context("spawn")
     gib = 2**30
     print(f"vocab-parallel log-probs + entropy, forward+backward, {args.dtype} logits, chunk {args.chunk} tokens, "
           f"{os.cpu_count()} CPU cores; memory = peak RSS above the inputs on rank 0 (incl. the logits' gradient)")
     head = f"| {'tokens':>6} | {'vocab':>6} | TP | naive s | ours s | speed-up | naive GiB | ours GiB | memory ratio | max grad diff |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|", flush=True)
+    skipped = False
     for world in (int(x) for x in args.tp.split(",")):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        q = ctx.Queue()
-        procs = [ctx.Process(target=rank_main, args=(r, world, port, shapes, args.chunk, args.dtype, args.repeats, q))
-                 for r in range(world)]
-        for pr in procs:
-            pr.start()
-        while (r := q.get()) is not None:
+        for r in run_ranks(world, rank_main, shapes, args.chunk, args.dtype, args.repeats, timeout=args.timeout)[0]:
             if r["t_naive"] != r["t_naive"]:  # NaN: naive path skipped
                 skipped = True
                 print(f"| {r['tokens']:>6} | {r['vocab']:>6} | {r['tp']:>2} | skipped | {r['t_ours']:>6.3f} | {'n/a':>8} | "
@@ -166,8 +148,6 @@ def main():
             print(f"| {r['tokens']:>6} | {r['vocab']:>6} | {r['tp']:>2} | {r['t_naive']:>7.3f} | {r['t_ours']:>6.3f} | "
                   f"{r['t_naive'] / r['t_ours']:>7.2f}x | {r['m_naive'] / gib:>9.2f} | {r['m_ours'] / gib:>8.2f} | "
                   f"{r['m_naive'] / max(r['m_ours'], 1):>11.2f}x | {r['err']:>13.1e} |", flush=True)
-        for pr in procs:
-            pr.join()
     if skipped:
         print("skipped: the naive path would need more memory per rank than this machine has (estimate: 5 fp32 copies "
               "of the full logits per rank); chunked ours ran.")

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .algorithms import AlgorithmConfig
+from .device import resolve_layer_spec
 
 
 class ConfigError(ValueError):
@@ -263,8 +264,6 @@ class Config:
         if seqs % dp or (seqs // dp) % t.micro_batch_size:
             raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} does not divide the {seqs // max(dp, 1)} "
                               f"sequences of a mini-batch on each of {dp} data-parallel ranks")
-        from .device import resolve_layer_spec
-
         spec = resolve_layer_spec(self.model.layer_spec)  # names the setting when it cannot work here
         if p.sequence_parallel and (spec != "te" or p.tensor_model_parallel_size == 1):
             raise ConfigError("parallel.sequence_parallel: needs tensor_model_parallel_size > 1 and the Transformer Engine "

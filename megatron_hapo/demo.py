@@ -15,8 +15,13 @@ import shutil
 import time
 from typing import List
 
+import torch
+
 from .config import Config
+from .data import PromptSampler
 from .plot import plot_curves, plot_runs, read_jsonl
+from .rollout.collect import pad_rows
+from .training.policy import PolicyBatch
 
 ACC = "eval_mean@1"  # greedy accuracy on the 810 held-out pairs
 
@@ -25,12 +30,6 @@ def supervised_warmup(trainer, steps: int, batch_size: int = 64, seed: int = 777
     """Teacher-forced warm-up on the gold answers through the trainer's Megatron update: with a
     fresh old-policy pass each step the ratio is 1 and the loss with A = 1 has the gradient of the
     token-mean negative log-likelihood. Returns the NLL per step; the engine gets the weights."""
-    import torch
-
-    from .data import PromptSampler
-    from .rollout.collect import pad_rows
-    from .training.policy import PolicyBatch
-
     sampler = PromptSampler(len(trainer.train_data), seed=seed)
     eos, device = trainer.stop_ids[0], trainer.device
     losses = []

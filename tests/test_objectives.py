@@ -88,3 +88,37 @@ def test_compute_advantages_switch():
     assert torch.equal(adv, token_group_advantages(r, lens, g))
     adv, fb = compute_advantages(AlgorithmConfig.preset("dapo"), r, lens, g)
     assert torch.equal(adv, grpo_advantages(r, g)) and not bool(fb.any())
+
+
+def test_policy_loss_declares_its_inputs_and_normalizer():
+    from megatron_hapo.algorithms import PolicyLoss
+
+    assert PolicyLoss(AlgorithmConfig.preset("dapo")).inputs == ("advantages", "old_logp")
+    assert PolicyLoss(AlgorithmConfig.preset("hapo")).inputs == ("advantages", "old_logp", "h_hat")
+    assert PolicyLoss(AlgorithmConfig.preset("hapo", loss_stats="micro_batch_current")).inputs == ("advantages", "old_logp")
+    tis = PolicyLoss(AlgorithmConfig.preset("dapo", rollout_correction="tis"))
+    assert tis.inputs == ("advantages", "old_logp", "behaviour_logp")
+    with pytest.raises(ValueError, match="needs \\['behaviour_logp'\\] in the batch"):
+        tis.check({"advantages": None, "old_logp": None})
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    assert PolicyLoss(AlgorithmConfig.preset("dapo")).normalizer(mask).item() == 3  # tokens
+    assert PolicyLoss(AlgorithmConfig.preset("grpo")).normalizer(mask).item() == 2  # non-empty sequences
+
+
+def test_policy_loss_sum_over_the_normalizer_is_the_loss_and_tis_stats():
+    from megatron_hapo.algorithms import PolicyLoss
+
+    g = torch.Generator().manual_seed(3)
+    logp, old = -torch.rand(3, 5, generator=g, dtype=torch.float64), -torch.rand(3, 5, generator=g, dtype=torch.float64)
+    behaviour = old - torch.tensor([[1.0, 0.0, 0.2, -0.3, 2.0]] * 3, dtype=torch.float64)  # log w = 1 and 2: truncated at 2
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    adv = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
+    cfg = AlgorithmConfig.preset("dapo", rollout_correction="tis", tis_cap=2.0)
+    loss_sum, count, sums = PolicyLoss(cfg)(logp, torch.zeros_like(logp), mask,
+                                            {"advantages": adv, "old_logp": old, "behaviour_logp": behaviour})
+    w = truncated_is_weights(old, behaviour, mask, 2.0)
+    assert (loss_sum / count).item() == pytest.approx(policy_loss(logp, old, adv, mask, weights=w).item(), rel=1e-12)
+    m = PolicyLoss(cfg).metrics({k: float(v) for k, v in sums.items()})
+    assert m["tis_truncated_frac"] == pytest.approx(5 / 13)  # columns 0 and 4 (log w ≥ log 2): 5 valid tokens
+    assert m["tis_weight_mean"] == pytest.approx((w.sum() / 13).item())

@@ -212,6 +212,8 @@ class PolicyLoss:
         return loss_sum, count, sums
 
     def metrics(self, totals: dict) -> dict:
+        """The step's numbers from the sums over micro-batches and ranks (a missing sum is 0)."""
+        totals = {k: float(totals.get(k, 0.0)) for k in self.SUMS}
         tokens = max(totals["tokens"], 1.0)
         out = {
             "loss": totals["loss_sum"] / max(totals["count"], 1.0),

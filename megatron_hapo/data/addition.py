@@ -6,8 +6,12 @@ Prompt "a+b=" (rendered by the tokenizer's chat template, which only adds <s>) â
 """
 from __future__ import annotations
 
+import os
 import random
 from typing import Dict, List
+
+import torch
+import torch.distributed as dist
 
 PAD, BOS, EOS = 0, 1, 2  # the sentencepiece model is trained with these ids
 VOCAB = 32  # the model's vocabulary: the tokenizer's 16 pieces, rounded up for tidy shapes
@@ -55,7 +59,6 @@ def tiny_model_config():
 
 def build_model_dir(out_dir: str, seed: int = 0) -> None:
     """A randomly initialised model and its tokenizer, as an HF folder."""
-    import torch
     import transformers
 
     torch.manual_seed(seed)
@@ -66,10 +69,6 @@ def build_model_dir(out_dir: str, seed: int = 0) -> None:
 def resolve_model_dir(hf_path, run_dir: str, seed: int, rank: int) -> str:
     """The run's HF model folder: `model.hf_path`, or (unset, the demo's default) the built-in
     addition model, built once by rank 0 in run_dir/initial_model."""
-    import os
-
-    import torch.distributed as dist
-
     model_dir = hf_path or os.path.join(run_dir, "initial_model")
     if hf_path is None and rank == 0 and not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         build_model_dir(model_dir, seed=seed)

@@ -16,7 +16,9 @@ from typing import Dict, Optional
 
 import torch
 
-from .hf_config import ModelSpec, check_layout
+from .. import device as dev
+from ..training.parallel import init_model_parallel
+from .hf_config import ModelSpec, attention_mask_for, build_gpt_model, check_layout, transformer_config
 from .mapping import hf_param_shapes, hf_to_megatron, megatron_state_to_hf
 
 HF_ASSETS = "hf_config"  # inside a Megatron checkpoint: config.json and tokenizer files of the source
@@ -104,8 +106,6 @@ def load_sharded(sharded: dict, path: str, where: str) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from .. import device as dev
-
     with dev.megatron_scope():
         loaded, in_ckpt_only, in_model_only = dist_checkpointing.load(sharded, path, strict=StrictHandling.RETURN_ALL)
     # a model-only load of a training checkpoint leaves its optimizer state behind, rightly
@@ -127,9 +127,6 @@ def load_state_strict(module, state: dict, where: str) -> None:
 
 
 def _single_process_model(spec: ModelSpec, dtype, layer_spec: Optional[str] = None):
-    from ..training.parallel import init_model_parallel
-    from .hf_config import build_gpt_model, transformer_config
-
     init_model_parallel(1, 1)
     return build_gpt_model(spec, transformer_config(spec, dtype=dtype), pre_process=True, post_process=True,
                            layer_spec=layer_spec).eval()
@@ -143,8 +140,6 @@ def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, dtype: str = "fp32", ta
     check_layout(spec, target_tp, target_pp)
     torch_dtype = _dtype(dtype)
     tensors = check_hf_tensors(read_hf_tensors(hf_dir), spec)
-    from .. import device as dev
-
     layer_spec = dev.resolve_layer_spec(None)
     tmp = _check_output(out_dir)
     try:
@@ -253,9 +248,6 @@ def verify(hf_dir: str, ckpt_dir: str, prompts: int = 4, length: int = 16, seed:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, spec.vocab_size, (prompts, length), generator=g)
     mask = torch.ones(length, length, dtype=torch.bool).triu(1)[None, None].expand(prompts, 1, length, length)
-    from .. import device as dev
-
-    from .hf_config import attention_mask_for
 
     ids_d, mask_d = ids.to(dev.device()), attention_mask_for(dev.resolve_layer_spec(None), mask.to(dev.device()))
     with torch.no_grad(), dev.megatron_scope():

@@ -5,15 +5,18 @@ time-out into a reward of `failure_reward` with the reason, and count it.
 """
 from __future__ import annotations
 
+import ast
 import concurrent.futures as cf
 import dataclasses
 import math
 import multiprocessing as mp
 import os
+import pickle
 import re
 import signal
 import sys
 import threading
+import traceback
 from typing import Any, List, Optional, Sequence
 
 
@@ -97,8 +100,6 @@ def main_script_without_guard() -> Optional[str]:
     """The path of the running main script if it has no `if __name__ == "__main__":` block (spawned
     worker processes re-import it and re-run its top level), else None (a guarded script, `-m`
     module, `-c`, an interactive session)."""
-    import ast
-
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
     if not path or getattr(main, "__spec__", None) is not None or not os.path.isfile(path):
@@ -122,9 +123,6 @@ _NO_GUARD_HELP = ("reward.workers > 0 scores in spawned processes, which re-impo
 
 def _probe(blob: bytes) -> str:
     """Runs in a fresh scoring process: unpickles the verifier; '' or the error's traceback."""
-    import pickle
-    import traceback
-
     try:
         pickle.loads(blob)
         return ""
@@ -158,8 +156,6 @@ class RewardPool:
     def _executor(self) -> cf.ProcessPoolExecutor:
         """The worker pool, started and probed: every worker process must come up and load the
         verifier, or this raises RewardWorkersError quoting the first worker's error."""
-        import pickle
-
         if self._pool is not None:
             return self._pool
         self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from .. import algorithms as A
 from ..data.datasets import split_evenly
+from ..rewards import RewardResult, RewardWorkersError
 
 PER_TOKEN = ("temperatures", "entropies", "logprobs", "logprobs_t1")  # what the engine recorded per token
 
@@ -194,8 +195,6 @@ class RolloutCollector:
         """Rewards for this engine's responses (its first rank scores; the others return nothing)."""
         if not self.layout.engine_leader:
             return []
-        from ..rewards import RewardResult, RewardWorkersError
-
         flat = [x for responses in outs for x in responses]
         texts = self.decode([x.token_ids for x in flat])
         try:
@@ -257,7 +256,10 @@ class RolloutCollector:
                                                            cfg.overlong_buffer, cfg.overlong_penalty_factor)
                 g.rewards = rewards
                 seen.append(g)
-                if len(kept) < need and (not cfg.dynamic_sampling or bool(A.informative_groups(rewards, [0] * len(rewards)).all())):
+                # on correctness (DAPO's metric=acc), not on the shaped reward: an all-wrong group whose
+                # lengths differ has unequal shaped rewards but nothing to learn (HAPO.md, dynamic sampling)
+                correct = torch.tensor(g.correct, dtype=torch.float32)
+                if len(kept) < need and (not cfg.dynamic_sampling or bool(A.informative_groups(correct, [0] * len(correct)).all())):
                     kept.append(g)
             bar.update(len(kept) - bar.n)
             bar.set_postfix_str(f"generation batch {gen_batches}")

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import os
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 from .. import device as dev
 from ..algorithms import EntropyStats
@@ -116,10 +118,7 @@ class RolloutEngine:
         enable_sleep_mode: bool = False,
     ):
         _vllm_env()
-        import torch.distributed as dist
         from vllm import LLM
-
-        import logging
 
         # every in-place reload warns that rotary embeddings (a buffer, not a checkpoint weight) got no weights
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from typing import Optional
 
 import torch.distributed as dist
@@ -34,8 +35,6 @@ def init_distributed(timeout_s: int = 1800, control_timeout_s: int = 4 * 3600) -
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")  # vLLM's external launcher reads it
         if "MASTER_PORT" not in os.environ:
-            import socket
-
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
