@@ -323,6 +323,17 @@ class MegatronPolicy:
                     yield name, part.view(shape)
                 del flat
 
+    def check_finite(self) -> None:
+        """Raises on every rank if any rank's parameters hold inf/NaN. One device-side flag and one
+        host sync, whatever the number of parameters."""
+        bad = torch.zeros(1, device=self.device)
+        for chunk in self.chunks:
+            for p in chunk.module.parameters():
+                bad = torch.maximum(bad, (~torch.isfinite(p.detach())).any().float().reshape(1))
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise ValueError("policy weights hold non-finite values; the engine keeps its previous weights")
+
     def hf_state_dict(self) -> Dict[str, torch.Tensor]:
         """The full model under HF names on every rank, as host copies (tests, export)."""
         return {name: t.cpu().clone() for name, t in self.hf_weights()}
