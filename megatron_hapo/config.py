@@ -175,7 +175,11 @@ class OptimConfig:
 
     lr: float = 1e-5
     min_lr: Optional[float] = None  # None: lr (a constant schedule after the warm-up)
-    lr_warmup_steps: int = 0  # optimizer steps (mini-batches), not rollout steps
+    lr_warmup_steps: int = 0  # in lr_warmup_unit
+    # optimizer_steps: the LR schedule advances every optimizer step (mini-batch), the first at lr/W;
+    # rollout_steps: once per rollout step, as the authors' verl trainer did (10 rollout steps = 160
+    # optimizer steps at 16 mini-batches; every update of the first rollout step at lr 0)
+    lr_warmup_unit: str = "optimizer_steps"
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -187,6 +191,8 @@ class OptimConfig:
         _need(self.min_lr is None or 0 <= self.min_lr <= self.lr, f"{section}.min_lr",
               f"must lie in [0, lr={self.lr}], got {self.min_lr}")
         _need(self.lr_warmup_steps >= 0, f"{section}.lr_warmup_steps", f"must be ≥ 0, got {self.lr_warmup_steps}")
+        _need(self.lr_warmup_unit in ("optimizer_steps", "rollout_steps"), f"{section}.lr_warmup_unit",
+              f"expected optimizer_steps | rollout_steps, got {self.lr_warmup_unit!r}")
         _need(self.weight_decay >= 0, f"{section}.weight_decay", f"must be ≥ 0, got {self.weight_decay}")
         for f in ("adam_beta1", "adam_beta2"):
             _need(0 <= getattr(self, f) < 1, f"{section}.{f}", f"must lie in [0, 1), got {getattr(self, f)}")

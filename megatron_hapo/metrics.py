@@ -27,7 +27,8 @@ GROUPS = {
               "adv_fallback_frac", "tis_weight_mean", "tis_truncated_frac"),
     "entropy": ("entropy", "entropy_q", "entropy_sigma", "entropy_z_pos", "entropy_z_neg"),
     "temperature": ("temperature_min", "temperature_max", "temperature_mean"),
-    "mismatch": ("logp_mismatch_mean", "logp_mismatch_max", "ratio_bias"),
+    "mismatch": ("logp_mismatch_mean", "logp_mismatch_max", "ratio_bias", "logp_mismatch_at_t_mean",
+                 "logp_mismatch_at_t_max"),
     "time": ("time_rollout", "time_old_pass", "time_train", "time_weight_sync", "time_step", "time_eval"),
     "data": ("data_position", "data_epoch", "data_skipped_rows"),
     "weight_sync": ("weight_sync_bytes",),
@@ -37,6 +38,8 @@ _PREFIXES = (("eval_", "eval"), ("mem_", "memory"))
 
 
 def tb_tag(key: str) -> str:
+    if key.startswith("eval/"):  # per-benchmark: eval/<benchmark>/mean@n
+        return key
     group = _TAG.get(key) or next((g for p, g in _PREFIXES if key.startswith(p)), "train")
     return f"{group}/{key}"
 
@@ -54,16 +57,18 @@ def mismatch_sums(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, mask: t
                                                                                device=d.device), d.abs().max()]).cpu()
 
 
-def reduce_step_sums(mismatch: torch.Tensor, fallback: torch.Tensor, group) -> Dict[str, float]:
-    """Token-weighted mismatch and the GRPO-fallback share over the data-parallel group (host
-    tensors: gloo on GPU nodes too)."""
-    sums = torch.cat([mismatch[:3], torch.tensor([float(fallback.sum()), float(fallback.numel())], dtype=torch.float64)])
-    mx = mismatch[3:].clone()
+def reduce_step_sums(mismatch: torch.Tensor, mismatch_at_t: torch.Tensor, fallback: torch.Tensor, group) -> Dict[str, float]:
+    """Token-weighted mismatches (at T = 1 and at the recorded per-token T) and the GRPO-fallback
+    share over the data-parallel group (host tensors: gloo on GPU nodes too)."""
+    sums = torch.cat([mismatch[:3], mismatch_at_t[:3],
+                      torch.tensor([float(fallback.sum()), float(fallback.numel())], dtype=torch.float64)])
+    mx = torch.stack([mismatch[3], mismatch_at_t[3]])
     dist.all_reduce(sums, group=group)
     dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
     tokens = max(sums[2].item(), 1.0)
     return {"logp_mismatch_mean": sums[0].item() / tokens, "ratio_bias": sums[1].item() / tokens,
-            "logp_mismatch_max": mx.item(), "adv_fallback_frac": sums[3].item() / max(sums[4].item(), 1.0)}
+            "logp_mismatch_max": mx[0].item(), "logp_mismatch_at_t_mean": sums[3].item() / tokens,
+            "logp_mismatch_at_t_max": mx[1].item(), "adv_fallback_frac": sums[6].item() / max(sums[7].item(), 1.0)}
 
 
 def rollout_metrics(kept, seen, gen_batches: int) -> Dict[str, float]:
@@ -91,12 +96,22 @@ def rollout_metrics(kept, seen, gen_batches: int) -> Dict[str, float]:
     }
 
 
-def eval_metrics(groups, n: int) -> Dict[str, float]:
-    """mean@n and pass@n over evaluated groups (n samples each), with what the verifier could not score."""
-    correct = [sum(g.correct) for g in groups]
+def eval_metrics(groups, n: int, sources: List[str]) -> Dict[str, float]:
+    """mean@n and pass@n over evaluated groups (n samples each; `sources[i]`: group i's benchmark).
+    With several benchmarks, each gets `eval/<name>/mean@n` and `pass@n`, and `eval_mean@n` /
+    `eval_pass@n` are the average of the per-benchmark scores (the paper's "average", not a pool of
+    all problems); with one they are its scores. Also what the verifier could not score."""
+    by_source: Dict[str, List[int]] = {}
+    for g, s in zip(groups, sources):
+        by_source.setdefault(s, []).append(sum(g.correct))
+    scores = {s: (sum(c) / (len(c) * n), sum(x > 0 for x in c) / len(c)) for s, c in by_source.items()}
     lengths = [x for g in groups for x in g.lengths]
-    return {f"eval_mean@{n}": sum(correct) / (len(groups) * n), f"eval_pass@{n}": sum(c > 0 for c in correct) / len(groups),
-            "eval_response_length": sum(lengths) / max(len(lengths), 1), "eval_prompts": float(len(groups)),
+    out = {f"eval_mean@{n}": sum(m for m, _ in scores.values()) / len(scores),
+           f"eval_pass@{n}": sum(p for _, p in scores.values()) / len(scores)}
+    if len(scores) > 1:
+        for s, (mean, pass_) in scores.items():
+            out.update({f"eval/{s}/mean@{n}": mean, f"eval/{s}/pass@{n}": pass_, f"eval/{s}/prompts": float(len(by_source[s]))})
+    return {**out, "eval_response_length": sum(lengths) / max(len(lengths), 1), "eval_prompts": float(len(groups)),
             "eval_reward_timeouts": float(sum(g.statuses.count("timeout") for g in groups)),
             "eval_reward_errors": float(sum(g.statuses.count("error") for g in groups))}
 
@@ -118,7 +133,9 @@ def step_line(m: Dict[str, Any]) -> str:
 
 def eval_line(m: Dict[str, Any]) -> str:
     quiet = ("eval_reward_timeouts", "eval_reward_errors")  # shown when non-zero
-    return "eval: " + " ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("eval_") and (k not in quiet or v))
+    line = "eval: " + " ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("eval_") and (k not in quiet or v))
+    per_source = [f"{k[5:]} {v:.3f}" for k, v in m.items() if k.startswith("eval/") and "@" in k]
+    return line + (" | " + " ".join(per_source) if per_source else "")
 
 
 class _NoBar:

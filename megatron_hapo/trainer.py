@@ -22,8 +22,8 @@ from megatron.core import parallel_state as ps
 from . import algorithms as A
 from . import device as dev
 from .config import Config
-from .data import PromptSampler, addition
-from .data.datasets import default_reward_type, load_run_data
+from .data import PromptSampler
+from .data.datasets import default_reward_type, load_run_data, resolve_model_dir
 from .metrics import (RunLogger, eval_metrics, mean_over_micro_batches, mismatch_sums, progress_bar, reduce_step_sums,
                       rollout_metrics)
 from .models.convert import read_hf_tensors, save_hf_folder
@@ -61,7 +61,7 @@ class Trainer:
                         ps.get_data_parallel_world_size(), ps.get_data_parallel_rank())
         os.makedirs(t.run_dir, exist_ok=True)
 
-        self.model_dir = addition.resolve_model_dir(cfg.model.hf_path, t.run_dir, t.seed, self.rank)
+        self.model_dir = resolve_model_dir(cfg.model.hf_path, d.train, t.run_dir, t.seed, self.rank)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir)
         self.spec = ModelSpec.from_hf(self.model_dir)
         if len(self.tokenizer) > self.spec.vocab_size:
@@ -145,13 +145,15 @@ class Trainer:
         t1 = self._phase("rollout", t0, memory)
         self.engine.sleep()  # with rollout.enable_sleep_mode on GPU; a no-op otherwise
 
-        old_logp, old_ent = self.policy.compute_logprobs(PolicyBatch(ids, mask))
-        mismatch = mismatch_sums(batch.per_position("logprobs_t1", ids.shape[1], self.device), old_logp, mask)
+        width, temps = ids.shape[1], batch.per_position("temperatures", ids.shape[1], self.device)
+        old_logp, old_ent, logp_at_t = self.policy.compute_logprobs(PolicyBatch(ids, mask), also_at=temps)
+        mismatch = mismatch_sums(batch.per_position("logprobs_t1", width, self.device), old_logp, mask)
+        mismatch_at_t = mismatch_sums(batch.per_position("logprobs", width, self.device), logp_at_t, mask)
         step_stats = distributed_entropy_stats(old_ent, mask, group=self.dp_group, pivot=algo.pivot)
         h_hat = A.normalized_entropy(old_ent, step_stats, algo.sign_mode) if algo.uses_entropy else None
         adv, fallback = A.compute_advantages(algo, batch.rewards.to(self.device), batch.lengths.to(self.device),
                                              batch.group_ids)
-        behaviour = batch.per_position("logprobs", ids.shape[1], self.device) if algo.rollout_correction == "tis" else None
+        behaviour = batch.per_position("logprobs", width, self.device) if algo.rollout_correction == "tis" else None
         t2 = self._phase("old_pass", t1, memory)
 
         per_mb = self.cfg.train.mini_batch_prompts // self.collector.layout.dp * self.cfg.rollout.samples_per_prompt
@@ -161,6 +163,7 @@ class Trainer:
                                                             behaviour_logp=behaviour).select(sl)))
             bar.update(1)
         bar.close()
+        self.policy.end_rollout_step()
         t3 = self._phase("update", t2, memory, "time_train")
         self.engine.wake_up_weights()  # staged: weights, the sync, then the KV cache
         sync = self.sync_weights()
@@ -170,13 +173,13 @@ class Trainer:
 
         m: Dict[str, Any] = {"step": self.step, **mean_over_micro_batches(parts),
                              **rollout_metrics(batch.kept, batch.seen, batch.gen_batches),
-                             **reduce_step_sums(mismatch, fallback, self.dp_group), **step_stats.metrics(), **memory,
+                             **reduce_step_sums(mismatch, mismatch_at_t, fallback, self.dp_group), **step_stats.metrics(), **memory,
                              **self._data_metrics(), "time_weight_sync": sync["weight_sync_s"],
                              "weight_sync_bytes": sync["weight_sync_bytes"], "time_step": time.perf_counter() - t0}
         m["rollout_tokens_per_s"] = m["response_tokens"] / max(m["time_rollout"], 1e-9)
         self.logger.log_distributions(self.step, {
             "h_hat": None if h_hat is None else h_hat[mask].cpu(), "entropy": old_ent[mask].cpu(),
-            "temperature": batch.per_position("temperatures", ids.shape[1])[mask.cpu()]},
+            "temperature": temps[mask].cpu()},
             batch.per_token["entropies"], batch.per_token["temperatures"])
         return m
 
@@ -223,7 +226,8 @@ class Trainer:
             groups += self.collector.generate(positions, positions, self.eval_data, sampling, e.n, None)[0]
             bar.update(1)
         bar.close()
-        return {**eval_metrics(groups, e.n), "time_eval": time.perf_counter() - t0}
+        sources = [self.eval_data[g.position].source for g in groups]
+        return {**eval_metrics(groups, e.n, sources), "time_eval": time.perf_counter() - t0}
 
     def export_hf(self, path: str) -> None:
         """The current weights as an HF folder with the model's config and tokenizer (rank 0 writes)."""

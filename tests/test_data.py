@@ -191,3 +191,47 @@ def test_split_evenly_covers_every_item_in_order():
         assert [x for s in slices for x in s] == items
         assert max(map(len, slices)) - min(map(len, slices)) <= 1
     assert [split_evenly(list(range(8)), 4, i) for i in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_several_eval_sources_are_scored_per_benchmark_and_averaged(tmp_path, tok):
+    from megatron_hapo.metrics import eval_metrics
+    from megatron_hapo.rollout.collect import GroupSummary
+
+    for name, n in (("aime-2024", 3), ("math500", 5)):
+        rows = [{"prompt": [{"role": "user", "content": f"{name} {i}"}], "reward_model": {"ground_truth": str(i)}}
+                for i in range(n)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds = load_prompts([str(tmp_path / "aime-2024.jsonl"), str(tmp_path / "math500.jsonl")], tok, DataOptions(), "eval")
+    assert ds.sources == ["aime-2024", "math500"]
+    assert [x.source for x in ds.examples] == ["aime-2024"] * 3 + ["math500"] * 5
+    # 2 samples each: aime solves 1 of 3 problems once (mean 1/6, pass 1/3); math500 all twice (1, 1)
+    groups = [GroupSummary(i, [0.0, 0.0], [i == 0, False], ["ok", "ok"], [4, 4], 0, None) for i in range(3)]
+    groups += [GroupSummary(3 + i, [1.0, 1.0], [True, True], ["ok", "ok"], [4, 4], 0, None) for i in range(5)]
+    m = eval_metrics(groups, 2, [x.source for x in ds.examples])
+    assert m["eval/aime-2024/mean@2"] == pytest.approx(1 / 6) and m["eval/aime-2024/pass@2"] == pytest.approx(1 / 3)
+    assert m["eval/math500/mean@2"] == 1.0 and m["eval/math500/prompts"] == 5
+    assert m["eval_mean@2"] == pytest.approx((1 / 6 + 1) / 2)  # the average of benchmarks, not the pool (11/16)
+    assert m["eval_pass@2"] == pytest.approx((1 / 3 + 1) / 2) and m["eval_prompts"] == 8
+    single = eval_metrics(groups[:3], 2, ["aime-2024"] * 3)
+    assert single["eval_mean@2"] == pytest.approx(1 / 6) and not any(k.startswith("eval/") for k in single)
+
+
+def test_chain_task_has_long_worked_answers_and_a_held_out_split(tmp_path):
+    from megatron_hapo.data import chain
+
+    train, held = chain.rows("train", seed=0), chain.rows("eval", seed=0)
+    assert len(train) == chain.TRAIN_SIZE and len(held) == chain.EVAL_SIZE
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}  # held out: never trained on
+    assert chain.rows("train", seed=1)[0] != train[0] and sorted(map(str, chain.rows("train", seed=1))) == sorted(map(str, train))
+    tok = chain.build_tokenizer(str(tmp_path))
+    lengths = [len(tok(r["answer"], add_special_tokens=False)["input_ids"]) + 1 for r in train[:2000]]  # + </s>
+    assert 20 <= min(lengths) and max(lengths) <= 60
+    for r in train[:200]:  # each step is right, and the last result is the value of the prompt
+        steps = r["answer"].split(",")
+        assert eval(r["prompt"][:-1]) == int(steps[-1].split("=")[1])  # noqa: S307 - digits and +/- only
+        for a, b in zip(steps, steps[1:]):
+            assert b.startswith(a.split("=")[1])
+    import transformers
+
+    params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(chain.tiny_model_config()).parameters())
+    assert 0.5e6 <= params <= 2e6

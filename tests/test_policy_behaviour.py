@@ -95,6 +95,13 @@ def behaviour_worker(rank, world):
     policy = make_policy("dapo", lr_warmup_steps=4, lr=1e-3)
     old, _ = policy.compute_logprobs(PolicyBatch(ids, mask))
     out["lrs"] = [policy.train_step(PolicyBatch(ids, mask, advantages=adv, old_logp=old))["lr"] for _ in range(5)]
+    # counted in rollout steps (the authors' verl): constant within a rollout step, the first one at lr 0
+    destroy_model_parallel()
+    policy = make_policy("dapo", lr_warmup_steps=2, lr=1e-3, lr_warmup_unit="rollout_steps")
+    out["rollout_lrs"] = []
+    for _ in range(3):
+        out["rollout_lrs"] += [policy.train_step(PolicyBatch(ids, mask, advantages=adv, old_logp=old))["lr"] for _ in range(2)]
+        policy.end_rollout_step()
 
     # 6. bad settings at start-up
     from megatron_hapo.training.parallel import init_model_parallel
@@ -144,7 +151,8 @@ def test_loss_side_entropy_modes(results):
 
 
 def test_lr_warmup(results):
-    assert results["lrs"] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert results["lrs"] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])  # optimizer steps
+    assert results["rollout_lrs"] == pytest.approx([0, 0, 5e-4, 5e-4, 1e-3, 1e-3])  # rollout steps, 2 updates each
 
 
 def test_bad_settings_name_the_culprit(results):

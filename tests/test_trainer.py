@@ -90,6 +90,7 @@ def test_statistics_reach_the_engine_on_step_two(run):
     assert h[1]["temperature_min"] < 1.0 < h[1]["temperature_max"] <= 1.05 + 1e-6
     for m in h:
         assert m["logp_mismatch_max"] < 1e-4, m  # the engine always samples from the trainer's weights
+        assert m["logp_mismatch_at_t_max"] < 1e-4, m  # and records the temperature it sampled at
 
 
 def test_resume_continues_from_the_checkpoint(run):
@@ -222,5 +223,37 @@ def test_cluster_recipes_validate_for_their_world(name):
     path = Path(__file__).parent.parent / "examples" / "qwen2.5-math-7b" / f"{name}.yaml"
     cfg = Config.load(str(path)).validate(world_size=32)  # 4 nodes × 8 GPUs
     assert cfg.algorithm.name == name and cfg.rollout.prompts_per_step == 512 and cfg.train.lr == 1e-6
+    # the authors' recipe: 10 warm-up steps counted in rollout steps, HAPO's clip 0.2/0.2, six benchmarks
+    assert (cfg.train.lr_warmup_steps, cfg.train.lr_warmup_unit) == (10, "rollout_steps")
+    assert cfg.algorithm.eps_high == {"hapo": 0.2, "dapo": 0.28}[name] and len(cfg.data.eval) == 6
     with pytest.raises(ValueError, match="does not divide over 12 data-parallel ranks"):
         cfg.validate(world_size=48)
+
+
+def compare_worker(rank, world, out):
+    import torch.distributed as dist
+
+    from megatron_hapo.compare import run_compare
+
+    dist.destroy_process_group()  # the command starts its trainers itself
+    small = {"rollout.prompts_per_step": 4, "train.mini_batch_prompts": 4, "rollout.samples_per_prompt": 4,
+             "train.micro_batch_size": 16, "rollout.dynamic_sampling": "false"}
+    return run_compare(out, "chain", ("hapo", "dapo"), seeds=(0, 1), warmup_steps=3, steps=2, eval_interval=1,
+                       eval_prompts=8, extra=small)
+
+
+def test_compare_command_at_toy_size(tmp_path):
+    """Algorithms x seeds from one shared warm-up per seed: table, paired differences, bands."""
+    s = run_ranks(1, compare_worker, str(tmp_path / "cmp"), timeout=900)[0]
+    assert set(s["arms"]) == {"hapo", "dapo"} and s["reference"] == "dapo" and len(s["warmup_accuracy"]) == 2
+    hapo, dapo = s["arms"]["hapo"], s["arms"]["dapo"]
+    assert len(hapo["accuracy"]) == 2 and dapo["minus_dapo"] == [0.0, 0.0]
+    assert hapo["minus_dapo"] == pytest.approx([h - d for h, d in zip(hapo["accuracy"], dapo["accuracy"])])
+    assert hapo["accuracy_ci95"] == hapo["accuracy_ci95"]  # finite with 2 seeds
+    assert dapo["temperature_mean_last5"] == 1.0  # no adaptive temperature in DAPO
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert "| hapo |" in table and "| dapo |" in table
+    assert (tmp_path / "cmp" / "curves.png").stat().st_size > 10_000
+    rows = [json.loads(x) for x in (tmp_path / "cmp" / "seed1" / "hapo" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == [1, 2] and all("eval_mean@1" in m for m in rows)
+    assert rows[1]["temperature_min"] < 1.0 < rows[1]["temperature_max"]  # HAPO A from step 2 on

@@ -6,12 +6,10 @@ Prompt "a+b=" (rendered by the tokenizer's chat template, which only adds <s>) â
 """
 from __future__ import annotations
 
-import os
 import random
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 
 PAD, BOS, EOS = 0, 1, 2  # the sentencepiece model is trained with these ids
 VOCAB = 32  # the model's vocabulary: the tokenizer's 16 pieces, rounded up for tidy shapes
@@ -65,15 +63,3 @@ def build_model_dir(out_dir: str, seed: int = 0) -> None:
     transformers.AutoModelForCausalLM.from_config(tiny_model_config(), dtype=torch.float32).save_pretrained(out_dir)
     build_tokenizer(out_dir)
 
-
-def resolve_model_dir(hf_path, run_dir: str, seed: int, rank: int) -> str:
-    """The run's HF model folder: `model.hf_path`, or (unset, the demo's default) the built-in
-    addition model, built once by rank 0 in run_dir/initial_model."""
-    model_dir = hf_path or os.path.join(run_dir, "initial_model")
-    if hf_path is None and rank == 0 and not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
-        build_model_dir(model_dir, seed=seed)
-    if dist.is_initialized():
-        dist.barrier()
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"model.hf_path: {model_dir!r} holds no config.json")
-    return model_dir

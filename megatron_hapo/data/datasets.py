@@ -1,11 +1,12 @@
 """Prompt datasets: JSONL / JSON / Parquet files in the DAPO-Math-17k layout, reasoning-gym's
-procedural generators, and the built-in addition task; all rendered with the tokenizer's chat
+procedural generators, and the embedded tasks (addition, chain); all rendered with the tokenizer's chat
 template and checked row by row.
 
 A source is one string:
     "path/to/file.jsonl" | ".json" | ".parquet"   rows with a prompt and a ground-truth answer
     "reasoning_gym:NAME"                           NAME's generator (e.g. countdown, basic_arithmetic)
-    "addition" | "addition:eval"                   the embedded task (train split / held-out split)
+    "addition" | "addition:eval"                   an embedded task (train split / held-out split):
+    "chain" | "chain:eval"                         addition (3-token answers), chain (28-token worked solutions)
 
 A row's prompt is a string or a list of chat messages ({"role", "content"}); its answer is found
 under `answer_key` (a dotted path; "auto" tries reward_model.ground_truth, answer, ground_truth,
@@ -35,6 +36,7 @@ class Example:
     prompt_ids: List[int]
     ground_truth: Any
     where: str  # "file:line" (or "source#index"), for messages
+    source: str = ""  # the short name of the source it came from (per-benchmark evaluation)
 
 
 @dataclasses.dataclass
@@ -43,6 +45,7 @@ class PromptDataset:
     examples: List[Example]
     skipped: int = 0
     reasons: List[str] = dataclasses.field(default_factory=list)
+    sources: List[str] = dataclasses.field(default_factory=list)  # short names, in order
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -185,8 +188,8 @@ def _reasoning_gym_rows(name: str, size: int, seed: int, config: dict) -> Iterat
         yield f"{name}#{n}", {"prompt": entry["question"] + RG_INSTRUCTION, "answer": dict(entry)}
 
 
-ADDITION_SOURCES = ("addition", "addition:train", "addition:eval")
-SOURCE_REWARDS = {"addition": "exact", "reasoning_gym": "reasoning_gym", "file": "math"}
+EMBEDDED_TASKS = ("addition", "chain")  # modules of megatron_hapo.data: rows, build_model_dir
+SOURCE_REWARDS = {"addition": "exact", "chain": "exact", "reasoning_gym": "reasoning_gym", "file": "math"}
 
 
 def as_sources(sources) -> List[str]:
@@ -195,9 +198,10 @@ def as_sources(sources) -> List[str]:
 
 
 def source_kind(source: str) -> str:
-    """"addition", "reasoning_gym" or "file"."""
-    if source in ADDITION_SOURCES:
-        return "addition"
+    """An embedded task's name ("addition", "chain"), "reasoning_gym" or "file"."""
+    task, _, part = source.partition(":")
+    if task in EMBEDDED_TASKS and part in ("", "train", "eval"):
+        return task
     return "reasoning_gym" if source.startswith("reasoning_gym:") else "file"
 
 
@@ -207,8 +211,8 @@ def held_out_sources(train) -> Optional[List[str]]:
     out = []
     for s in as_sources(train):
         kind = source_kind(s)
-        if kind == "addition" and s != "addition:eval":
-            out.append("addition:eval")
+        if kind in EMBEDDED_TASKS and s != f"{kind}:eval":
+            out.append(f"{kind}:eval")
         elif kind == "reasoning_gym":
             out.append(s)
     return out or None
@@ -223,12 +227,10 @@ def default_reward_type(train) -> str:
 
 
 def source_rows(source: str, split: str, seed: int, opts: DataOptions) -> Iterator[Tuple[str, Any]]:
-    from . import addition
-
     kind = source_kind(source)
-    if kind == "addition":
-        part = "eval" if source == "addition:eval" else "train"
-        for n, row in enumerate(addition.rows(part, seed)):
+    if kind in EMBEDDED_TASKS:
+        part = "eval" if source.endswith(":eval") else "train"
+        for n, row in enumerate(embedded_task(kind).rows(part, seed)):
             yield f"{source}#{n}", row
     elif kind == "reasoning_gym":
         # the eval split draws from another seed, so it is not the training set again
@@ -247,12 +249,13 @@ def load_prompts(sources, tokenizer, opts: DataOptions, split: str = "train", se
         raise ValueError(f"data.{split}: no sources given")
     render = Renderer(tokenizer, opts)
     examples, skipped, reasons = [], 0, []
-    for source in sources:
+    names = source_names(sources)
+    for source, short in zip(sources, names):
         for where, row in source_rows(str(source), split, seed, opts):
             try:
                 if isinstance(row, BadRow):
                     raise row
-                examples.append(render(row, where))
+                examples.append(dataclasses.replace(render(row, where), source=short))
             except BadRow as exc:
                 if opts.strict:
                     raise ValueError(f"data.{split}: malformed row at {where}: {exc} (data.strict=true)") from None
@@ -262,7 +265,22 @@ def load_prompts(sources, tokenizer, opts: DataOptions, split: str = "train", se
     name = f"data.{split} ({', '.join(map(str, sources))})"
     if not examples:
         raise ValueError(f"{name}: no usable rows ({skipped} malformed; first: {'; '.join(reasons) or 'none'})")
-    return PromptDataset(name, examples, skipped, reasons)
+    return PromptDataset(name, examples, skipped, reasons, names)
+
+
+def source_names(sources: List[str]) -> List[str]:
+    """Short, unique names for metrics: a file's stem (aime-2024), a generator's name, addition."""
+    out: List[str] = []
+    for s in sources:
+        s = str(s)
+        kind = source_kind(s)
+        base = s.split(":", 1)[1] if kind == "reasoning_gym" else kind if kind in EMBEDDED_TASKS else \
+            os.path.basename(s).split(".")[0]
+        name, k = base or "source", 2
+        while name in out:
+            name, k = f"{base}_{k}", k + 1
+        out.append(name)
+    return out
 
 
 class PromptSampler:
@@ -316,3 +334,32 @@ def load_run_data(cfg, tokenizer, max_positions: int):
         raise ValueError(f"eval.interval={e.interval} / eval.before_train={e.before_train}: no eval set; "
                          f"set data.eval (the training sources {as_sources(d.train)} have no held-out split)")
     return train, evals
+
+
+def embedded_task(name: str):
+    """The module of an embedded task (`rows`, `build_model_dir`, `tiny_model_config`)."""
+    import importlib
+
+    if name not in EMBEDDED_TASKS:
+        raise ValueError(f"unknown embedded task {name!r}; expected one of {EMBEDDED_TASKS}")
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def resolve_model_dir(hf_path, train_sources, run_dir: str, seed: int, rank: int) -> str:
+    """The run's HF model folder: `model.hf_path`, or (unset: the demo's default) the built-in model
+    of the embedded task `data.train` names, built once by rank 0 in run_dir/initial_model."""
+    import torch.distributed as dist
+
+    model_dir = hf_path or os.path.join(run_dir, "initial_model")
+    if hf_path is None:
+        tasks = [source_kind(s) for s in as_sources(train_sources) if source_kind(s) in EMBEDDED_TASKS]
+        if not tasks:
+            raise ValueError(f"model.hf_path: required with data.train={train_sources!r} (the built-in models "
+                             f"belong to the embedded tasks {EMBEDDED_TASKS})")
+        if rank == 0 and not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+            embedded_task(tasks[0]).build_model_dir(model_dir, seed=seed)
+    if dist.is_initialized():
+        dist.barrier()
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"model.hf_path: {model_dir!r} holds no config.json")
+    return model_dir

@@ -42,7 +42,7 @@ class PolicyConfig(OptimConfig):
     micro_batch_size: int = 1
     dtype: str = "float32"  # bfloat16 on GPU
     layer_spec: str = "auto"  # te | local | auto (te on GPU, local on CPU)
-    train_steps: int = 100000  # optimizer steps of the run (the LR schedule's length)
+    train_steps: int = 100000  # the LR schedule's length, in lr_warmup_unit
     logprob_chunk_size: Optional[int] = 1024
     seed: int = 1234
 
@@ -53,7 +53,7 @@ class PolicyConfig(OptimConfig):
         values = {}
         for section in (cfg.parallel, cfg.model, cfg.train):
             values.update({f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in names})
-        values["train_steps"] = cfg.optimizer_steps()
+        values["train_steps"] = cfg.optimizer_steps() if cfg.train.lr_warmup_unit == "optimizer_steps" else cfg.train.steps
         return cls(**values)
 
     def torch_dtype(self) -> torch.dtype:
@@ -396,51 +396,49 @@ class MegatronPolicy:
         return t
 
     @torch.no_grad()
-    def compute_logprobs(self, batch: PolicyBatch, temperature=1.0):
-        """No-grad forward: (log-prob, entropy) per label position [B, S] at T = 1 (or per-token T),
-        on every rank of this data-parallel replica, on the device of `batch`."""
+    def compute_logprobs(self, batch: PolicyBatch, temperature=1.0, also_at: Optional[torch.Tensor] = None):
+        """No-grad forward: (log-prob, entropy) per label position [B, S] at T = 1 (or a per-token
+        T [B, S]), on every rank of this data-parallel replica, on the device of `batch`. With
+        `also_at` (per-token temperatures [B, S], e.g. the engine's recorded T_b), also the log-probs
+        at those temperatures from the same forward: (log-prob, entropy, log-prob at also_at)."""
         out_device, width = batch.input_ids.device, batch.input_ids.shape[1]
+        temps = {k: v for k, v in (("temperature", temperature), ("also_at", also_at)) if isinstance(v, torch.Tensor)}
+        batch = PolicyBatch(batch.input_ids, batch.loss_mask, batch.segment_ids, **temps)
         batch = self._fit_width(batch).to(self.device)
         n_rows, mbs = batch.size, self.cfg.micro_batch_size
         if n_rows % mbs:  # forward-only: pad with empty rows to whole micro-batches, drop them after
-            extra = mbs - n_rows % mbs
-            pad = batch.select(torch.zeros(extra, dtype=torch.long))
+            pad = batch.select(torch.zeros(mbs - n_rows % mbs, dtype=torch.long))
             pad.loss_mask = torch.zeros_like(pad.loss_mask)
             batch = batch.cat(pad)
-            if isinstance(temperature, torch.Tensor):
-                temperature = torch.cat([temperature, torch.ones_like(temperature[:extra])])
-        if isinstance(temperature, torch.Tensor):
-            temperature = torch.nn.functional.pad(temperature.to(self.device),
-                                                  (0, batch.input_ids.shape[1] - temperature.shape[1]), value=1.0)
         for c in self.chunks:
             c.eval()
-        temps = None
-        if isinstance(temperature, torch.Tensor):
-            if tuple(temperature.shape) != tuple(batch.input_ids.shape):
-                raise ValueError(f"temperature: shape {tuple(temperature.shape)} does not match input_ids {tuple(batch.input_ids.shape)}")
-            temps = temperature
 
-        start = [0]
+        def per_token(b, name):  # 1 where nothing is scored (padding, prompts)
+            return torch.where(b.loss_mask, b.inputs[name], 1.0).clamp(min=1e-6)
 
         def loss_fn(mb, logits):
-            n = mb["batch"].size
-            t = temperature if temps is None else temps[start[0]:start[0] + n].clamp(min=1e-6)
-            start[0] += n
-            logp, ent = self._logprobs(mb, logits, t)
-            return torch.zeros((), dtype=torch.float32), {"logp": logp.float(), "entropy": ent.float()}
+            b = mb["batch"]
+            logp, ent = self._logprobs(mb, logits, per_token(b, "temperature") if "temperature" in b.inputs else temperature)
+            out = {"logp": logp.float(), "entropy": ent.float()}
+            if "also_at" in b.inputs:
+                out["also_at"] = self._logprobs(mb, logits, per_token(b, "also_at"))[0].float()
+            return torch.zeros((), dtype=torch.float32), out
 
         store = self._run(batch, loss_fn, forward_only=True)
         for c in self.chunks:
             c.train()
-        shape = tuple(batch.input_ids.shape)
-        logp = torch.cat([s["logp"] for s in store]) if store else None
-        ent = torch.cat([s["entropy"] for s in store]) if store else None
-        stacked = torch.stack([logp, ent]) if store else None
-        stacked = self._from_last_stage(stacked, (2,) + shape, torch.float32)
+        names = ["logp", "entropy"] + (["also_at"] if also_at is not None else [])
+        stacked = torch.stack([torch.cat([s[k] for s in store]) for k in names]) if store else None
+        stacked = self._from_last_stage(stacked, (len(names),) + tuple(batch.input_ids.shape), torch.float32)
         mask = batch.loss_mask
-        logp = torch.where(mask, stacked[0], 0.0)[:n_rows, :width]
-        ent = torch.where(mask, stacked[1], 0.0)[:n_rows, :width]
-        return logp.to(out_device), ent.to(out_device)
+        return tuple(torch.where(mask, t, 0.0)[:n_rows, :width].to(out_device) for t in stacked)
+
+    def end_rollout_step(self) -> None:
+        """Advances the LR schedule by one rollout step when it counts rollout steps
+        (lr_warmup_unit=rollout_steps); a no-op when it counts optimizer steps."""
+        if self.cfg.lr_warmup_unit == "rollout_steps":
+            with dev.megatron_scope():
+                self.scheduler.step(increment=1)
 
     def _fit_width(self, batch: PolicyBatch) -> PolicyBatch:
         width = batch.input_ids.shape[1]
@@ -476,7 +474,8 @@ class MegatronPolicy:
 
         # LR for this update (warm-up reaches the full LR at step lr_warmup_steps), then the step.
         with dev.megatron_scope():
-            self.scheduler.step(increment=1)
+            if self.cfg.lr_warmup_unit == "optimizer_steps":
+                self.scheduler.step(increment=1)
             found_inf = self.optimizer.prepare_grads()
             grad_norm = self.optimizer.get_grad_norm()
             skipped = bool(found_inf) or grad_norm is None or not math.isfinite(grad_norm)

@@ -1,0 +1,214 @@
+"""`megatron-hapo compare`: algorithms × seeds on an embedded task, each seed's arms trained from one
+shared supervised warm-up, reported with 95 % intervals over seeds.
+
+    megatron-hapo compare --task chain --arms hapo,dapo --seeds 0,1,2 --out runs/compare
+    megatron-hapo compare --task chain --arms hapo,dapo --ablations --seeds 0,1,2   # + HAPO without A, B, C or D
+
+Per seed: a warm-up run (teacher-forced, `demo.supervised_warmup`) exported once; then every arm
+trains from it with the same seed, data order and budget, so arms differ only in the algorithm
+section. Per arm it reports the final held-out greedy accuracy (mean and a t-interval over seeds),
+the paired difference to the reference arm per seed (with its interval: the seeds' shared warm-up
+makes the pairing meaningful), and the last steps' response length, entropy and temperature; it
+writes `summary.json`, `table.md` and PNG curves with bands (min-max over seeds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from typing import Dict, Sequence
+
+from .config import Config
+from .plot import read_jsonl
+
+ACC = "eval_mean@1"
+COMPONENTS = {"A": "adaptive_temperature", "B": "token_level_advantage", "C": "redistribute", "D": "adaptive_clip"}
+# two-sided 95 % Student-t quantiles by degrees of freedom (no scipy here)
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+# per task: the rollout and update sizes of a study run (CPU-sized)
+TASKS = {
+    "chain": {"rollout.max_response_tokens": 40, "rollout.prompts_per_step": 32, "rollout.samples_per_prompt": 8,
+              "train.mini_batch_prompts": 16, "train.micro_batch_size": 64, "rollout.kv_cache_memory_bytes": 256 * 2**20},
+    "addition": {"rollout.max_response_tokens": 4, "rollout.prompts_per_step": 64, "rollout.samples_per_prompt": 8,
+                 "train.mini_batch_prompts": 32, "train.micro_batch_size": 64, "rollout.kv_cache_memory_bytes": 128 * 2**20},
+}
+
+
+def arm_overrides(arm: str) -> Dict[str, str]:
+    """hapo | dapo | grpo, or hapo-no-X (HAPO with component X of A-D off: the paper's ablation)."""
+    if arm in ("hapo", "dapo", "grpo"):
+        return {"algorithm.name": arm}
+    if arm.startswith("hapo-no-") and arm[8:] in COMPONENTS:
+        return {"algorithm.name": "hapo", f"algorithm.{COMPONENTS[arm[8:]]}": "false"}
+    raise ValueError(f"arm {arm!r}: expected hapo, dapo, grpo or hapo-no-A|B|C|D")
+
+
+def mean_ci(values: Sequence[float]):
+    """(mean, half-width of the 95 % t-interval); half-width nan with one value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, _T975[min(n - 2, len(_T975) - 1)] * sd / math.sqrt(n)
+
+
+def _config(run_dir: str, task: str, **overrides) -> Config:
+    items = {"data.train": task, "train.run_dir": run_dir, "train.resume": "none", "log.progress": "off",
+             **TASKS[task], **overrides}
+    return Config.load(None, [f"{k}={v}" for k, v in items.items()])
+
+
+def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "dapo"), seeds: Sequence[int] = (0, 1, 2),
+                warmup_steps: int = 150, steps: int = 40, lr: float = 1e-4, eval_interval: int = 10,
+                eval_prompts: int = 0, reference: str = "dapo", extra: Dict[str, str] = None) -> dict:
+    from .demo import supervised_warmup
+    from .trainer import Trainer
+
+    for arm in arms:
+        arm_overrides(arm)  # names a bad arm before anything runs
+    if task not in TASKS:
+        raise ValueError(f"--task {task!r}: expected one of {sorted(TASKS)}")
+    t0 = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    runs: Dict[str, Dict[int, dict]] = {arm: {} for arm in arms}
+    warm_acc = {}
+    for seed in seeds:
+        root = os.path.join(out, f"seed{seed}")
+        shutil.rmtree(root, ignore_errors=True)
+        common = {"train.seed": seed, "eval.num_prompts": eval_prompts, **(extra or {})}
+        warm = Trainer(_config(f"{root}/warmup", task, **common, **{"train.lr": 1e-3, "algorithm.name": "dapo",
+                                                                     "train.steps": 1}))
+        losses = supervised_warmup(warm, warmup_steps, seed=777 + seed)
+        warm_acc[seed] = warm.evaluate()[ACC]
+        warm.export_hf(f"{root}/warmup/model")
+        warm.close()
+        print(f"seed {seed}: warm-up {warmup_steps} steps, NLL {losses[0]:.2f} -> {losses[-1]:.2f}, held-out greedy "
+              f"accuracy {warm_acc[seed]:.3f}", flush=True)
+        for arm in arms:
+            t1 = time.perf_counter()
+            run_dir = f"{root}/{arm}"
+            tr = Trainer(_config(run_dir, task, **common, **arm_overrides(arm), **{
+                "model.hf_path": f"{root}/warmup/model", "train.lr": lr, "train.steps": steps, "eval.interval": eval_interval,
+                "eval.before_train": "false"}))
+            tr.fit()
+            tr.close()
+            rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+            runs[arm][seed] = {"final": [m for m in rows if ACC in m][-1][ACC], "rows": rows,
+                               "seconds": time.perf_counter() - t1}
+            print(f"seed {seed} {arm}: held-out greedy accuracy {warm_acc[seed]:.3f} -> {runs[arm][seed]['final']:.3f} "
+                  f"({runs[arm][seed]['seconds']:.0f} s)", flush=True)
+    summary = summarize(runs, warm_acc, reference if reference in arms else arms[0])
+    summary.update(task=task, seeds=list(seeds), warmup_steps=warmup_steps, steps=steps, lr=lr,
+                   wall_s=time.perf_counter() - t0)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    table = format_table(summary)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    plot_bands(runs, warm_acc, out)
+    print(table, flush=True)
+    print(f"compare: {out}/summary.json, {out}/table.md, {out}/curves.png; {summary['wall_s']:.0f} s", flush=True)
+    return summary
+
+
+def _last(rows, key: str, k: int = 5) -> float:
+    vals = [m[key] for m in rows if key in m][-k:]
+    return sum(vals) / max(len(vals), 1)
+
+
+def summarize(runs: Dict[str, Dict[int, dict]], warm_acc: Dict[int, float], reference: str) -> dict:
+    arms = {}
+    for arm, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        finals = [by_seed[s]["final"] for s in seeds]
+        mean, ci = mean_ci(finals)
+        paired = [by_seed[s]["final"] - runs[reference][s]["final"] for s in seeds]
+        d_mean, d_ci = mean_ci(paired)
+        arms[arm] = {
+            "accuracy": finals, "accuracy_mean": mean, "accuracy_ci95": ci,
+            "gain_over_warmup_mean": mean_ci([by_seed[s]["final"] - warm_acc[s] for s in seeds])[0],
+            f"minus_{reference}": paired, f"minus_{reference}_mean": d_mean, f"minus_{reference}_ci95": d_ci,
+            **{f"{key}_last5": mean_ci([_last(by_seed[s]["rows"], key) for s in seeds])[0]
+               for key in ("response_length", "entropy", "temperature_mean", "rollout_accuracy", "keep_rate")},
+            "seconds_mean": mean_ci([by_seed[s]["seconds"] for s in seeds])[0],
+        }
+    return {"reference": reference, "warmup_accuracy": [warm_acc[s] for s in sorted(warm_acc)], "arms": arms}
+
+
+def format_table(summary: dict) -> str:
+    ref = summary["reference"]
+    head = (f"| arm | held-out acc (mean ± 95% CI) | per seed | − {ref} (paired, mean ± CI) | gain over warm-up | "
+            f"resp. length | entropy | T mean | sampled acc | s/run |")
+    lines = [head, "|" + "|".join("---" for _ in head.split("|")[1:-1]) + "|"]
+    for arm, a in summary["arms"].items():
+        def pm(m, c):
+            return f"{m:.3f} ± {c:.3f}" if c == c else f"{m:.3f}"
+
+        diff = "—" if arm == ref else pm(a[f"minus_{ref}_mean"], a[f"minus_{ref}_ci95"])
+        lines.append(f"| {arm} | {pm(a['accuracy_mean'], a['accuracy_ci95'])} | {', '.join(f'{v:.3f}' for v in a['accuracy'])} | "
+                     f"{diff} | {a['gain_over_warmup_mean']:+.3f} | {a['response_length_last5']:.1f} | {a['entropy_last5']:.3f} | "
+                     f"{a['temperature_mean_last5']:.3f} | {a['rollout_accuracy_last5']:.3f} | {a['seconds_mean']:.0f} |")
+    warm = summary["warmup_accuracy"]
+    lines.append(f"\nwarm-up accuracy per seed: {', '.join(f'{v:.3f}' for v in warm)}")
+    return "\n".join(lines)
+
+
+def plot_bands(runs: Dict[str, Dict[int, dict]], warm_acc: Dict[int, float], out: str) -> None:
+    """curves.png: held-out accuracy, response length, entropy, temperature per step; the line is
+    the mean over seeds, the band min-max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(ACC, "held-out greedy accuracy"), ("response_length", "response length"), ("entropy", "entropy (old pass)"),
+              ("temperature_mean", "sampling temperature (mean)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, title) in zip(axes, panels):
+        for arm, by_seed in runs.items():
+            series = []
+            for s, run in sorted(by_seed.items()):
+                pts = {m["step"]: m[key] for m in run["rows"] if key in m}
+                if key == ACC:
+                    pts[0] = warm_acc[s]
+                series.append(pts)
+            steps = sorted(set.intersection(*(set(p) for p in series))) if series else []
+            if not steps:
+                continue
+            vals = [[p[x] for p in series] for x in steps]
+            ax.plot(steps, [sum(v) / len(v) for v in vals], label=arm)
+            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="megatron-hapo compare", description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="chain", choices=sorted(TASKS))
+    p.add_argument("--arms", default="hapo,dapo", help="comma-separated: hapo, dapo, grpo, hapo-no-A|B|C|D")
+    p.add_argument("--ablations", action="store_true", help="add hapo-no-A, hapo-no-B, hapo-no-C, hapo-no-D")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--warmup-steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=40, help="RL steps per arm and seed")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--eval-interval", type=int, default=10)
+    p.add_argument("--eval-prompts", type=int, default=0, help="0: the whole held-out split")
+    p.add_argument("--reference", default="dapo", help="the arm paired differences are taken against")
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("overrides", nargs="*", help="config overrides for every run, key.sub=value")
+    a = p.parse_args(argv)
+    arms = [x for x in a.arms.split(",") if x] + ([f"hapo-no-{c}" for c in COMPONENTS] if a.ablations else [])
+    extra = dict(item.split("=", 1) for item in a.overrides)
+    run_compare(a.out, a.task, arms, [int(s) for s in a.seeds.split(",")], a.warmup_steps, a.steps, a.lr, a.eval_interval,
+                a.eval_prompts, a.reference, extra)
+    return 0

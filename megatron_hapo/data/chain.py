@@ -1,0 +1,93 @@
+"""The second embedded task: a chain of additions and subtractions worked out step by step, with
+its own sentencepiece tokenizer and a Qwen2-shaped model built in code (no downloads).
+
+Prompt "37+48-21+56=" → response "37+48=85,85-21=64,64+56=120" then </s> (28 tokens with the EOS):
+most tokens are forced (copying an operand or the previous result, the operators), a few are real
+forks (the digits of each result), and the first mistake decides the outcome. The reward is an
+exact match of the whole worked solution. This is the kind of sequence HAPO's per-token entropy
+is meant for, where the 3-token answers of `addition` leave it little to act on. Problems are
+split by a fixed hash: about a tenth are held out for evaluation and never trained on.
+"""
+from __future__ import annotations
+
+import random
+from typing import Dict, List, Tuple
+
+import torch
+
+from .addition import BOS, CHAT_TEMPLATE, EOS, PAD
+
+VOCAB = 32  # the tokenizer's pieces (digits, + - = , and a few merges), rounded up
+OPERANDS = 4
+TRAIN_SIZE, EVAL_SIZE = 40_000, 512
+
+
+def _held_out(nums: Tuple[int, ...], ops: str) -> bool:
+    return (sum(n * (7 + 6 * i) for i, n in enumerate(nums)) + 13 * ops.count("+")) % 10 == 0
+
+
+def _problems(split: str, count: int) -> List[Tuple[Tuple[int, ...], str]]:
+    """`count` distinct problems of the split: operands 10..99, every partial result in 0..199."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"chain: unknown split {split!r} (train | eval)")
+    rng = random.Random(12345)  # the same problem set whatever the run's seed; the seed only orders it
+    out, seen = [], set()
+    while len(out) < count:
+        nums = tuple(rng.randint(10, 99) for _ in range(OPERANDS))
+        ops = "".join(rng.choice("+-") for _ in range(OPERANDS - 1))
+        value, ok = nums[0], True
+        for op, n in zip(ops, nums[1:]):
+            value = value + n if op == "+" else value - n
+            ok = ok and 0 <= value <= 199
+        if ok and (nums, ops) not in seen and _held_out(nums, ops) == (split == "eval"):
+            seen.add((nums, ops))
+            out.append((nums, ops))
+    return out
+
+
+def prompt_and_solution(nums, ops) -> Tuple[str, str]:
+    prompt = str(nums[0]) + "".join(op + str(n) for op, n in zip(ops, nums[1:])) + "="
+    steps, value = [], nums[0]
+    for op, n in zip(ops, nums[1:]):
+        new = value + n if op == "+" else value - n
+        steps.append(f"{value}{op}{n}={new}")
+        value = new
+    return prompt, ",".join(steps)
+
+
+def rows(split: str = "train", seed: int = 0) -> List[Dict[str, str]]:
+    """Dataset rows in the same layout as a JSONL file: {"prompt": ..., "answer": ...}."""
+    items = _problems(split, TRAIN_SIZE if split == "train" else EVAL_SIZE)
+    random.Random(seed).shuffle(items)
+    return [dict(zip(("prompt", "answer"), prompt_and_solution(nums, ops))) for nums, ops in items]
+
+
+def build_tokenizer(out_dir: str):
+    """A sentencepiece BPE model trained on the task's text (digits one piece each)."""
+    from .tokenizers import train_sentencepiece
+
+    lines = [r["prompt"] + r["answer"] for r in rows("train")[:5000]]
+    tok = train_sentencepiece(out_dir, lines, 24, CHAT_TEMPLATE)
+    if len(tok) > VOCAB or (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) != (BOS, EOS, PAD):
+        raise RuntimeError(f"chain tokenizer: unexpected vocabulary ({len(tok)} pieces, special ids "
+                           f"{tok.bos_token_id}/{tok.eos_token_id}/{tok.pad_token_id})")
+    return tok
+
+
+def tiny_model_config():
+    """A Qwen2-shaped model: 4 layers, hidden 128, 4 heads of 32 (vLLM's CPU attention needs ≥ 32), 0.8 M parameters."""
+    import transformers
+
+    return transformers.AutoConfig.for_model(
+        model_type="qwen2", vocab_size=VOCAB, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+        max_position_embeddings=96, tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+
+
+def build_model_dir(out_dir: str, seed: int = 0) -> None:
+    """A randomly initialised model and its tokenizer, as an HF folder."""
+    import transformers
+
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(tiny_model_config(), dtype=torch.float32).save_pretrained(out_dir)
+    build_tokenizer(out_dir)
