@@ -30,13 +30,17 @@ COMPONENTS = {"A": "adaptive_temperature", "B": "token_level_advantage", "C": "r
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
-# per task: the rollout and update sizes of a study run (CPU-sized)
+# per task: the rollout and update sizes of a study run (CPU-sized) and its supervised warm-up
+# (steps, lr): chain's model learns the procedure abruptly between 300 and 500 steps at lr 2e-3
+# (held-out accuracy 0.4 % at 300, 23 % at 400, 63 % at 500 for seed 0), so 400 leaves RL room
 TASKS = {
     "chain": {"rollout.max_response_tokens": 40, "rollout.prompts_per_step": 32, "rollout.samples_per_prompt": 8,
-              "train.mini_batch_prompts": 16, "train.micro_batch_size": 64, "rollout.kv_cache_memory_bytes": 256 * 2**20},
+              "train.mini_batch_prompts": 16, "train.micro_batch_size": 64, "rollout.kv_cache_memory_bytes": 256 * 2**20,
+              "rollout.max_num_gen_batches": 20},
     "addition": {"rollout.max_response_tokens": 4, "rollout.prompts_per_step": 64, "rollout.samples_per_prompt": 8,
                  "train.mini_batch_prompts": 32, "train.micro_batch_size": 64, "rollout.kv_cache_memory_bytes": 128 * 2**20},
 }
+WARMUP = {"chain": (400, 2e-3), "addition": (300, 1e-3)}
 
 
 def arm_overrides(arm: str) -> Dict[str, str]:
@@ -65,7 +69,7 @@ def _config(run_dir: str, task: str, **overrides) -> Config:
 
 
 def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "dapo"), seeds: Sequence[int] = (0, 1, 2),
-                warmup_steps: int = 150, steps: int = 40, lr: float = 1e-4, eval_interval: int = 10,
+                warmup_steps: int = None, steps: int = 30, lr: float = 1e-4, eval_interval: int = 10,
                 eval_prompts: int = 0, reference: str = "dapo", extra: Dict[str, str] = None) -> dict:
     from .demo import supervised_warmup
     from .trainer import Trainer
@@ -74,6 +78,7 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
         arm_overrides(arm)  # names a bad arm before anything runs
     if task not in TASKS:
         raise ValueError(f"--task {task!r}: expected one of {sorted(TASKS)}")
+    warmup_steps, warmup_lr = warmup_steps if warmup_steps is not None else WARMUP[task][0], WARMUP[task][1]
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     runs: Dict[str, Dict[int, dict]] = {arm: {} for arm in arms}
@@ -82,7 +87,7 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
         root = os.path.join(out, f"seed{seed}")
         shutil.rmtree(root, ignore_errors=True)
         common = {"train.seed": seed, "eval.num_prompts": eval_prompts, **(extra or {})}
-        warm = Trainer(_config(f"{root}/warmup", task, **common, **{"train.lr": 1e-3, "algorithm.name": "dapo",
+        warm = Trainer(_config(f"{root}/warmup", task, **common, **{"train.lr": warmup_lr, "algorithm.name": "dapo",
                                                                      "train.steps": 1}))
         losses = supervised_warmup(warm, warmup_steps, seed=777 + seed)
         warm_acc[seed] = warm.evaluate()[ACC]
@@ -198,8 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--arms", default="hapo,dapo", help="comma-separated: hapo, dapo, grpo, hapo-no-A|B|C|D")
     p.add_argument("--ablations", action="store_true", help="add hapo-no-A, hapo-no-B, hapo-no-C, hapo-no-D")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--warmup-steps", type=int, default=150)
-    p.add_argument("--steps", type=int, default=40, help="RL steps per arm and seed")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: the task's (chain 400, addition 300)")
+    p.add_argument("--steps", type=int, default=30, help="RL steps per arm and seed")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval-interval", type=int, default=10)
     p.add_argument("--eval-prompts", type=int, default=0, help="0: the whole held-out split")

@@ -1,7 +1,7 @@
 """The second embedded task: a chain of additions and subtractions worked out step by step, with
 its own sentencepiece tokenizer and a Qwen2-shaped model built in code (no downloads).
 
-Prompt "37+48-21+56=" → response "37+48=85,85-21=64,64+56=120" then </s> (28 tokens with the EOS):
+Prompt "23+7-5+9-4=" → response "23+7=30,30-5=25,25+9=34,34-4=30" then </s> (32 tokens with the EOS):
 most tokens are forced (copying an operand or the previous result, the operators), a few are real
 forks (the digits of each result), and the first mistake decides the outcome. The reward is an
 exact match of the whole worked solution. This is the kind of sequence HAPO's per-token entropy
@@ -18,7 +18,7 @@ import torch
 from .addition import BOS, CHAT_TEMPLATE, EOS, PAD
 
 VOCAB = 32  # the tokenizer's pieces (digits, + - = , and a few merges), rounded up
-OPERANDS = 4
+OPERANDS = 5  # a 2-digit start (10..29), then four 1-digit steps; every partial result in 0..99
 TRAIN_SIZE, EVAL_SIZE = 40_000, 512
 
 
@@ -27,18 +27,18 @@ def _held_out(nums: Tuple[int, ...], ops: str) -> bool:
 
 
 def _problems(split: str, count: int) -> List[Tuple[Tuple[int, ...], str]]:
-    """`count` distinct problems of the split: operands 10..99, every partial result in 0..199."""
+    """`count` distinct problems of the split: a start in 10..29, steps of ±1..9, partials in 0..99."""
     if split not in ("train", "eval"):
         raise ValueError(f"chain: unknown split {split!r} (train | eval)")
     rng = random.Random(12345)  # the same problem set whatever the run's seed; the seed only orders it
     out, seen = [], set()
     while len(out) < count:
-        nums = tuple(rng.randint(10, 99) for _ in range(OPERANDS))
+        nums = (rng.randint(10, 29),) + tuple(rng.randint(1, 9) for _ in range(OPERANDS - 1))
         ops = "".join(rng.choice("+-") for _ in range(OPERANDS - 1))
         value, ok = nums[0], True
         for op, n in zip(ops, nums[1:]):
             value = value + n if op == "+" else value - n
-            ok = ok and 0 <= value <= 199
+            ok = ok and 0 <= value <= 99
         if ok and (nums, ops) not in seen and _held_out(nums, ops) == (split == "eval"):
             seen.add((nums, ops))
             out.append((nums, ops))
