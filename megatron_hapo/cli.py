@@ -32,6 +32,9 @@ def _convert(args) -> int:
     return fn(args.rest)
 
 
+PASSTHROUGH = {"train": "trainer", "plot": "plot", "compare": "compare"}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-hapo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +59,10 @@ def main(argv=None) -> int:
     convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
     convert.add_argument("rest", nargs=argparse.REMAINDER)
     convert.set_defaults(func=_convert)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:  # their own parsers read everything after the command, options included
+        module = __import__(f"megatron_hapo.{PASSTHROUGH[argv[0]]}", fromlist=["main"])
+        return module.main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 

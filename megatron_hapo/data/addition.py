@@ -36,30 +36,44 @@ def rows(split: str = "train", seed: int = 0) -> List[Dict[str, str]]:
 def build_tokenizer(out_dir: str):
     """A sentencepiece BPE model trained on the task's text (digits split: one piece each), saved as
     a Hugging Face tokenizer with a chat template; returns the loaded tokenizer."""
+    return task_tokenizer(out_dir, [f"{a}+{b}={a + b}" for a, b in pairs("train")], "addition")
+
+
+def task_tokenizer(out_dir: str, lines, task: str, vocab: int = VOCAB):
+    """An embedded task's tokenizer: sentencepiece BPE on its text, <pad>/<s>/</s> at 0/1/2, at most `vocab` pieces."""
     from .tokenizers import train_sentencepiece
 
-    tok = train_sentencepiece(out_dir, [f"{a}+{b}={a + b}" for a, b in pairs("train")], 24, CHAT_TEMPLATE)
-    if len(tok) > VOCAB or (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) != (BOS, EOS, PAD):
-        raise RuntimeError(f"addition tokenizer: unexpected vocabulary ({len(tok)} pieces, special ids "
+    tok = train_sentencepiece(out_dir, lines, 24, CHAT_TEMPLATE)
+    if len(tok) > vocab or (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) != (BOS, EOS, PAD):
+        raise RuntimeError(f"{task} tokenizer: unexpected vocabulary ({len(tok)} pieces, special ids "
                            f"{tok.bos_token_id}/{tok.eos_token_id}/{tok.pad_token_id})")
     return tok
 
 
-def tiny_model_config():
-    """A Qwen2-shaped model: 2 layers, hidden 128, 4 heads of 32 (vLLM's CPU attention needs ≥ 32)."""
+def qwen2_config(hidden: int = 128, intermediate: int = 256, layers: int = 2, max_positions: int = 64, vocab: int = VOCAB):
+    """A tiny Qwen2-shaped config: heads of 32 (vLLM's CPU attention needs ≥ 32), 2 KV heads, tied embeddings."""
     import transformers
 
     return transformers.AutoConfig.for_model(
-        model_type="qwen2", vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
-        max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+        model_type="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=hidden // 32, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+        max_position_embeddings=max_positions, tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+
+
+def tiny_model_config():
+    """2 layers, hidden 128, 4 heads of 32: 0.5 M parameters."""
+    return qwen2_config()
+
+
+def save_model_dir(out_dir: str, config, build_tok, seed: int = 0) -> None:
+    """A randomly initialised model of `config` and the task's tokenizer (`build_tok(out_dir)`), as an HF folder."""
+    import transformers
+
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out_dir)
+    build_tok(out_dir)
 
 
 def build_model_dir(out_dir: str, seed: int = 0) -> None:
     """A randomly initialised model and its tokenizer, as an HF folder."""
-    import transformers
-
-    torch.manual_seed(seed)
-    transformers.AutoModelForCausalLM.from_config(tiny_model_config(), dtype=torch.float32).save_pretrained(out_dir)
-    build_tokenizer(out_dir)
-
+    save_model_dir(out_dir, tiny_model_config(), build_tokenizer, seed)

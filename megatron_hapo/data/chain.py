@@ -13,9 +13,7 @@ from __future__ import annotations
 import random
 from typing import Dict, List, Tuple
 
-import torch
-
-from .addition import BOS, CHAT_TEMPLATE, EOS, PAD
+from .addition import qwen2_config, save_model_dir, task_tokenizer
 
 VOCAB = 32  # the tokenizer's pieces (digits, + - = , and a few merges), rounded up
 OPERANDS = 5  # a 2-digit start (10..29), then four 1-digit steps; every partial result in 0..99
@@ -64,30 +62,14 @@ def rows(split: str = "train", seed: int = 0) -> List[Dict[str, str]]:
 
 def build_tokenizer(out_dir: str):
     """A sentencepiece BPE model trained on the task's text (digits one piece each)."""
-    from .tokenizers import train_sentencepiece
-
-    lines = [r["prompt"] + r["answer"] for r in rows("train")[:5000]]
-    tok = train_sentencepiece(out_dir, lines, 24, CHAT_TEMPLATE)
-    if len(tok) > VOCAB or (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) != (BOS, EOS, PAD):
-        raise RuntimeError(f"chain tokenizer: unexpected vocabulary ({len(tok)} pieces, special ids "
-                           f"{tok.bos_token_id}/{tok.eos_token_id}/{tok.pad_token_id})")
-    return tok
+    return task_tokenizer(out_dir, [r["prompt"] + r["answer"] for r in rows("train")[:5000]], "chain", VOCAB)
 
 
 def tiny_model_config():
-    """A Qwen2-shaped model: 4 layers, hidden 128, 4 heads of 32 (vLLM's CPU attention needs ≥ 32), 0.8 M parameters."""
-    import transformers
-
-    return transformers.AutoConfig.for_model(
-        model_type="qwen2", vocab_size=VOCAB, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
-        max_position_embeddings=96, tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    """A Qwen2-shaped model: 4 layers, hidden 128, 4 heads of 32: 0.8 M parameters."""
+    return qwen2_config(hidden=128, intermediate=384, layers=4, max_positions=96, vocab=VOCAB)
 
 
 def build_model_dir(out_dir: str, seed: int = 0) -> None:
     """A randomly initialised model and its tokenizer, as an HF folder."""
-    import transformers
-
-    torch.manual_seed(seed)
-    transformers.AutoModelForCausalLM.from_config(tiny_model_config(), dtype=torch.float32).save_pretrained(out_dir)
-    build_tokenizer(out_dir)
+    save_model_dir(out_dir, tiny_model_config(), build_tokenizer, seed)
