@@ -29,7 +29,11 @@ def test_console_script_declared_and_cli_runs():
     names = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert names.get("megatron-hapo") == "megatron_hapo.cli:main"
     out = subprocess.run([sys.executable, "-m", "megatron_hapo.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "demo" in out.stdout
+    assert out.returncode == 0 and "demo" in out.stdout and "compare" in out.stdout
+    # subcommands with options of their own get them (the top-level parser used to refuse `compare --task`)
+    out = subprocess.run([sys.executable, "-m", "megatron_hapo.cli", "compare", "--task", "nope"], capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and "argument --task: invalid choice: 'nope'" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("algorithm", ["hapo", "dapo", "grpo"])
