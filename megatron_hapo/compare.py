@@ -70,7 +70,8 @@ def _config(run_dir: str, task: str, **overrides) -> Config:
 
 def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "dapo"), seeds: Sequence[int] = (0, 1, 2),
                 warmup_steps: int = None, steps: int = 30, lr: float = 1e-4, eval_interval: int = 10,
-                eval_prompts: int = 0, reference: str = "dapo", extra: Dict[str, str] = None) -> dict:
+                eval_prompts: int = 0, reference: str = "dapo", extra: Dict[str, str] = None,
+                reuse: bool = False) -> dict:
     from .demo import supervised_warmup
     from .trainer import Trainer
 
@@ -85,19 +86,38 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
     warm_acc = {}
     for seed in seeds:
         root = os.path.join(out, f"seed{seed}")
-        shutil.rmtree(root, ignore_errors=True)
         common = {"train.seed": seed, "eval.num_prompts": eval_prompts, **(extra or {})}
-        warm = Trainer(_config(f"{root}/warmup", task, **common, **{"train.lr": warmup_lr, "algorithm.name": "dapo",
-                                                                     "train.steps": 1}))
-        losses = supervised_warmup(warm, warmup_steps, seed=777 + seed)
-        warm_acc[seed] = warm.evaluate()[ACC]
-        warm.export_hf(f"{root}/warmup/model")
-        warm.close()
-        print(f"seed {seed}: warm-up {warmup_steps} steps, NLL {losses[0]:.2f} -> {losses[-1]:.2f}, held-out greedy "
-              f"accuracy {warm_acc[seed]:.3f}", flush=True)
+        record = os.path.join(root, "warmup", "warmup.json")
+        if reuse and os.path.exists(record):  # the same seed's warm-up from an earlier compare
+            with open(record) as f:
+                done = json.load(f)
+            if done["task"] != task or done["steps"] != warmup_steps:
+                raise ValueError(f"--reuse: {record} is a {done['task']} warm-up of {done['steps']} steps")
+            warm_acc[seed] = done["accuracy"]
+            print(f"seed {seed}: reusing the warm-up in {root}/warmup (held-out greedy accuracy {warm_acc[seed]:.3f})")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            warm = Trainer(_config(f"{root}/warmup", task, **common, **{"train.lr": warmup_lr, "algorithm.name": "dapo",
+                                                                         "train.steps": 1}))
+            losses = supervised_warmup(warm, warmup_steps, seed=777 + seed)
+            warm_acc[seed] = warm.evaluate()[ACC]
+            warm.export_hf(f"{root}/warmup/model")
+            warm.close()
+            with open(record, "w") as f:
+                json.dump({"task": task, "steps": warmup_steps, "lr": warmup_lr, "accuracy": warm_acc[seed],
+                           "nll": [losses[0], losses[-1]]}, f)
+            print(f"seed {seed}: warm-up {warmup_steps} steps, NLL {losses[0]:.2f} -> {losses[-1]:.2f}, held-out greedy "
+                  f"accuracy {warm_acc[seed]:.3f}", flush=True)
         for arm in arms:
             t1 = time.perf_counter()
             run_dir = f"{root}/{arm}"
+            if reuse and _finished(run_dir, steps):
+                rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+                runs[arm][seed] = {"final": [m for m in rows if ACC in m][-1][ACC], "rows": rows,
+                                   "seconds": sum(m["time_step"] + m.get("time_eval", 0.0) for m in rows)}
+                print(f"seed {seed} {arm}: reusing the finished run in {run_dir}", flush=True)
+                continue
+            shutil.rmtree(run_dir, ignore_errors=True)
             tr = Trainer(_config(run_dir, task, **common, **arm_overrides(arm), **{
                 "model.hf_path": f"{root}/warmup/model", "train.lr": lr, "train.steps": steps, "eval.interval": eval_interval,
                 "eval.before_train": "false"}))
@@ -120,6 +140,15 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
     print(table, flush=True)
     print(f"compare: {out}/summary.json, {out}/table.md, {out}/curves.png; {summary['wall_s']:.0f} s", flush=True)
     return summary
+
+
+def _finished(run_dir: str, steps: int) -> bool:
+    """A run of `steps` steps that ended with an evaluation (the metrics row of its last step has it)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return False
+    rows = read_jsonl(path)
+    return bool(rows) and rows[-1].get("step") == steps and ACC in rows[-1] and len(rows) == steps
 
 
 def _last(rows, key: str, k: int = 5) -> float:
@@ -210,10 +239,13 @@ def main(argv=None) -> int:
     p.add_argument("--eval-prompts", type=int, default=0, help="0: the whole held-out split")
     p.add_argument("--reference", default="dapo", help="the arm paired differences are taken against")
     p.add_argument("--out", default="runs/compare")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the warm-ups and finished arm runs an earlier compare left in --out (same task and "
+                        "steps): add arms or seeds to a study without rerunning what it has")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, key.sub=value")
     a = p.parse_args(argv)
     arms = [x for x in a.arms.split(",") if x] + ([f"hapo-no-{c}" for c in COMPONENTS] if a.ablations else [])
     extra = dict(item.split("=", 1) for item in a.overrides)
     run_compare(a.out, a.task, arms, [int(s) for s in a.seeds.split(",")], a.warmup_steps, a.steps, a.lr, a.eval_interval,
-                a.eval_prompts, a.reference, extra)
+                a.eval_prompts, a.reference, extra, a.reuse)
     return 0

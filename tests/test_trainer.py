@@ -238,13 +238,22 @@ def compare_worker(rank, world, out):
     dist.destroy_process_group()  # the command starts its trainers itself
     small = {"rollout.prompts_per_step": 4, "train.mini_batch_prompts": 4, "rollout.samples_per_prompt": 4,
              "train.micro_batch_size": 16, "rollout.dynamic_sampling": "false"}
-    return run_compare(out, "chain", ("hapo", "dapo"), seeds=(0, 1), warmup_steps=3, steps=2, eval_interval=1,
-                       eval_prompts=8, extra=small)
+    first = run_compare(out, "chain", ("hapo", "dapo"), seeds=(0, 1), warmup_steps=3, steps=2, eval_interval=1,
+                        eval_prompts=8, extra=small)
+    # an ablation arm added to the study: the warm-ups and the finished arms are kept, only hapo-no-C runs
+    more = run_compare(out, "chain", ("hapo", "dapo", "hapo-no-C"), seeds=(0, 1), warmup_steps=3, steps=2,
+                       eval_interval=1, eval_prompts=8, extra=small, reference="hapo", reuse=True)
+    return first, more
 
 
 def test_compare_command_at_toy_size(tmp_path):
     """Algorithms x seeds from one shared warm-up per seed: table, paired differences, bands."""
-    s = run_ranks(1, compare_worker, str(tmp_path / "cmp"), timeout=900)[0]
+    s, more = run_ranks(1, compare_worker, str(tmp_path / "cmp"), timeout=900)[0]
+    assert more["warmup_accuracy"] == s["warmup_accuracy"] and more["reference"] == "hapo"
+    assert more["arms"]["hapo"]["accuracy"] == s["arms"]["hapo"]["accuracy"]  # reused, not rerun
+    assert len(more["arms"]["hapo-no-C"]["accuracy"]) == 2 and more["arms"]["hapo"]["minus_hapo"] == [0.0, 0.0]
+    cfg = (tmp_path / "cmp" / "seed0" / "hapo-no-C" / "config.yaml").read_text()
+    assert "redistribute: false" in cfg and "adaptive_clip: true" in cfg
     assert set(s["arms"]) == {"hapo", "dapo"} and s["reference"] == "dapo" and len(s["warmup_accuracy"]) == 2
     hapo, dapo = s["arms"]["hapo"], s["arms"]["dapo"]
     assert len(hapo["accuracy"]) == 2 and dapo["minus_dapo"] == [0.0, 0.0]
