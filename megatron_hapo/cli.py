@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     plot = sub.add_parser("plot", help="PNG charts of one or more runs: megatron-hapo plot RUN_DIR [RUN_DIR ...] [--out DIR]")
     plot.add_argument("rest", nargs=argparse.REMAINDER)
     plot.set_defaults(func=lambda a: __import__("megatron_hapo.plot", fromlist=["main"]).main(a.rest))
-    compare = sub.add_parser("compare", help="algorithms x seeds on an embedded task with 95% intervals (see --help)")
+    compare = sub.add_parser("compare", help="algorithms x seeds on an embedded task with 95%% intervals (see --help)")
     compare.add_argument("rest", nargs=argparse.REMAINDER)
     compare.set_defaults(func=lambda a: __import__("megatron_hapo.compare", fromlist=["main"]).main(a.rest))
     convert = sub.add_parser("convert", help="checkpoint conversion: hf-to-megatron | megatron-to-hf (see --help of each)")

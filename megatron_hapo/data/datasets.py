@@ -347,15 +347,13 @@ def embedded_task(name: str):
 
 def resolve_model_dir(hf_path, train_sources, run_dir: str, seed: int, rank: int) -> str:
     """The run's HF model folder: `model.hf_path`, or (unset: the demo's default) the built-in model
-    of the embedded task `data.train` names, built once by rank 0 in run_dir/initial_model."""
+    of the embedded task `data.train` names (addition's for other sources), built once by rank 0 in
+    run_dir/initial_model."""
     import torch.distributed as dist
 
     model_dir = hf_path or os.path.join(run_dir, "initial_model")
     if hf_path is None:
-        tasks = [source_kind(s) for s in as_sources(train_sources) if source_kind(s) in EMBEDDED_TASKS]
-        if not tasks:
-            raise ValueError(f"model.hf_path: required with data.train={train_sources!r} (the built-in models "
-                             f"belong to the embedded tasks {EMBEDDED_TASKS})")
+        tasks = [source_kind(s) for s in as_sources(train_sources) if source_kind(s) in EMBEDDED_TASKS] or ["addition"]
         if rank == 0 and not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
             embedded_task(tasks[0]).build_model_dir(model_dir, seed=seed)
     if dist.is_initialized():
