@@ -48,18 +48,10 @@ def mean_over_micro_batches(parts: List[Dict[str, float]]) -> Dict[str, float]:
     return {k: sum(x[k] for x in parts) / len(parts) for k in parts[0]}
 
 
-def mismatch_sums(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[Σ|Δ|, Σ(exp(−Δ) − 1), count] over valid tokens and max |Δ| (float64, host) for one rank's share."""
-    d = (engine_logp.double() - trainer_logp.double())[mask.bool()]
-    if d.numel() == 0:
-        return torch.zeros(4, dtype=torch.float64)
-    return torch.stack([d.abs().sum(), (torch.exp(-d) - 1).sum(), torch.tensor(float(d.numel()), dtype=torch.float64,
-                                                                               device=d.device), d.abs().max()]).cpu()
-
-
 def reduce_step_sums(mismatch: torch.Tensor, mismatch_at_t: torch.Tensor, fallback: torch.Tensor, group) -> Dict[str, float]:
-    """Token-weighted mismatches (at T = 1 and at the recorded per-token T) and the GRPO-fallback
-    share over the data-parallel group (host tensors: gloo on GPU nodes too)."""
+    """Token-weighted mismatches (at T = 1 and at the recorded per-token T; each the output of
+    `algorithms.logprob_mismatch_sums` on one rank's share) and the GRPO-fallback share over the
+    data-parallel group (host tensors: gloo on GPU nodes too)."""
     sums = torch.cat([mismatch[:3], mismatch_at_t[:3],
                       torch.tensor([float(fallback.sum()), float(fallback.numel())], dtype=torch.float64)])
     mx = torch.stack([mismatch[3], mismatch_at_t[3]])

@@ -24,8 +24,7 @@ from . import device as dev
 from .config import Config
 from .data import PromptSampler
 from .data.datasets import default_reward_type, load_run_data, resolve_model_dir
-from .metrics import (RunLogger, eval_metrics, mean_over_micro_batches, mismatch_sums, progress_bar, reduce_step_sums,
-                      rollout_metrics)
+from .metrics import RunLogger, eval_metrics, mean_over_micro_batches, progress_bar, reduce_step_sums, rollout_metrics
 from .models.convert import read_hf_tensors, save_hf_folder
 from .models.hf_config import ModelSpec, stop_token_ids
 from .parallel import distributed_entropy_stats
@@ -146,21 +145,22 @@ class Trainer:
         self.engine.sleep()  # with rollout.enable_sleep_mode on GPU; a no-op otherwise
 
         width, temps = ids.shape[1], batch.per_position("temperatures", ids.shape[1], self.device)
+        engine_logp = batch.per_position("logprobs", width, self.device)  # at the recorded T: TIS's behaviour too
         old_logp, old_ent, logp_at_t = self.policy.compute_logprobs(PolicyBatch(ids, mask), also_at=temps)
-        mismatch = mismatch_sums(batch.per_position("logprobs_t1", width, self.device), old_logp, mask)
-        mismatch_at_t = mismatch_sums(batch.per_position("logprobs", width, self.device), logp_at_t, mask)
+        mismatch = A.logprob_mismatch_sums(batch.per_position("logprobs_t1", width, self.device), old_logp, mask)
+        mismatch_at_t = A.logprob_mismatch_sums(engine_logp, logp_at_t, mask)
         step_stats = distributed_entropy_stats(old_ent, mask, group=self.dp_group, pivot=algo.pivot)
         h_hat = A.normalized_entropy(old_ent, step_stats, algo.sign_mode) if algo.uses_entropy else None
         adv, fallback = A.compute_advantages(algo, batch.rewards.to(self.device), batch.lengths.to(self.device),
                                              batch.group_ids)
-        behaviour = batch.per_position("logprobs", width, self.device) if algo.rollout_correction == "tis" else None
+        train = PolicyBatch(ids, mask, advantages=adv, old_logp=old_logp, h_hat=h_hat,
+                            behaviour_logp=engine_logp if algo.rollout_correction == "tis" else None)
         t2 = self._phase("old_pass", t1, memory)
 
         per_mb = self.cfg.train.mini_batch_prompts // self.collector.layout.dp * self.cfg.rollout.samples_per_prompt
         bar, parts = self._bar(f"step {self.step + 1} update", -(-len(batch) // per_mb)), []
         for sl in (slice(i, i + per_mb) for i in range(0, len(batch), per_mb)):
-            parts.append(self.policy.train_step(PolicyBatch(ids, mask, advantages=adv, old_logp=old_logp, h_hat=h_hat,
-                                                            behaviour_logp=behaviour).select(sl)))
+            parts.append(self.policy.train_step(train.select(sl)))
             bar.update(1)
         bar.close()
         self.policy.end_rollout_step()
@@ -177,10 +177,11 @@ class Trainer:
                              **self._data_metrics(), "time_weight_sync": sync["weight_sync_s"],
                              "weight_sync_bytes": sync["weight_sync_bytes"], "time_step": time.perf_counter() - t0}
         m["rollout_tokens_per_s"] = m["response_tokens"] / max(m["time_rollout"], 1e-9)
-        self.logger.log_distributions(self.step, {
-            "h_hat": None if h_hat is None else h_hat[mask].cpu(), "entropy": old_ent[mask].cpu(),
-            "temperature": temps[mask].cpu()},
-            batch.per_token["entropies"], batch.per_token["temperatures"])
+        if self.logger.enabled:  # rank 0: the other ranks would copy these to the host for nothing
+            self.logger.log_distributions(self.step, {
+                "h_hat": None if h_hat is None else h_hat[mask].cpu(), "entropy": old_ent[mask].cpu(),
+                "temperature": temps[mask].cpu()},
+                batch.per_token["entropies"], batch.per_token["temperatures"])
         return m
 
     def _collect(self):

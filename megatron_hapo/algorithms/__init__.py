@@ -27,6 +27,7 @@ from .objectives import (
     compute_advantages,
     compute_policy_loss,
     logprob_mismatch,
+    logprob_mismatch_sums,
     loss_entropy_scale,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "grpo_advantages",
     "informative_groups",
     "logprob_mismatch",
+    "logprob_mismatch_sums",
     "loss_entropy_scale",
     "normalized_entropy",
     "overlong_penalty",

@@ -231,13 +231,21 @@ class PolicyLoss:
         return out
 
 
+def logprob_mismatch_sums(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, mask) -> torch.Tensor:
+    """[Σ|Δ log p|, Σ(exp(−Δ) − 1), token count, max |Δ log p|] over valid tokens (float64, on the
+    host): sums that add up over micro-batches and data-parallel ranks."""
+    mask = as_mask("mask", mask, trainer_logp)
+    d = (engine_logp.double() - trainer_logp.double())[mask]
+    if d.numel() == 0:
+        return torch.zeros(4, dtype=torch.float64)
+    count = torch.tensor(float(d.numel()), dtype=torch.float64, device=d.device)
+    return torch.stack([d.abs().sum(), (torch.exp(-d) - 1).sum(), count, d.abs().max()]).cpu()
+
+
 def logprob_mismatch(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, mask) -> dict:
     """Rollout-vs-trainer agreement on the sampled tokens at the same temperature: the number that
     catches a broken weight sync or numerics. Returns mean and max |Δ log p| and the mean of
     exp(Δ) − 1 (a biased importance ratio), over valid tokens."""
-    mask = as_mask("mask", mask, trainer_logp)
-    d = (engine_logp.double() - trainer_logp.double())[mask]
-    if d.numel() == 0:
-        return {"logp_mismatch_mean": 0.0, "logp_mismatch_max": 0.0, "ratio_bias": 0.0}
-    return {"logp_mismatch_mean": d.abs().mean().item(), "logp_mismatch_max": d.abs().max().item(),
-            "ratio_bias": (torch.exp(-d) - 1).mean().item()}
+    total, bias, count, largest = logprob_mismatch_sums(engine_logp, trainer_logp, mask).tolist()
+    count = max(count, 1.0)
+    return {"logp_mismatch_mean": total / count, "logp_mismatch_max": largest, "ratio_bias": bias / count}

@@ -117,14 +117,18 @@ class RolloutBatch:
         return [len(p) for p in self.prompt_ids]
 
     @property
+    def response_lens(self) -> List[int]:
+        return [len(r) for r in self.response_ids]
+
+    @property
     def lengths(self) -> torch.Tensor:
-        return torch.tensor([len(r) for r in self.response_ids])
+        return torch.tensor(self.response_lens)
 
     def padded(self, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, loss_mask), right-padded to the longest row plus one spare column so the
         last position scores nothing; built on the host, moved in one copy each."""
         return pad_rows([p + r for p, r in zip(self.prompt_ids, self.response_ids)], self.prompt_lens,
-                        [len(r) for r in self.response_ids], device)
+                        self.response_lens, device)
 
     def per_position(self, name: str, width: int, device=None) -> torch.Tensor:
         """A per-token record (PER_TOKEN) aligned with the loss mask: [N, width], zero elsewhere."""
