@@ -236,3 +236,92 @@ def _accept(server):
         return "connected"
     except OSError:
         return None
+
+
+# ---- what a program can write is bounded: disk, tmpfs, inodes, System V shared memory ----------
+
+BOUNDED = SandboxLimits(wall_s=5.0, cpu_s=4, memory_mb=512, disk_mb=4, max_files=64)
+
+FILL = """
+import os, sys, time
+where, chunk, total, files, t0 = {where!r}, b"x" * (256 * 1024), 0, 0, time.time()
+try:
+    os.makedirs(where, exist_ok=True)
+    while time.time() - t0 < 3 and total < (1 << 30):
+        with open(os.path.join(where, "f%d" % files), "wb") as f:
+            f.write(chunk)  # 256 KiB a file: under the per-file cap, so only the total can stop it
+        files, total = files + 1, total + len(chunk)
+finally:
+    print(total, files, flush=True)
+"""
+
+INODES = """
+n = 0
+try:
+    while n < 10**6:
+        open("/sandbox/e%d" % n, "w").close()
+        n += 1
+finally:
+    print(n, flush=True)
+"""
+
+SYSV_SHM = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmget.argtypes, libc.shmat.restype = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int], ctypes.c_void_p
+libc.shmat.argtypes, libc.shmdt.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int], [ctypes.c_void_p]
+held, seg = 0, 64 << 20
+while held < (1 << 30):
+    sid = libc.shmget(0, seg, 0o1600)  # a segment outlives shmdt: only its IPC namespace frees it
+    if sid < 0:
+        break
+    addr = libc.shmat(sid, None, 0)
+    ctypes.memset(addr, 1, seg)
+    libc.shmdt(ctypes.c_void_p(addr))
+    held += seg
+print(held, flush=True)
+"""
+
+
+def _written(res):
+    assert res.stdout.split(), res
+    return int(res.stdout.split()[0])
+
+
+@pytestmark_sandbox
+@pytest.mark.parametrize("where", ["/sandbox", "/tmp", "/sandbox/deep/er"])
+def test_disk_bomb_stops_at_the_cap(where):
+    res = run_python(FILL.format(where=where), "", BOUNDED)
+    assert res.status == "disk_limit" and "No space left on device" in res.stderr, res
+    assert 0 < _written(res) <= BOUNDED.disk_mb * 2**20, res.stdout  # measured: what the program managed to write
+
+
+@pytestmark_sandbox
+@pytest.mark.parametrize("where", ["/dev/shm", "/dev", "/", "/usr/lib"])
+def test_nothing_else_is_writable(where):
+    res = run_python(FILL.format(where=where), "", BOUNDED)
+    assert res.status == "exit_code" and ("Read-only file system" in res.stderr or "Permission denied" in res.stderr), res
+    assert _written(res) == 0
+
+
+@pytestmark_sandbox
+def test_inode_bomb_stops_at_max_files():
+    res = run_python(INODES, "", BOUNDED)
+    assert res.status == "disk_limit", res
+    assert 0 < _written(res) <= BOUNDED.max_files, res.stdout
+
+
+@pytestmark_sandbox
+def test_no_system_v_shared_memory():
+    res = run_python(SYSV_SHM, "", BOUNDED)
+    assert res.ok and _written(res) == 0, res
+
+
+def test_sandbox_footprint_is_reported_at_start(capsys):
+    from megatron_hapo.rewards.base import RewardPool
+
+    limits = SandboxLimits(memory_mb=512, disk_mb=16, max_files=256)
+    assert limits.footprint_mb == 512 + 16 + 1
+    pool = RewardPool(CodeVerifier(limits, allow_unsandboxed=True), workers=3, timeout_s=5)
+    assert pool.footprint() == "reward: 3 workers × 529 MiB a sandbox (512 MiB address space + 16 MiB /sandbox) " \
+                               "= 1587 MiB at most at once"

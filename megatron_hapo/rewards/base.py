@@ -32,6 +32,7 @@ class Verifier:
     """Subclasses implement `_score`; `score` contains its failures."""
 
     failure_reward: float = 0.0
+    limits = None  # SandboxLimits when the verifier runs programs (the code verifier)
 
     def _score(self, response: str, ground_truth: Any) -> RewardResult:
         raise NotImplementedError
@@ -175,6 +176,15 @@ class RewardPool:
             raise RewardWorkersError(f"reward workers cannot start: {problem}")
         return self._pool
 
+    def footprint(self) -> Optional[str]:
+        """What the verifier's sandboxes can hold at once (one per worker), or None without sandboxes."""
+        lim = self.verifier.limits
+        if lim is None:
+            return None
+        n = max(self.workers, 1)
+        return (f"reward: {n} worker{'s' if n > 1 else ''} × {lim.footprint_mb} MiB a sandbox ({lim.memory_mb} MiB "
+                f"address space + {lim.disk_mb} MiB /sandbox) = {n * lim.footprint_mb} MiB at most at once")
+
     def start(self) -> None:
         """Starts and probes the worker processes now (RewardWorkersError if they cannot start)."""
         if self.workers > 0:
@@ -241,6 +251,8 @@ def start_reward_pool(verifier: Verifier, workers: int, timeout_s: float, leader
         try:
             pool = RewardPool(verifier, workers, timeout_s)
             pool.start()
+            if pool.footprint():
+                print(pool.footprint(), flush=True)
         except RewardWorkersError as exc:
             problem = str(exc)
     problems = [None] * dist.get_world_size(group)

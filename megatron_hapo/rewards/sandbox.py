@@ -1,12 +1,18 @@
 """Runs untrusted Python in a sandbox: bubblewrap namespaces + an unprivileged uid + rlimits.
 
 Per run: a new user, PID, network, IPC, UTS and mount namespace (`bwrap --unshare-all`); the only
-filesystem is /usr (read-only, for the interpreter), /proc and /dev of the sandbox, and a private
-temporary directory mounted at /sandbox (the only writable place); no environment variables;
-uid/gid 65534 (nobody) with limits on CPU seconds, address space, file size (caps the output),
-processes (fork bombs) and open files; a wall-clock limit after which the whole process group is
-killed (the PID namespace dies with it). The trainer's files, environment and network are not
-visible from inside.
+filesystem is /usr (read-only, for the interpreter), /proc and a read-only /dev of the sandbox
+(device nodes only: /dev/shm is a read-only folder), a read-only root, and /sandbox (also /tmp): a
+tmpfs of its own capped at `disk_mb` bytes and `max_files` inodes, the only writable place; no
+environment variables; uid/gid 65534 (nobody) with limits on CPU seconds, address space, file size
+(caps the output), processes (fork bombs) and open files; a wall-clock limit after which the whole
+process group is killed (the PID namespace dies with it, and so does /sandbox's tmpfs: its mount
+namespace). The trainer's files, environment and network are not visible from inside.
+
+What one sandbox can hold at once is bounded: `memory_mb` of address space plus `disk_mb` of tmpfs
+pages plus `max_files` inodes; `SandboxLimits.footprint_mb` is that bound (the reward pool reports
+workers × it at start-up). bwrap 0.8 cannot cap a tmpfs's inodes, so /sandbox is mounted before
+bwrap starts, in a user + mount namespace of the sandbox's own (`_private_tmpfs`).
 
 When bubblewrap is missing or cannot create namespaces, `sandbox_status()` says why and the code
 verifier refuses to run (or, if explicitly allowed, runs with rlimits only and says so in every
@@ -15,6 +21,7 @@ reason): never a silent fallback.
 from __future__ import annotations
 
 import dataclasses
+import ctypes
 import functools
 import os
 import resource
@@ -26,6 +33,8 @@ import time
 from typing import Optional, Tuple
 
 NOBODY = 65534
+SETUP_FAILED = "sandbox set-up failed: "
+_DISK_FULL = "No space left on device"  # ENOSPC: /sandbox's bytes or inodes are used up
 PYTHON = "/usr/bin/python3"
 
 
@@ -37,11 +46,18 @@ class SandboxLimits:
     max_output_bytes: int = 1 << 20
     max_processes: int = 64
     max_open_files: int = 64
+    disk_mb: int = 16  # everything the program writes (/sandbox's tmpfs pages: RAM)
+    max_files: int = 256  # inodes in /sandbox (files, folders, links)
+
+    @property
+    def footprint_mb(self) -> int:
+        """The most memory one running sandbox can hold: address space + its tmpfs (inodes ≈ 1 KiB each)."""
+        return self.memory_mb + self.disk_mb + -(-self.max_files // 1024)
 
 
 @dataclasses.dataclass
 class RunResult:
-    status: str  # ok | exit_code | timeout | output_limit | killed | memory | unavailable
+    status: str  # ok | exit_code | timeout | output_limit | disk_limit | killed | memory | unavailable
     returncode: Optional[int]
     stdout: str
     stderr: str
@@ -52,21 +68,69 @@ class RunResult:
 
 
 def _bwrap_cmd(workdir: str, argv) -> list:
-    cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
+    # --unshare-all without --unshare-ipc: the IPC namespace is _private_tmpfs's, with its limits
+    cmd = ["bwrap", "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+           "--uid", str(NOBODY), "--gid", str(NOBODY), "--cap-drop", "ALL", "--die-with-parent", "--new-session",
            "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-           "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev", "--bind", workdir, "/sandbox",
+           "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+           "--bind", workdir, "/sandbox", "--symlink", "sandbox", "/tmp", "--remount-ro", "/",
            "--chdir", "/sandbox", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/sandbox",
-           "--setenv", "PYTHONIOENCODING", "utf-8", "--"]
+           "--setenv", "TMPDIR", "/sandbox", "--setenv", "PYTHONIOENCODING", "utf-8", "--"]
     return cmd + list(argv)
 
 
-def _limit(limits: SandboxLimits, drop_privileges: bool):
+_CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWIPC = 0x00020000, 0x10000000, 0x08000000
+_MS_NOSUID, _MS_NODEV = 2, 4
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE = 1, 4
+IPC_LIMITS = ("shmmni", "shmall", "msgmni")  # set to 0 in the sandbox's IPC namespace
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _private_tmpfs(path: str, size_bytes: int, inodes: int, files: dict) -> None:
+    """In the forked child: a user + mount namespace of its own, a tmpfs of `size_bytes` pages and
+    `inodes` inodes over `path` (seen only by this child and what it starts: bwrap binds it at
+    /sandbox), and the program's files written into it. The host's folder stays empty; the tmpfs
+    is freed when the last process of the sandbox exits."""
+    libc, uid, gid = _libc(), os.getuid(), os.getgid()
+    libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)  # a uid change left /proc/self root's: it must be ours to write the maps
+    if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWIPC) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(user, mount, ipc) for the sandbox")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    # System V shared memory and message queues live outside every rlimit (a segment stays allocated
+    # after shmdt until its IPC namespace dies: 2.7 GB in 3 s measured): none in the sandbox.
+    for name in IPC_LIMITS:
+        with open(f"/proc/sys/kernel/{name}", "w") as f:
+            f.write("0")
+    opts = f"size={size_bytes},nr_inodes={inodes},mode=1777".encode()
+    if libc.mount(b"hapo-sandbox", path.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts) != 0:
+        raise OSError(ctypes.get_errno(), f"mount tmpfs on {path}")
+    for name, text in files.items():
+        with open(os.path.join(path, name), "w") as f:
+            f.write(text)
+
+
+def _limit(limits: SandboxLimits, drop_privileges: bool, workdir: Optional[str] = None, files: Optional[dict] = None):
     def preexec():
+        try:
+            setup()
+        except BaseException as exc:  # subprocess only says "Exception occurred in preexec_fn": say what
+            os.write(2, f"{SETUP_FAILED}{type(exc).__name__}: {exc}".encode())
+            raise
+
+    def setup():
         os.setsid()
+        _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # never outlive the scoring process
         if drop_privileges:
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
+        if workdir is not None:
+            _private_tmpfs(workdir, limits.disk_mb * 2**20, limits.max_files, files or {})
         mem = limits.memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
@@ -74,6 +138,7 @@ def _limit(limits: SandboxLimits, drop_privileges: bool):
         resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
         resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_MSGQUEUE, (0, 0))  # POSIX message queues: none
     return preexec
 
 
@@ -107,9 +172,10 @@ def _run_once(python_args, stdin: str, limits: SandboxLimits, use_bwrap: bool, f
     outdir = tempfile.mkdtemp(prefix="hapo-sbx-io-")  # host side, never visible inside
     try:
         os.chmod(workdir, 0o777)
-        for name, text in (files or {}).items():
-            with open(os.path.join(workdir, name), "w") as f:
-                f.write(text)
+        if not use_bwrap:  # rlimits only: the files go into the host's folder (no namespaces here)
+            for name, text in (files or {}).items():
+                with open(os.path.join(workdir, name), "w") as f:
+                    f.write(text)
         drop = os.geteuid() == 0
         argv = [PYTHON, "-I", *python_args]
         cmd = _bwrap_cmd(workdir, argv) if use_bwrap else argv
@@ -117,9 +183,14 @@ def _run_once(python_args, stdin: str, limits: SandboxLimits, use_bwrap: bool, f
         with open(paths["in"], "w", encoding="utf-8", errors="replace") as f:
             f.write(stdin)
         with open(paths["in"], "rb") as fin, open(paths["out"], "wb") as fout, open(paths["err"], "wb") as ferr:
-            proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, preexec_fn=_limit(limits, drop),
-                                    close_fds=True, env={"PATH": "/usr/bin:/bin"},
-                                    cwd=workdir if not use_bwrap else "/")
+            preexec = _limit(limits, drop, workdir if use_bwrap else None, files)
+            try:
+                proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, preexec_fn=preexec,
+                                        close_fds=True, env={"PATH": "/usr/bin:/bin"},
+                                        cwd=workdir if not use_bwrap else "/")
+            except subprocess.SubprocessError:
+                ferr.flush()
+                return RunResult("unavailable", None, "", open(paths["err"], errors="replace").read()[-2000:])
             try:
                 rc = proc.wait(timeout=limits.wall_s)
                 timed_out = False
@@ -139,8 +210,10 @@ def _run_once(python_args, stdin: str, limits: SandboxLimits, use_bwrap: bool, f
         err = open(paths["err"], "rb").read(64 * 1024).decode("utf-8", errors="replace")
         if timed_out or rc == -signal.SIGXCPU:
             status = "timeout"
-        elif rc == -signal.SIGXFSZ or os.path.getsize(paths["out"]) >= cap:
+        elif os.path.getsize(paths["out"]) >= cap:
             status = "output_limit"
+        elif rc == -signal.SIGXFSZ or (rc != 0 and _DISK_FULL in err):  # a file over the cap, or /sandbox full
+            status = "disk_limit"
         elif rc == 0:
             status = "ok"
         elif "MemoryError" in err:
