@@ -41,7 +41,12 @@ class Trainer:
     def __init__(self, cfg: Config):
         import transformers
 
-        from .rollout.engine import RolloutEngine, SamplingConfig  # vLLM: imported once the process is set up
+        from .rollout.engine import (  # vLLM: imported once the process is set up
+            RolloutEngine,
+            SamplingConfig,
+            kv_cache_advice,
+            run_context_length,
+        )
 
         self.cfg = cfg
         p, t, r, d = cfg.parallel, cfg.train, cfg.rollout, cfg.data
@@ -75,10 +80,15 @@ class Trainer:
         self.rewards = start_reward_pool(verifier, rw.workers, rw.timeout_s, layout.engine_leader, self.control)
         self.policy = MegatronPolicy(self.spec, PolicyConfig.from_config(cfg), self.algo)
         self._load_initial_weights()
-        self.engine = RolloutEngine(self.model_dir, max_model_len=self.spec.max_position_embeddings,
-                                    kv_cache_memory_bytes=r.kv_cache_memory_bytes, seed=t.seed, tensor_parallel_size=itp,
-                                    dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
-                                    enable_sleep_mode=r.enable_sleep_mode)
+        context = run_context_length(cfg, self.spec.max_position_embeddings)
+        try:
+            self.engine = RolloutEngine(self.model_dir, max_model_len=context, kv_cache_memory_bytes=r.kv_cache_memory_bytes,
+                                        seed=t.seed, tensor_parallel_size=itp, dtype=cfg.model.dtype,
+                                        gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=r.enable_sleep_mode)
+        except ValueError as exc:
+            if "KV cache" not in str(exc) and "cache blocks" not in str(exc):
+                raise
+            raise ValueError(kv_cache_advice(cfg, self.spec, context)) from exc
         self.collector = RolloutCollector(
             self.engine, self.rewards, verifier.failure_reward,
             lambda ids: self.tokenizer.batch_decode(ids, skip_special_tokens=True), layout, self.control, t.seed,

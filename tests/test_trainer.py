@@ -266,3 +266,20 @@ def test_compare_command_at_toy_size(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "cmp" / "seed1" / "hapo" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows] == [1, 2] and all("eval_mean@1" in m for m in rows)
     assert rows[1]["temperature_min"] < 1.0 < rows[1]["temperature_max"]  # HAPO A from step 2 on
+
+
+def test_engine_context_is_sized_from_the_run(tmp_path):
+    """A model with 8192 positions (SmolLM2's) and 1 MiB of KV cache (1024 tokens): the engine's
+    context is prompt + response, and when even that does not fit, the error names the setting."""
+    from megatron_hapo.data.addition import build_tokenizer, qwen2_config, save_model_dir
+
+    model = tmp_path / "long_context_model"
+    save_model_dir(str(model), qwen2_config(max_positions=8192), build_tokenizer)
+    extra = [f"model.hf_path={model}", f"rollout.kv_cache_memory_bytes={2**20}", "rollout.dynamic_sampling=false",
+             "eval.at_end=false", "reward.workers=0"]
+    # data.max_prompt_tokens=1024 (default) + 8 response tokens = 1040 tokens in blocks of 16, 1 KiB each
+    error = run_ranks(1, strict_worker, str(tmp_path / "too_long"), extra, timeout=600)[0]
+    assert "one sequence of 1032 tokens" in error and "data.max_prompt_tokens=1024" in error, error
+    assert "rollout.kv_cache_memory_bytes=1048576 holds 1024 tokens: set rollout.kv_cache_memory_bytes=1064960" in error
+    out = run_ranks(1, train_worker, str(tmp_path / "fits"), 1, [*extra, "data.max_prompt_tokens=64"], timeout=600)[0]
+    assert out["error"] is None and len(out["history"]) == 1

@@ -103,6 +103,37 @@ def engine_placement(tensor_parallel_size: int, distributed: bool, gpu: bool) ->
     return kwargs
 
 
+def run_context_length(cfg, max_positions: int) -> int:
+    """The engine's max_model_len from the run, not the model: the longest prompt plus the longest
+    response it will be asked for (training or evaluation), capped by the model's positions."""
+    response = max(cfg.rollout.max_response_tokens, cfg.eval.max_response_tokens)
+    return min(max_positions, cfg.data.max_prompt_tokens + response)
+
+
+def kv_bytes_per_token(spec, dtype: str) -> int:
+    """KV cache bytes of one token of context over all layers (keys and values)."""
+    size = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * size
+
+
+def kv_cache_advice(cfg, spec, max_model_len: int, block: int = 16) -> str:
+    """What to change when the engine's KV cache cannot hold one sequence of max_model_len tokens."""
+    per_token = kv_bytes_per_token(spec, cfg.model.dtype)
+    need = -(-max_model_len // block) * block * per_token
+    r, d = cfg.rollout, cfg.data
+    sizing = (f"the rollout engine needs {need / 2**20:.1f} MiB of KV cache for one sequence of {max_model_len} tokens "
+              f"(data.max_prompt_tokens={d.max_prompt_tokens} + response tokens "
+              f"{max(r.max_response_tokens, cfg.eval.max_response_tokens)}, capped at the model's "
+              f"{spec.max_position_embeddings}; {per_token} bytes a token)")
+    if dev.is_gpu():
+        return (f"{sizing}, more than rollout.gpu_memory_utilization={r.gpu_memory_utilization} leaves for it: raise "
+                f"rollout.gpu_memory_utilization, or lower data.max_prompt_tokens or rollout.max_response_tokens")
+    holds = r.kv_cache_memory_bytes // (per_token * block) * block
+    return (f"{sizing}; rollout.kv_cache_memory_bytes={r.kv_cache_memory_bytes} holds {holds} tokens: set "
+            f"rollout.kv_cache_memory_bytes={need} or more (for a batch of sequences: that times the sequences "
+            f"decoded at once), or lower data.max_prompt_tokens or rollout.max_response_tokens")
+
+
 class RolloutEngine:
     def __init__(
         self,
