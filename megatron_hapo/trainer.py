@@ -297,6 +297,9 @@ def main(argv=None) -> int:
         print("effective config:\n" + cfg.dump(), flush=True)
     try:
         trainer.fit()
+    except ckpt.CheckpointWriteError as exc:  # the disk, not a bug: the message says what to do, no traceback
+        print(f"megatron-hapo train: stopped: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         trainer.close()
     return 0

@@ -63,7 +63,7 @@ def worker(rank, world, tp, pp, root, start, stop, resume):
     return {"metrics": metrics, "weights": policy.hf_state_dict(), "state": state}
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1] != "disk-full":
     root, steps, save_at = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",") if x]
     policy = build()
     metrics = run(policy, root, 0, steps, save_at)
@@ -72,3 +72,35 @@ if __name__ == "__main__":
     if "--hold" in sys.argv:
         open(os.path.join(root, "HELD"), "w").close()
         time.sleep(600)  # the test kills us here
+
+
+def disk_full(root):
+    """Inside a user + mount namespace whose `root` is a tmpfs with room for one checkpoint: the
+    second save fails; then the same with the tmpfs read-only. Prints what it saw as JSON."""
+    import subprocess
+
+    from megatron_hapo.training.checkpoint import CheckpointWriteError, complete_checkpoints, find_latest, load_checkpoint
+
+    policy = build()
+    run(policy, root, 0, 1, save_at=[1])
+    after_one = {k: v.clone() for k, v in policy.hf_state_dict().items()}
+    seen = {}
+    for case in ("full", "read_only"):
+        if case == "read_only":
+            subprocess.run(["mount", "-o", "remount,ro", root], check=True)
+        try:
+            run(policy, root, 1, 2, save_at=[2])
+            seen[case] = "saved"
+        except CheckpointWriteError as exc:
+            seen[case] = str(exc)
+        seen[case + "_complete"] = [s for s, _ in complete_checkpoints(root)]
+        seen[case + "_left"] = sorted(os.listdir(root))
+        seen[case + "_latest"] = open(os.path.join(root, "latest")).read().strip()
+        load_checkpoint(find_latest(root), policy)  # the kept checkpoint loads: back at step 1
+        seen[case + "_loads"] = all(torch.equal(v, after_one[k]) for k, v in policy.hf_state_dict().items())
+    print("RESULT " + json.dumps(seen), flush=True)
+
+
+if __name__ == "__main__" and sys.argv[1] == "disk-full":
+    disk_full(sys.argv[2])
+    sys.exit(0)

@@ -127,3 +127,27 @@ def test_retention_and_refusal_to_overwrite(tmp_path):
     assert kept == [3, 4]
     assert export_exact, "a training checkpoint exported to HF must hold exactly the trained weights"
     assert "iter_0000004 exists" in overwrite
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=1m none /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="no user namespaces here to mount a small tmpfs in")
+def test_disk_full_or_read_only_keeps_the_previous_checkpoint(tmp_path):
+    """A 1.6 MB tmpfs holds one checkpoint (1.0 MB) but not two: the second save fails, then the
+    same on the tmpfs remounted read-only. Each time: a message with the path and the free space,
+    the unfinished save removed, the previous checkpoint complete, `latest` on it, and it loads."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    script = f"mount -t tmpfs -o size=1600k none {mount} && exec {sys.executable} -m tests.ckpt_job disk-full {mount}"
+    res = subprocess.run(["unshare", "-Urm", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert res.returncode == 0 and line, res.stdout[-2000:] + res.stderr[-4000:]
+    seen = json.loads(line[len("RESULT "):])
+    for case, why in (("full", "no room left: 0.0 MiB free of 1.6 MiB"), ("read_only", "Read-only file system")):
+        assert f"checkpoint of step 2: writing {mount}/.tmp-iter_0000002 failed" in seen[case], seen[case]
+        assert why in seen[case] and f"{mount}/iter_0000001 is complete and kept" in seen[case], seen[case]
+        assert seen[f"{case}_complete"] == [1] and seen[f"{case}_left"] == ["iter_0000001", "latest"]
+        assert seen[f"{case}_latest"] == "iter_0000001" and seen[f"{case}_loads"]

@@ -12,7 +12,9 @@ Layout of a run's checkpoint folder:
     ROOT/.tmp-iter_0000020/      a save in progress: invisible to `find_latest`, removed on the next save
 
 A process killed at any point of a save leaves the previous checkpoint complete and `latest`
-pointing at it (tested with SIGKILL).
+pointing at it (tested with SIGKILL). A save that cannot write (disk full, read-only, quota) is
+removed, and every rank raises CheckpointWriteError naming the folder and its free space; the
+previous checkpoint stays complete (tested on a full and a read-only tmpfs).
 """
 from __future__ import annotations
 
@@ -41,6 +43,36 @@ def _rank() -> int:
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the previous one is intact."""
+
+
+def _agree(problem: Optional[str]) -> Optional[str]:
+    """The first rank's problem, on every rank (None when no rank had one)."""
+    if not dist.is_initialized():
+        return problem
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
+
+
+def _write_problem(root: str, tmp: str, step: int, exc: BaseException) -> str:
+    detail = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), "")
+    prev = find_latest(root)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(prev) for f in fs) if prev else 0
+    try:
+        usage = shutil.disk_usage(root)
+        space = f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
+        if usage.free < max(size, 1):
+            space = "no room left: " + space
+    except OSError as err:
+        space = f"free space unknown ({err})"
+    kept = f"{prev} is complete and kept" if prev else "there is no earlier checkpoint"
+    return (f"checkpoint of step {step}: writing {tmp} failed ({type(exc).__name__}: {detail[:300]}); the filesystem "
+            f"of {root} has {space} (a checkpoint takes about {size / 2**20:.1f} MiB); {kept}. Make room or point "
+            "train.run_dir elsewhere, then resume with train.resume=auto")
 
 
 def _fsync_dir(path: str) -> None:
@@ -131,46 +163,80 @@ def save_checkpoint(root: str, step: int, policy, trainer_state: Optional[dict] 
         raise ValueError(f"step: must be ≥ 0, got {step}")
     final = os.path.join(root, f"iter_{step:07d}")
     tmp = os.path.join(root, f".tmp-iter_{step:07d}")
+    problem = exists = None
     if _rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        for name in os.listdir(root):  # leftovers of saves that were killed
-            if name.startswith(".tmp-iter_"):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        if os.path.exists(final):
-            raise FileExistsError(f"checkpoint {final} exists; refusing to overwrite a complete checkpoint")
-        os.makedirs(tmp)
-    _barrier()
-    with dev.megatron_scope():
-        dist_checkpointing.save(_sharded(policy), tmp)
-    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
-    if _rank() == 0:
-        torch.save({"step": step, "scheduler": policy.scheduler.state_dict(), "steps_done": policy.steps_done,
-                    "skipped_steps": policy.skipped_steps}, os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, "layer_spec": policy.layer_spec, **(trainer_state or {})}, f, indent=2, default=str)
-    _barrier()
+        try:
+            os.makedirs(root, exist_ok=True)
+            for name in os.listdir(root):  # leftovers of saves that were killed
+                if name.startswith(".tmp-iter_"):
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            if os.path.exists(final):
+                exists = f"checkpoint {final} exists; refusing to overwrite a complete checkpoint"
+            else:
+                os.makedirs(tmp)
+        except OSError as exc:
+            problem = _write_problem(root, tmp, step, exc)
+    exists = _agree(exists)
+    if exists:
+        raise FileExistsError(exists)
+    _fail_together(problem, tmp)
+    try:
+        with dev.megatron_scope():
+            dist_checkpointing.save(_sharded(policy), tmp)
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
+        if _rank() == 0:
+            torch.save({"step": step, "scheduler": policy.scheduler.state_dict(), "steps_done": policy.steps_done,
+                        "skipped_steps": policy.skipped_steps}, os.path.join(tmp, "trainer_state.pt"))
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({"step": step, "layer_spec": policy.layer_spec, **(trainer_state or {})}, f, indent=2, default=str)
+    except BaseException as exc:  # noqa: BLE001 - Megatron wraps ENOSPC in torch's CheckpointException (a BaseException)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        problem = _write_problem(root, tmp, step, exc)
+    _fail_together(problem, tmp)
     pause = float(os.environ.get("MEGATRON_HAPO_TEST_PAUSE_BEFORE_COMMIT", "0"))
     if pause and str(step) == os.environ.get("MEGATRON_HAPO_TEST_PAUSE_AT_STEP"):  # tests SIGKILL us here
         open(os.path.join(tmp, "PAUSED"), "w").close()
         time.sleep(pause)
+    problem = None
     if _rank() == 0:
-        for name in os.listdir(tmp):  # flush every file before the checkpoint becomes visible
-            path = os.path.join(tmp, name)
-            if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
-            f.write(f"{step}\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            for name in os.listdir(tmp):  # flush every file before the checkpoint becomes visible
+                path = os.path.join(tmp, name)
+                if os.path.isfile(path):
+                    with open(path, "rb") as f:
+                        os.fsync(f.fileno())
+            with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+                f.write(f"{step}\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            problem = _write_problem(root, tmp, step, exc)
+    _fail_together(problem, tmp)
+    if _rank() == 0:
         os.rename(tmp, final)
         _fsync_dir(root)
-        _atomic_write(os.path.join(root, "latest"), os.path.basename(final) + "\n")
+        try:
+            _atomic_write(os.path.join(root, "latest"), os.path.basename(final) + "\n")
+        except OSError:  # `latest` is a hint: find_latest reads the COMPLETE markers
+            pass
         if keep_last is not None:
             for _, old in complete_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _fail_together(problem: Optional[str], tmp: str) -> None:
+    """Every rank raises the first rank's write problem; the unfinished save is removed (it would
+    hold the space the next attempt needs)."""
+    problem = _agree(problem)
+    if problem is None:
+        return
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    raise CheckpointWriteError(problem)
 
 
 def load_checkpoint(path: str, policy, load_optimizer: bool = True, load_rng: bool = True) -> dict:
