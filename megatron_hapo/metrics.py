@@ -157,14 +157,42 @@ class RunLogger:
 
     def __init__(self, run_dir: str, tensorboard: bool, token_samples: int, enabled: bool):
         self.run_dir, self.tensorboard, self.token_samples, self.enabled = run_dir, tensorboard, token_samples, enabled
-        self.writer = None
+        self.writer, self.start_step = None, 0
 
     def _tb(self):
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+            # purge_step: TensorBoard hides the events a killed attempt logged past the checkpoint
+            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"), purge_step=self.start_step + 1)
         return self.writer
+
+    def rewind(self, step: int) -> None:
+        """The run (re)starts after step `step` (0: from scratch): rows a killed attempt logged past
+        the checkpoint it resumes from are dropped (they are logged again, as they come), and so is a
+        row cut by the kill; metrics.jsonl and token_samples.jsonl then read as one uninterrupted run."""
+        self.start_step = step
+        if not self.enabled:
+            return
+        for name in ("metrics.jsonl", "token_samples.jsonl"):
+            path = os.path.join(self.run_dir, name)
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                lines = f.read().splitlines()
+            kept = []
+            for line in lines:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a row cut by the kill
+                if 0 < row.get("step", 0) <= step or (step > 0 and row.get("step") == 0):
+                    kept.append(line)
+            if len(kept) != len(lines):
+                tmp = f"{path}.tmp"
+                with open(tmp, "w") as f:
+                    f.write("".join(x + "\n" for x in kept))
+                os.replace(tmp, path)
 
     def log(self, m: Dict[str, Any], echo: str = "step") -> None:
         """One metrics row: metrics.jsonl, TensorBoard scalars, a console line."""

@@ -34,6 +34,7 @@ from .rollout.weight_sync import sync_policy_to_engine
 from .training import checkpoint as ckpt
 from .training.parallel import control_group, destroy_model_parallel, init_model_parallel
 from .training.policy import MegatronPolicy, PolicyBatch, PolicyConfig
+from .training import stop as phases
 from .training.stop import StopRequest
 
 
@@ -132,15 +133,18 @@ class Trainer:
         root = os.path.join(self.cfg.train.run_dir, "checkpoints")
         path = ckpt.find_latest(root) if resume == "auto" else (None if resume == "none" else resume)
         if path is None:
+            self.logger.rewind(0)  # rows of an attempt killed before its first checkpoint
             return
         state = ckpt.load_checkpoint(path, self.policy)
         self.step, self.data_position = state["step"], int(state.get("data_position", 0))
+        self.logger.rewind(self.step)
         self.stats = A.EntropyStats.from_dict(state["entropy_stats"]) if state.get("entropy_stats") else None
         self.sync_weights()
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step} (data position {self.data_position})", flush=True)
 
     def save(self) -> None:
+        phases.mark("checkpoint")
         ckpt.save_checkpoint(os.path.join(self.cfg.train.run_dir, "checkpoints"), self.step, self.policy,
                         {"data_position": self.data_position, "entropy_stats": self.stats.to_dict() if self.stats else None,
                          "config": self.cfg.dump()}, keep_last=self.cfg.train.keep_last)
@@ -149,11 +153,14 @@ class Trainer:
 
     def train_step(self) -> Dict[str, Any]:
         t0, algo, memory = time.perf_counter(), self.algo, {}
+        phases.set_step(self.step + 1)
+        phases.mark("rollout")
         batch = self._collect()
         ids, mask = batch.padded(self.device)
         t1 = self._phase("rollout", t0, memory)
         self.engine.sleep()  # with rollout.enable_sleep_mode on GPU; a no-op otherwise
 
+        phases.mark("old_pass")
         width, temps = ids.shape[1], batch.per_position("temperatures", ids.shape[1], self.device)
         engine_logp = batch.per_position("logprobs", width, self.device)  # at the recorded T: TIS's behaviour too
         old_logp, old_ent, logp_at_t = self.policy.compute_logprobs(PolicyBatch(ids, mask), also_at=temps)
@@ -167,6 +174,7 @@ class Trainer:
                             behaviour_logp=engine_logp if algo.rollout_correction == "tis" else None)
         t2 = self._phase("old_pass", t1, memory)
 
+        phases.mark("update")
         per_mb = self.cfg.train.mini_batch_prompts // self.collector.layout.dp * self.cfg.rollout.samples_per_prompt
         bar, parts = self._bar(f"step {self.step + 1} update", -(-len(batch) // per_mb)), []
         for sl in (slice(i, i + per_mb) for i in range(0, len(batch), per_mb)):
@@ -175,6 +183,7 @@ class Trainer:
         bar.close()
         self.policy.end_rollout_step()
         t3 = self._phase("update", t2, memory, "time_train")
+        phases.mark("weight_sync")
         self.engine.wake_up_weights()  # staged: weights, the sync, then the KV cache
         sync = self.sync_weights()
         self.engine.wake_up_kv_cache()

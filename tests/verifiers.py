@@ -27,3 +27,25 @@ class RaiseOnGroundTruth(MathVerifier):
         if ground_truth == "boom":
             raise KeyError("boom")
         return super()._score(response, ground_truth)
+
+
+class SandboxedMath(MathVerifier):
+    """math-verify on the response as echoed back by a program in the code sandbox (after a short
+    sleep): scoring then keeps sandboxes running, for the kill and orphan tests. Without a usable
+    sandbox it scores directly."""
+
+    def __init__(self, *args, **kwargs):
+        from megatron_hapo.rewards import SandboxLimits, sandbox_status
+
+        super().__init__(*args, **kwargs)
+        self.limits = SandboxLimits(wall_s=10.0) if sandbox_status()[0] else None
+
+    def _score(self, response, ground_truth):
+        from megatron_hapo.rewards import run_python
+
+        if self.limits is not None:
+            res = run_python("import sys, time\ntime.sleep(0.2)\nsys.stdout.write(sys.stdin.read())", response, self.limits)
+            if not res.ok:
+                raise RuntimeError(f"sandbox: {res.status} {res.stderr[-300:]}")
+            response = res.stdout
+        return super()._score(response, ground_truth)

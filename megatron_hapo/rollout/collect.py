@@ -22,6 +22,7 @@ import torch.distributed as dist
 from .. import algorithms as A
 from ..data.datasets import split_evenly
 from ..rewards import RewardResult, RewardWorkersError
+from ..training import stop
 
 PER_TOKEN = ("temperatures", "entropies", "logprobs", "logprobs_t1")  # what the engine recorded per token
 
@@ -201,6 +202,7 @@ class RolloutCollector:
             return []
         flat = [x for responses in outs for x in responses]
         texts = self.decode([x.token_ids for x in flat])
+        stop.mark("scoring")
         try:
             results = self.rewards.score(texts, [g for g, responses in zip(truths, outs) for _ in responses])
         except RewardWorkersError as exc:  # a re-spawn failed: every response errors, and the check stops the run

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import List, Optional
 
 import torch
@@ -51,3 +52,27 @@ class StopRequest:
         for f in self.files():
             if os.path.exists(f):
                 os.remove(f)
+
+
+# ---- phase markers: where a run is, for watchdogs and the kill tests ------------------------------
+
+PHASES = ("rollout", "scoring", "old_pass", "update", "weight_sync", "checkpoint")
+_step = 0
+
+
+def set_step(step: int) -> None:
+    """The step the following markers belong to (the trainer sets it as each step starts)."""
+    global _step
+    _step = step
+
+
+def mark(phase: str) -> None:
+    """Appends "STEP PHASE" to $MEGATRON_HAPO_PHASE_FILE when set (one line per phase; nothing
+    otherwise), and sleeps there when $MEGATRON_HAPO_TEST_HOLD is "STEP:PHASE": how the kill tests
+    land inside a phase that lasts milliseconds."""
+    path = os.environ.get("MEGATRON_HAPO_PHASE_FILE")
+    if path and os.environ.get("RANK", "0") == "0":
+        with open(path, "a") as f:
+            f.write(f"{_step} {phase}\n")
+    if os.environ.get("MEGATRON_HAPO_TEST_HOLD") == f"{_step}:{phase}":
+        time.sleep(600)
