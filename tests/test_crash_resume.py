@@ -98,7 +98,8 @@ def kill_job(proc):
 
 
 def left_over(job, timeout=20.0):
-    """The job's processes (and any sandbox) still alive `timeout` seconds after the kill."""
+    """The job's processes (and any sandbox) still alive `timeout` seconds after the kill; they are
+    then killed, so that a failure here does not leak into the next tests."""
     deadline = time.time() + timeout
     while True:
         table = processes()
@@ -106,8 +107,14 @@ def left_over(job, timeout=20.0):
                  if pid in table and table[pid][1] == info[1] and table[pid][2] != "Z"}
         alive.update({pid: info for pid, info in table.items() if info[3] == 65534 and info[2] != "Z"})
         if not alive or time.time() > deadline:
-            return alive
+            break
         time.sleep(0.2)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return alive
 
 
 def wait_for_marker(run_dir, marker, proc, timeout=600):
@@ -239,3 +246,25 @@ def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path):
     latest = find_latest(os.path.join(run_dir, "checkpoints"))
     assert latest and latest.endswith("iter_0000002"), latest
     assert "stop requested (SIGTERM)" in tail(run_dir)
+
+
+def test_a_rank_killed_alone_takes_its_helpers_along(tmp_path):
+    """`kill -9` on a run started without torchrun (or the OOM killer picking a rank): no process
+    group kill follows, yet the reward workers, their sandboxes and the checkpoint writer's Manager
+    (started at the step-1 save) must not outlive it."""
+    run_dir = str(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["MEGATRON_HAPO_PHASE_FILE"] = os.path.join(run_dir, "phases.log")
+    with open(os.path.join(run_dir, "launches.log"), "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "megatron_hapo.train", f"train.run_dir={run_dir}", *BASE], cwd=ROOT,
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_marker(run_dir, "2 scoring", proc)
+    time.sleep(0.5)  # into the scoring: sandboxes running
+    table = processes()
+    job = descendants(proc.pid, table)
+    proc.kill()  # the rank alone
+    proc.wait()
+    helpers = [info[4] for info in job.values() if "multiprocessing" in info[4]]
+    assert len(helpers) >= 4, helpers  # 2 reward workers, the resource tracker, the writer's Manager
+    left = left_over(job)
+    assert not left, "left running: " + "; ".join(f"{pid} {info[4]}" for pid, info in left.items())

@@ -19,6 +19,8 @@ import threading
 import traceback
 from typing import Any, List, Optional, Sequence
 
+from ..procs import die_with_parent
+
 
 @dataclasses.dataclass(frozen=True)
 class RewardResult:
@@ -159,7 +161,8 @@ class RewardPool:
         verifier, or this raises RewardWorkersError quoting the first worker's error."""
         if self._pool is not None:
             return self._pool
-        self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
+        self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
+                                            initializer=die_with_parent, initargs=(os.getpid(),))
         blob = pickle.dumps(self.verifier)
         futures = [self._pool.submit(_probe, blob) for _ in range(self.workers)]
         _, not_done = cf.wait(futures, timeout=self.start_timeout_s)

@@ -32,6 +32,8 @@ import tempfile
 import time
 from typing import Optional, Tuple
 
+from ..procs import die_with_parent
+
 NOBODY = 65534
 SETUP_FAILED = "sandbox set-up failed: "
 _DISK_FULL = "No space left on device"  # ENOSPC: /sandbox's bytes or inodes are used up
@@ -81,7 +83,7 @@ def _bwrap_cmd(workdir: str, argv) -> list:
 
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWIPC = 0x00020000, 0x10000000, 0x08000000
 _MS_NOSUID, _MS_NODEV = 2, 4
-_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE = 1, 4
+_PR_SET_DUMPABLE = 4
 IPC_LIMITS = ("shmmni", "shmall", "msgmni")  # set to 0 in the sandbox's IPC namespace
 
 
@@ -124,13 +126,15 @@ def _limit(limits: SandboxLimits, drop_privileges: bool, workdir: Optional[str] 
 
     def setup():
         os.setsid()
-        _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # never outlive the scoring process
         if drop_privileges:
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
         if workdir is not None:
             _private_tmpfs(workdir, limits.disk_mb * 2**20, limits.max_files, files or {})
+        # never outlive the scoring process (set after the uid change, which clears it; bwrap's
+        # --die-with-parent then covers what it starts)
+        die_with_parent()
         mem = limits.memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from .. import device as dev
 from ..models.convert import load_sharded, load_state_strict
+from ..procs import own_checkpoint_writer_manager
 
 _ITER = re.compile(r"^iter_(\d{7})$")
 
@@ -180,6 +181,7 @@ def save_checkpoint(root: str, step: int, policy, trainer_state: Optional[dict] 
     if exists:
         raise FileExistsError(exists)
     _fail_together(problem, tmp)
+    own_checkpoint_writer_manager()  # Megatron's writer Manager, started so that it dies with this rank
     try:
         with dev.megatron_scope():
             dist_checkpointing.save(_sharded(policy), tmp)
