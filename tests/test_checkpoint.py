@@ -151,3 +151,25 @@ def test_disk_full_or_read_only_keeps_the_previous_checkpoint(tmp_path):
         assert why in seen[case] and f"{mount}/iter_0000001 is complete and kept" in seen[case], seen[case]
         assert seen[f"{case}_complete"] == [1] and seen[f"{case}_left"] == ["iter_0000001", "latest"]
         assert seen[f"{case}_latest"] == "iter_0000001" and seen[f"{case}_loads"]
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="no user namespaces here to mount a small tmpfs in")
+def test_train_stops_with_the_message_when_the_disk_fills(tmp_path):
+    """`megatron-hapo train` with its run folder on a 7.5 MB tmpfs: the built-in model (1.2 MB) and
+    the step-1 checkpoint (3.9 MB) fit, the step-2 checkpoint does not: exit 1 with the message."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    overrides = [f"train.run_dir={run_dir}", "train.steps=2", "train.save_interval=1", "rollout.prompts_per_step=4",
+                 "rollout.samples_per_prompt=4", "train.mini_batch_prompts=2", "train.micro_batch_size=4",
+                 "rollout.dynamic_sampling=false", "eval.at_end=false", "log.progress=off", "reward.workers=0",
+                 "log.tensorboard=false"]
+    script = (f"mount -t tmpfs -o size=7500k none {run_dir} && "
+              f"exec {sys.executable} -m megatron_hapo.train {' '.join(overrides)}")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    res = subprocess.run(["unshare", "-Urm", "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-4000:]
+    assert f"megatron-hapo train: stopped: checkpoint of step 2: writing {run_dir}/checkpoints/.tmp-iter_0000002 " \
+           "failed" in res.stderr, res.stderr[-3000:]
+    assert f"{run_dir}/checkpoints/iter_0000001 is complete and kept" in res.stderr and "no room left" in res.stderr
+    assert "Traceback" not in res.stderr
