@@ -126,6 +126,16 @@ class RewardConfig:
     correct: Optional[float] = None  # reward values; None: the verifier's (math: ±1, others 1/0)
     wrong: Optional[float] = None
     max_error_fraction: float = 1.0  # stop when the verifier errors on this share of a batch's responses (1.0: all)
+    sandbox: Dict[str, Any] = dataclasses.field(default_factory=dict)  # code: SandboxLimits fields (disk_mb, wall_s, ...)
+
+    def sandbox_limits(self):
+        """The code sandbox's limits: SandboxLimits' defaults with `reward.sandbox`'s values."""
+        from .rewards.sandbox import SandboxLimits
+
+        fields = _coerce_fields(SandboxLimits, self.sandbox, "reward.sandbox", {})
+        for k, v in fields.items():
+            _need(v > 0, f"reward.sandbox.{k}", f"must be positive, got {v}")
+        return SandboxLimits(**fields)
 
     def check(self) -> None:
         from .rewards.registry import BUILTIN
@@ -133,6 +143,7 @@ class RewardConfig:
         _need(self.type == "auto" or self.type in BUILTIN or ":" in self.type, "reward.type",
               f"unknown verifier {self.type!r}; expected auto, one of {list(BUILTIN)} or 'module:Class'")
         _need(0 < self.max_error_fraction <= 1, "reward.max_error_fraction", f"must lie in (0, 1], got {self.max_error_fraction}")
+        self.sandbox_limits()
         _need(self.workers >= 0 and self.timeout_s > 0, "reward.workers",
               f"reward.workers must be ≥ 0 and reward.timeout_s positive, got {self.workers}, {self.timeout_s}")
 

@@ -77,7 +77,8 @@ class Trainer:
         self.stop_ids = stop_token_ids(self.tokenizer, self.model_dir)
 
         rw = cfg.reward
-        verifier = build_verifier(rw.type if rw.type != "auto" else default_reward_type(d.train), rw.correct, rw.wrong)
+        verifier = build_verifier(rw.type if rw.type != "auto" else default_reward_type(d.train), rw.correct, rw.wrong,
+                                  rw.sandbox_limits())
         self.rewards = start_reward_pool(verifier, rw.workers, rw.timeout_s, layout.engine_leader, self.control)
         self.policy = MegatronPolicy(self.spec, PolicyConfig.from_config(cfg), self.algo)
         self._load_initial_weights()

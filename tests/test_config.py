@@ -25,6 +25,9 @@ from megatron_hapo.config import Config, ConfigError, OptimConfig
     ("algorithm.name=ppo", "algorithm: unknown value 'ppo'"),
     ("algorithm.eps_high=-1", "algorithm.eps_high: must be non-negative"),
     ("eval=3", "config.eval: expected a mapping"),
+    ("reward.sandbox.disk_gb=1", "config.reward.sandbox: unknown settings \\['disk_gb'\\]"),
+    ("reward.sandbox.disk_mb=0", "reward.sandbox.disk_mb: must be positive, got 0"),
+    ("reward.sandbox.wall_s=soon", "reward.sandbox.wall_s: expected a number, got 'soon'"),
 ])
 def test_bad_values_fail_at_load_under_their_name(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -67,3 +70,16 @@ def test_policy_config_comes_from_the_run_sections():
     # one definition of the optimizer fields: the run's and the policy's defaults cannot drift apart
     optim = {f.name for f in dataclasses.fields(OptimConfig)}
     assert {n: getattr(PolicyConfig(), n) for n in optim} == {n: getattr(Config().train, n) for n in optim}
+
+
+def test_sandbox_limits_come_from_the_reward_section():
+    import yaml
+
+    from megatron_hapo.rewards import SandboxLimits, build_verifier, sandbox_status
+
+    cfg = Config.load(None, ["reward.sandbox.disk_mb=64", "reward.sandbox.wall_s=2"])
+    limits = cfg.reward.sandbox_limits()
+    assert limits == SandboxLimits(disk_mb=64, wall_s=2.0) and Config.load(None, []).reward.sandbox_limits() == SandboxLimits()
+    assert Config.from_dict(yaml.safe_load(cfg.dump())).reward.sandbox_limits() == limits
+    if sandbox_status()[0]:  # the code verifier refuses to start without its sandbox
+        assert build_verifier("code", sandbox=limits).limits == limits

@@ -10,7 +10,9 @@ from .base import Verifier
 BUILTIN = ("math", "exact", "reasoning_gym", "code")
 
 
-def build_verifier(kind: str, reward_correct: Optional[float] = None, reward_wrong: Optional[float] = None) -> Verifier:
+def build_verifier(kind: str, reward_correct: Optional[float] = None, reward_wrong: Optional[float] = None,
+                   sandbox=None) -> Verifier:
+    """`sandbox`: the code verifier's SandboxLimits (None: the defaults)."""
     scores = {k: v for k, v in (("reward_correct", reward_correct), ("reward_wrong", reward_wrong)) if v is not None}
     if kind == "math":
         from .math_verifier import MathVerifier
@@ -27,7 +29,7 @@ def build_verifier(kind: str, reward_correct: Optional[float] = None, reward_wro
     if kind == "code":
         from .code import CodeVerifier
 
-        return CodeVerifier(**scores)
+        return CodeVerifier(**scores) if sandbox is None else CodeVerifier(sandbox, **scores)
     if ":" not in kind:
         raise ValueError(f"reward.type: unknown verifier {kind!r}; expected one of {list(BUILTIN)} or 'module:Class'")
     module, _, name = kind.partition(":")
