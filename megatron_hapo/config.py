@@ -216,6 +216,9 @@ class TrainConfig(OptimConfig):
     steps: int = 10
     mini_batch_prompts: int = 4
     micro_batch_size: int = 4
+    # > 0: token-budget micro-batches (verl's dynamic batch size): each one packed row of whole
+    # sequences, at most this many tokens (a longer sequence alone); micro_batch_size is then unused
+    max_tokens_per_micro_batch: int = 0
     logprob_chunk_size: Optional[int] = 1024  # positions per chunk of the vocab-parallel log-prob pass (memory)
     seed: int = 0
     run_dir: str = "runs/default"
@@ -228,6 +231,8 @@ class TrainConfig(OptimConfig):
         _need(self.steps >= 1, "train.steps", f"must be ≥ 1, got {self.steps}")
         for f in ("mini_batch_prompts", "micro_batch_size"):
             _need(getattr(self, f) >= 1, f"train.{f}", f"must be ≥ 1, got {getattr(self, f)}")
+        _need(self.max_tokens_per_micro_batch >= 0, "train.max_tokens_per_micro_batch",
+              f"must be ≥ 0 (0: padded micro-batches of micro_batch_size), got {self.max_tokens_per_micro_batch}")
         _need(self.logprob_chunk_size is None or self.logprob_chunk_size >= 1, "train.logprob_chunk_size",
               f"must be ≥ 1 or null, got {self.logprob_chunk_size}")
         _need(self.save_interval >= 0, "train.save_interval", f"must be ≥ 0, got {self.save_interval}")
@@ -278,7 +283,7 @@ class Config:
             raise ConfigError(f"train.mini_batch_prompts={t.mini_batch_prompts} does not divide "
                               f"rollout.prompts_per_step={r.prompts_per_step}")
         seqs = t.mini_batch_prompts * r.samples_per_prompt
-        if seqs % dp or (seqs // dp) % t.micro_batch_size:
+        if seqs % dp or ((seqs // dp) % t.micro_batch_size and not t.max_tokens_per_micro_batch):
             raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} does not divide the {seqs // max(dp, 1)} "
                               f"sequences of a mini-batch on each of {dp} data-parallel ranks")
         spec = resolve_layer_spec(self.model.layer_spec)  # names the setting when it cannot work here

@@ -24,7 +24,7 @@ GROUPS = {
                 "gen_batches", "rollout_tokens_per_s"),
     "train": ("loss", "clip_frac_low", "clip_frac_high", "clip_frac_dual", "hapo_adv_changed_frac",
               "hapo_bounds_changed_frac", "policy_drift", "grad_norm", "skipped", "lr", "tokens", "tokens_per_s",
-              "adv_fallback_frac", "tis_weight_mean", "tis_truncated_frac"),
+              "adv_fallback_frac", "tis_weight_mean", "tis_truncated_frac", "padding_factor"),
     "entropy": ("entropy", "entropy_q", "entropy_sigma", "entropy_z_pos", "entropy_z_neg"),
     "temperature": ("temperature_min", "temperature_max", "temperature_mean"),
     "mismatch": ("logp_mismatch_mean", "logp_mismatch_max", "ratio_bias", "logp_mismatch_at_t_mean",

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
@@ -194,7 +195,7 @@ class Trainer:
         m: Dict[str, Any] = {"step": self.step, **mean_over_micro_batches(parts),
                              **rollout_metrics(batch.kept, batch.seen, batch.gen_batches),
                              **reduce_step_sums(mismatch, mismatch_at_t, fallback, self.dp_group), **step_stats.metrics(), **memory,
-                             **self._data_metrics(), "time_weight_sync": sync["weight_sync_s"],
+                             **self._data_metrics(), **self._padding_metrics(), "time_weight_sync": sync["weight_sync_s"],
                              "weight_sync_bytes": sync["weight_sync_bytes"], "time_step": time.perf_counter() - t0}
         m["rollout_tokens_per_s"] = m["response_tokens"] / max(m["time_rollout"], 1e-9)
         if self.logger.enabled:  # rank 0: the other ranks would copy these to the host for nothing
@@ -220,6 +221,14 @@ class Trainer:
         memory[time_key or f"time_{name}"] = now - start
         memory.update({f"mem_{name}_{k}": v for k, v in dev.memory_report().items()})
         return now
+
+    def _padding_metrics(self) -> Dict[str, float]:
+        """Tokens the step's passes computed (padding included) over real tokens, summed over the
+        data-parallel group: 1.0 is no waste (train.max_tokens_per_micro_batch packs to ~1)."""
+        counts = self.policy.take_token_counts()
+        sums = torch.tensor([counts["tokens_computed"], counts["tokens_real"]], dtype=torch.float64)
+        dist.all_reduce(sums, group=self.dp_group)  # host tensors: gloo, on GPU nodes too
+        return {"padding_factor": sums[0].item() / max(sums[1].item(), 1.0)}
 
     def _data_metrics(self) -> Dict[str, float]:
         return {"data_position": self.data_position, "data_epoch": self.data_position / len(self.train_data),

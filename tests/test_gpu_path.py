@@ -318,4 +318,6 @@ def test_te_spec_gets_no_explicit_mask():
     assert mask.shape == (3, 1, 17, 17) and bool(mask[0, 0, 0, 1]) and not bool(mask[0, 0, 1, 0])
     assert attention_mask_for("te", mask) is None and attention_mask_for("local", mask) is mask
     seg = torch.tensor([[0] * 8 + [1] * 9] * 3)
-    assert model_inputs(ids, seg, with_mask=False)[1] is not None  # packed rows always carry their mask
+    pos_thd, mask_thd, _ = model_inputs(ids, seg, with_mask=False)  # THD: the segments travel as cu_seqlens
+    assert mask_thd is None and pos_thd[0].tolist() == list(range(8)) + list(range(9))
+    assert torch.equal(model_inputs(ids, seg)[0], pos_thd)

@@ -11,6 +11,7 @@ from .distributed import run_ranks
 
 ALGOS = {"hapo": "qwen3", "dapo": "qwen2", "grpo": "llama"}
 B, S = 8, 14
+PACK = 24  # tokens per packed micro-batch: one or two of the 8..14-token sequences
 
 
 def global_batch():
@@ -26,7 +27,7 @@ def global_batch():
     return ids, mask, rewards, groups
 
 
-def run_layout(rank, world, tp, pp, n_micro, algo_name, family, steps=2, dist_opt=False):
+def run_layout(rank, world, tp, pp, n_micro, algo_name, family, steps=2, dist_opt=False, pack=0):
     from megatron.core import parallel_state as ps
 
     from megatron_hapo.algorithms import AlgorithmConfig, compute_advantages, normalized_entropy
@@ -44,7 +45,7 @@ def run_layout(rank, world, tp, pp, n_micro, algo_name, family, steps=2, dist_op
     algo = AlgorithmConfig.preset(algo_name)
     cfg = PolicyConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=B // dp // n_micro,
                        lr=4e-5, adam_eps=1e-2, lr_warmup_steps=0, clip_grad=1.0, logprob_chunk_size=5,
-                       use_distributed_optimizer=dist_opt)
+                       use_distributed_optimizer=dist_opt, max_tokens_per_micro_batch=pack)
     policy = MegatronPolicy(spec, cfg, algo)
     policy.load_hf_state_dict(hf.state_dict())
 
@@ -61,29 +62,33 @@ def run_layout(rank, world, tp, pp, n_micro, algo_name, family, steps=2, dist_op
     metrics = [policy.train_step(train) for _ in range(steps)]
     new_logp, _ = policy.compute_logprobs(batch)
     weights = policy.hf_state_dict()
+    tokens = policy.take_token_counts()
     with torch.no_grad():  # the same weights in Hugging Face transformers, float64
         ref = torch.log_softmax(hf.double()(ids[mine]).logits, -1)[:, :-1].gather(-1, ids[mine][:, 1:, None]).squeeze(-1)
     ps.destroy_model_parallel()
     return dict(metrics=metrics, weights=weights, old_logp=old_logp, new_logp=new_logp, mine=(mine.start, mine.stop),
-                adv=adv[mine], hf_logp=torch.where(batch.loss_mask[:, :-1], ref, 0.0).float())
+                adv=adv[mine], hf_logp=torch.where(batch.loss_mask[:, :-1], ref, 0.0).float(), tokens=tokens)
 
 
 def layouts_worker(rank, world, layouts):
     out = {}
     for name, (tp, pp, n_micro, *opt) in layouts.items():
         for algo, family in ALGOS.items():
-            out[(name, algo)] = run_layout(rank, world, tp, pp, n_micro, algo, family, dist_opt=bool(opt))
+            out[(name, algo)] = run_layout(rank, world, tp, pp, n_micro, algo, family, *opt)
     return out
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_ranks(1, layouts_worker, {"ref": (1, 1, 1), "micro4": (1, 1, 4)}, timeout=600)[0]
+    return run_ranks(1, layouts_worker, {"ref": (1, 1, 1), "micro4": (1, 1, 4), "packed": (1, 1, 1, 2, False, PACK)},
+                     timeout=600)[0]
 
 
 def assert_same(ref, got, label):
     for step, (a, b) in enumerate(zip(ref["metrics"], got["metrics"])):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6), (label, step, "loss")
+        # the loss is a mean of ~80 O(1) terms that nearly cancel: fp32 summation in another order
+        # (micro-batches, packed rows, TP) moves it by up to n·eps ≈ 5e-6 absolute
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5), (label, step, "loss")
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (label, step, "grad_norm")
         for k in ("clip_frac_low", "clip_frac_high", "hapo_adv_changed_frac", "hapo_bounds_changed_frac", "tokens"):
             assert b[k] == pytest.approx(a[k], abs=1e-9), (label, step, k)
@@ -115,8 +120,22 @@ def test_micro_batches_do_not_change_the_update(reference):
         assert_same(reference[("ref", algo)], reference[("micro4", algo)], f"micro4/{algo}")
 
 
+def test_packed_micro_batches_give_the_padded_update(reference):
+    """Token-budget micro-batches of packed sequences (block-diagonal attention, positions restarting
+    per sequence): the same log-probs, loss, gradient norm and weights as padded rows, for the
+    token-mean (HAPO, DAPO) and the sequence-mean (GRPO) losses; fewer tokens computed."""
+    for algo in ALGOS:
+        ref, got = reference[("ref", algo)], reference[("packed", algo)]
+        assert_same(ref, got, f"packed/{algo}")
+        assert torch.allclose(got["old_logp"], ref["old_logp"], atol=1e-5)
+        assert got["tokens"]["tokens_real"] == ref["tokens"]["tokens_real"]
+        assert got["tokens"]["tokens_computed"] < ref["tokens"]["tokens_computed"]
+
+
 def test_two_rank_layouts_match_reference(reference):
-    layouts = {"tp2": (2, 1, 2), "pp2": (1, 2, 2), "dp2": (1, 1, 2), "dp2_distributed_optimizer": (1, 1, 1, True)}
+    layouts = {"tp2": (2, 1, 2), "pp2": (1, 2, 2), "dp2": (1, 1, 2), "dp2_distributed_optimizer": (1, 1, 1, 2, True),
+               "tp2_packed": (2, 1, 1, 2, False, PACK), "pp2_packed": (1, 2, 1, 2, False, PACK),
+               "dp2_packed": (1, 1, 1, 2, False, PACK)}
     results = run_ranks(2, layouts_worker, layouts, timeout=600)
     for name in layouts:
         for algo in ALGOS:

@@ -13,6 +13,7 @@ mini-batch whatever the split (HAPO.md, "Policy loss").
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from functools import partial
@@ -44,6 +45,7 @@ class PolicyConfig(OptimConfig):
     layer_spec: str = "auto"  # te | local | auto (te on GPU, local on CPU)
     train_steps: int = 100000  # the LR schedule's length, in lr_warmup_unit
     logprob_chunk_size: Optional[int] = 1024
+    max_tokens_per_micro_batch: int = 0  # > 0: token-budget micro-batches of packed sequences (micro_batch_size unused)
     seed: int = 1234
 
     @classmethod
@@ -134,16 +136,16 @@ def num_micro_batches(batch_size: int, micro_batch_size: int) -> int:
 
 def model_inputs(input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None, with_mask: bool = True):
     """(position_ids, attention_mask, labels): causal mask (True = masked), block-diagonal when packed;
-    mask None for unpacked rows when with_mask=False (TE's causal attention implies it)."""
+    mask None when with_mask=False (TE: its causal attention implies it, THD parameters carry the
+    segments)."""
     b, s = input_ids.shape
-    causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu(1) \
-        if with_mask or segment_ids is not None else None
+    causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu(1) if with_mask else None
     if segment_ids is None:
         position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         mask = None if causal is None else causal[None, None].expand(b, 1, s, s)
     else:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        mask = (causal[None] | ~same)[:, None]
+        same = segment_ids[:, :, None] == segment_ids[:, None, :] if with_mask else None
+        mask = (causal[None] | ~same)[:, None] if with_mask else None
         starts = torch.ones_like(segment_ids, dtype=torch.bool)
         starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
         idx = torch.arange(s, device=input_ids.device).expand(b, s)
@@ -152,6 +154,50 @@ def model_inputs(input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = 
     labels = torch.zeros_like(input_ids)
     labels[:, :-1] = input_ids[:, 1:]
     return position_ids.contiguous(), None if mask is None else mask.contiguous(), labels
+
+
+def sequence_lengths(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Real tokens per row of a right-padded batch: through the last scored token (position of the
+    last loss position + 2); 1 for a row with nothing scored (its tokens never reach the loss)."""
+    s = loss_mask.shape[1]
+    last = torch.where(loss_mask, torch.arange(s, device=loss_mask.device), -1).amax(dim=1)
+    return torch.where(last >= 0, last + 2, torch.ones_like(last))
+
+
+def pack_sequences(lengths: List[int], max_tokens: int) -> List[List[int]]:
+    """Sequence indices grouped into micro-batches of at most `max_tokens` tokens (a longer
+    sequence alone): first-fit over the lengths in decreasing order, deterministic, so the
+    micro-batches of a step are the same on every launch and every rank of a replica."""
+    bins: List[List[int]] = []
+    room: List[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        k = next((k for k, r in enumerate(room) if r >= n), None)
+        if k is None:
+            bins.append([i])
+            room.append(max_tokens - n)
+        else:
+            bins[k].append(i)
+            room[k] -= n
+    return [sorted(b) for b in bins]
+
+
+def packed_layout(lengths: List[int], width_multiple: int = 1, device=None):
+    """For sequences laid end to end in one row: (segment ids [1, T], gather index [n, S] from each
+    sequence's positions into the row, where T = the row's width (Σ lengths rounded up to
+    `width_multiple`, the tail a segment of padding) marks positions past a sequence's end, S =
+    max length, cu_seqlens [n + 1] int32)."""
+    total = sum(lengths)
+    width = -(-total // width_multiple) * width_multiple
+    starts = torch.tensor([0] + list(itertools.accumulate(lengths))[:-1], dtype=torch.long, device=device)
+    lens = torch.tensor(lengths, dtype=torch.long, device=device)
+    s = max(lengths)
+    pos = torch.arange(s, device=device)
+    gather = torch.where(pos[None] < lens[:, None], starts[:, None] + pos[None], torch.full_like(pos[None], width))
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens)
+    seg = torch.cat([seg, torch.full((width - total,), len(lengths), dtype=torch.long, device=device)])
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=device)
+    return seg[None], gather, cu
 
 
 def _buckets(sizes, bucket_bytes: int) -> List[List[int]]:
@@ -210,6 +256,9 @@ class MegatronPolicy:
             self._build(vpp, dtype)
         self.steps_done = 0
         self.skipped_steps = 0
+        self._computed = self._real = 0
+        if self.packing and pp > 1:
+            self.config.variable_seq_lengths = True  # packed rows differ in width: pipeline p2p sends shapes
 
     def _build(self, vpp, dtype) -> None:
         """Model chunks on this rank's device (DDP-wrapped), the optimizer and the LR schedule."""
@@ -340,30 +389,75 @@ class MegatronPolicy:
 
     # ---- passes -------------------------------------------------------------------------------
 
+    @property
+    def packing(self) -> bool:
+        return self.cfg.max_tokens_per_micro_batch > 0
+
+    def take_token_counts(self) -> Dict[str, float]:
+        """Tokens the passes computed (padding included) and real tokens, since the last call."""
+        out = {"tokens_computed": float(self._computed), "tokens_real": float(self._real)}
+        self._computed = self._real = 0
+        return out
+
     def _micro_batches(self, batch: PolicyBatch) -> List[dict]:
-        mbs = self.cfg.micro_batch_size
+        """Micro-batches of `micro_batch_size` padded rows, or with `max_tokens_per_micro_batch`
+        one packed row each: its sequences end to end, attention within each (a block-diagonal
+        mask with the local spec, THD packed-sequence parameters with TE). Every micro-batch keeps
+        its sequences' loss inputs in the per-sequence layout (`batch`, cut to their longest) and
+        the rows they came from; `_logprobs` hands the loss per-sequence tensors either way."""
         if batch.segment_ids is not None and self.layer_spec == "te":
-            # TE's attention with the causal mask type ignores an explicit mask: packed rows would
-            # attend across segments. They need Megatron's packed-sequence (THD) parameters instead.
-            raise NotImplementedError("packed rows (segment_ids) with model.layer_spec=te: not supported yet; use padded "
-                                      "rows or the local spec")
-        out = []
+            # TE's attention with the causal mask type ignores an explicit mask: caller-packed rows
+            # would attend across segments (the policy's own packing passes THD parameters instead).
+            raise NotImplementedError("caller-packed rows (segment_ids) with model.layer_spec=te: not supported; use "
+                                      "train.max_tokens_per_micro_batch (the policy packs) or the local spec")
+        lengths = sequence_lengths(batch.loss_mask).tolist()
+        self._real += sum(lengths)
+        if self.packing and batch.segment_ids is None:
+            return [self._packed(batch, rows, [lengths[i] for i in rows])
+                    for rows in pack_sequences(lengths, self.cfg.max_tokens_per_micro_batch)]
+        mbs, out = self.cfg.micro_batch_size, []
         for start in range(0, num_micro_batches(batch.size, mbs) * mbs, mbs):
             part = batch.select(slice(start, start + mbs)).to(self.device)
             # TE's causal attention implies the mask: no [b, 1, s, s] tensor per micro-batch (150 MB at 12k tokens)
             position_ids, mask, labels = model_inputs(part.input_ids, part.segment_ids,
-                                                      with_mask=self.layer_spec == "local")
-            out.append(dict(batch=part, position_ids=position_ids, attention_mask=mask, labels=labels))
+                                                      with_mask=self.layer_spec == "local" or part.segment_ids is not None)
+            self._computed += part.input_ids.numel()
+            out.append(dict(batch=part, input_ids=part.input_ids, position_ids=position_ids, attention_mask=mask,
+                            labels=labels, rows=torch.arange(start, start + mbs), gather=None))
         return out
 
-    def _run(self, batch: PolicyBatch, loss_fn, forward_only: bool):
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+    def _packed(self, batch: PolicyBatch, rows: List[int], lengths: List[int]) -> dict:
+        idx = torch.tensor(rows, dtype=torch.long)
+        part = batch.select(idx).to(self.device)
+        part = part._map(lambda t: t if t.dim() == 1 else t[:, :max(lengths)])
+        seg, gather, cu = packed_layout(lengths, self.width_multiple, self.device)
+        width = seg.shape[1]
+        ids = torch.zeros(1, width, dtype=part.input_ids.dtype, device=self.device)
+        ids[0, :sum(lengths)] = torch.cat([part.input_ids[i, :n] for i, n in enumerate(lengths)])
+        self._computed += width
+        mb = dict(batch=part, input_ids=ids, rows=idx, gather=gather)
+        if self.layer_spec == "te":  # GPU: THD, no mask tensor (tools/gpu_selftest.py checks it against padded rows)
+            from megatron.core.packed_seq_params import PackedSeqParams
 
-        micro = self._micro_batches(batch)
+            if width > cu[-1]:  # the padding tail: a segment of its own
+                cu = torch.cat([cu, torch.tensor([width], dtype=torch.int32, device=self.device)])
+            longest = int((cu[1:] - cu[:-1]).max())
+            position_ids, _, labels = model_inputs(ids, seg, with_mask=False)
+            mb.update(position_ids=position_ids, attention_mask=None, labels=labels,
+                      packed_seq_params=PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                                        max_seqlen_q=longest, max_seqlen_kv=longest))
+        else:
+            position_ids, mask, labels = model_inputs(ids, seg)
+            mb.update(position_ids=position_ids, attention_mask=mask, labels=labels)
+        return mb
+
+    def _run(self, micro: List[dict], loss_fn, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            output = model(mb["batch"].input_ids, mb["position_ids"], mb["attention_mask"])
+            extra = {"packed_seq_params": mb["packed_seq_params"]} if mb.get("packed_seq_params") is not None else {}
+            output = model(mb["input_ids"], mb["position_ids"], mb["attention_mask"], **extra)
             return output, partial(loss_fn, mb)
 
         iters = [iter(micro) for _ in self.chunks] if len(self.chunks) > 1 else iter(micro)
@@ -373,16 +467,27 @@ class MegatronPolicy:
                 data_iterator=iters,
                 model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
                 num_microbatches=len(micro),
-                seq_length=batch.input_ids.shape[1],
-                micro_batch_size=self.cfg.micro_batch_size,
+                seq_length=max(mb["input_ids"].shape[1] for mb in micro),
+                micro_batch_size=micro[0]["input_ids"].shape[0],
                 forward_only=forward_only,
             )
 
     def _logprobs(self, mb, logits, temperature=1.0, entropy_grad=False):
-        return vocab_parallel_logprobs_and_entropy(
+        """(log-prob, entropy) of the labels in the per-sequence layout of mb["batch"] (packed rows
+        are unpacked; a per-token temperature in that layout is packed to match)."""
+        gather = mb["gather"]
+        if gather is not None and isinstance(temperature, torch.Tensor):
+            row = torch.ones(mb["input_ids"].shape[1] + 1, dtype=temperature.dtype, device=temperature.device)
+            row[gather.reshape(-1)] = temperature.reshape(-1)  # positions past an end all land on the spare slot
+            temperature = row[None, :-1]
+        logp, ent = vocab_parallel_logprobs_and_entropy(
             logits, mb["labels"], temperature, group=self.tp_group if self.cfg.tensor_model_parallel_size > 1 else None,
             chunk_size=self.cfg.logprob_chunk_size, vocab_size=self.spec.vocab_size, entropy_grad=entropy_grad,
         )
+        if gather is None:
+            return logp, ent
+        spare = logp.new_zeros(1)
+        return torch.cat([logp[0], spare])[gather], torch.cat([ent[0], spare])[gather]
 
     def _from_last_stage(self, t: Optional[torch.Tensor], shape, dtype) -> torch.Tensor:
         from megatron.core import parallel_state as ps
@@ -406,7 +511,7 @@ class MegatronPolicy:
         batch = PolicyBatch(batch.input_ids, batch.loss_mask, batch.segment_ids, **temps)
         batch = self._fit_width(batch).to(self.device)
         n_rows, mbs = batch.size, self.cfg.micro_batch_size
-        if n_rows % mbs:  # forward-only: pad with empty rows to whole micro-batches, drop them after
+        if n_rows % mbs and not self.packing:  # forward-only: pad with empty rows to whole micro-batches, drop them after
             pad = batch.select(torch.zeros(mbs - n_rows % mbs, dtype=torch.long))
             pad.loss_mask = torch.zeros_like(pad.loss_mask)
             batch = batch.cat(pad)
@@ -424,11 +529,17 @@ class MegatronPolicy:
                 out["also_at"] = self._logprobs(mb, logits, per_token(b, "also_at"))[0].float()
             return torch.zeros((), dtype=torch.float32), out
 
-        store = self._run(batch, loss_fn, forward_only=True)
+        micro = self._micro_batches(batch)
+        store = self._run(micro, loss_fn, forward_only=True)
         for c in self.chunks:
             c.train()
         names = ["logp", "entropy"] + (["also_at"] if also_at is not None else [])
-        stacked = torch.stack([torch.cat([s[k] for s in store]) for k in names]) if store else None
+        stacked = None
+        if store:  # the last pipeline stage: each micro-batch's sequences back to their rows
+            stacked = torch.zeros((len(names),) + tuple(batch.input_ids.shape), dtype=torch.float32, device=self.device)
+            for mb, out in zip(micro, store):
+                vals = torch.stack([out[k] for k in names])
+                stacked[:, mb["rows"].to(self.device), :vals.shape[-1]] = vals
         stacked = self._from_last_stage(stacked, (len(names),) + tuple(batch.input_ids.shape), torch.float32)
         mask = batch.loss_mask
         return tuple(torch.where(mask, t, 0.0)[:n_rows, :width].to(out_device) for t in stacked)
@@ -460,7 +571,7 @@ class MegatronPolicy:
             for c in self.chunks:
                 c.zero_grad_buffer()
             self.optimizer.zero_grad()
-        store = self._run(batch, loss_fn, forward_only=False)
+        store = self._run(self._micro_batches(batch), loss_fn, forward_only=False)
 
         keys = PolicyLoss.SUMS
         sums = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
