@@ -73,6 +73,9 @@ class RolloutConfig:
     kv_cache_memory_bytes: int = 64 * 2**20  # CPU
     gpu_memory_utilization: float = 0.5  # GPU: the engine's share, colocated with training
     enable_sleep_mode: bool = False  # GPU: release the engine's memory while training
+    # GPU: false = CUDA graphs and vLLM's torch.compile for decoding (2-3x for small batches); true
+    # until tools/gpu_selftest.py's CUDA-graphs check has passed on a GPU (the CPU backend is always eager)
+    enforce_eager: bool = True
     dynamic_sampling: bool = True
     max_num_gen_batches: int = 10  # 0 = unlimited
     overlong_buffer: int = 0  # 0 = no overlong shaping

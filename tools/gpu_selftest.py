@@ -8,8 +8,9 @@ imports → collectives on the mixed backend → placement of parameters, gradie
 HF weights into the Transformer Engine spec (logits vs transformers and vs the local spec) →
 vocab-parallel log-probs/entropy at V = 151,936 → a bf16 HAPO step with the distributed optimizer →
 save/resume → a local-spec (CPU-converted) checkpoint into the TE model → an engine built after
-the policy → the temperature processor → weight sync → sleep/wake → the trainer and its resume →
-with 2+ GPUs, parallel layouts against one GPU.
+the policy → the temperature processor (records, and no device sync per decoding step) → packed
+micro-batches (THD) vs padded rows → weight sync → sleep/wake → an engine with CUDA graphs → the
+trainer and its resume → with 2+ GPUs, parallel layouts against one GPU.
 
 Without CUDA the same code runs on the CPU wherever a check has a CPU meaning (with the local
 spec and fp32) and prints "skipped: ..." for the rest: a check never reports a pass it did not
@@ -18,6 +19,7 @@ measure. Output: one table (check, figure, status) and a JSON file; exit status 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -447,6 +449,36 @@ def c_temperature(ctx):
             f"(same engine, requests without HAPO arguments)"), max(d_t, d_h, d_lp) < tol
 
 
+@check("temperature processor: no device-to-host sync in a decoding step")
+def c_processor_sync(ctx):
+    from megatron_hapo import algorithms as A
+    from megatron_hapo.rollout.temperature_processor import RECORDER, HapoTemperatureProcessor, _Request
+
+    device = dev.device()
+    proc = HapoTemperatureProcessor(None, device, False)
+    stats = A.EntropyStats(q=math.log(4.0), sigma=0.5, z_pos=2.0, z_neg=-3.0)
+    for i in range(6):  # two groups of settings: the per-group path as well
+        proc.requests[i] = _Request(f"sync-{i}", stats, 1.0, 0.1 if i % 2 else 0.2, "signed", [0] * i)
+    proc._rebuild()
+    vocab = 151936 if dev.is_gpu() else 32768  # Qwen's vocabulary on GPU; smaller on CPU (the suite runs this)
+    logits = torch.randn(8, vocab, device=device)
+    logits[:, -100:] = float("-inf")  # masked tokens: the −inf path too
+    proc.apply(logits.clone())  # warm-up
+    if dev.is_gpu():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any implicit device-to-host sync raises
+    try:
+        out = proc.apply(logits.clone())
+    finally:
+        if dev.is_gpu():
+            torch.cuda.set_sync_debug_mode("default")
+    rec = RECORDER.pop({f"sync-{i}" for i in range(6)})
+    finite = bool(torch.isfinite(out[:6, :-100]).all()) and all(math.isfinite(v) for r in rec.values()
+                                                                 for vals in r.values() for v in vals)
+    mode = "under torch.cuda sync debug mode 'error'" if dev.is_gpu() else "on CPU (no device to wait for)"
+    return f"6 rows × {vocab:,} logits, −inf tail: no sync {mode}; records finite: {finite}", finite
+
+
 @check("weight sync on the device: no host copy, time vs a device copy, mismatch after sync")
 def c_weight_sync(ctx):
     from megatron_hapo.algorithms import logprob_mismatch
@@ -501,6 +533,46 @@ def c_sleep(ctx):
     released = (free[0][0] - free[0][1]) / 2**20
     return f"sleeping frees {released:.0f} MiB; free memory change over 3 cycles {growth:+.0f} MiB (tol 256)", \
         growth < 256 and released > 0
+
+
+@check("engine with CUDA graphs (enforce_eager=False): records equal the eager engine's, tokens/s")
+def c_cuda_graphs(ctx):
+    from megatron_hapo import algorithms as A
+    from megatron_hapo.rollout.engine import RolloutEngine, SamplingConfig
+
+    need_gpu()
+    if ctx.engine is None:
+        raise Skip("skipped: no engine (the engine check failed)")
+    stats = A.EntropyStats(q=math.log(4.0), sigma=0.5, z_pos=2.0, z_neg=-3.0)
+    prompts = [[1] + list(range(5 + i, 15 + i)) for i in range(8)]
+    sampling = SamplingConfig(max_tokens=32, adaptive=True, tau=0.3, stop_token_ids=())
+    eager_t0 = time.perf_counter()
+    eager = ctx.engine.generate(prompts, 4, sampling, stats, seeds=list(range(8)))
+    eager_s = time.perf_counter() - eager_t0
+    ctx.engine = None  # the eager engine is done with (the last engine check): its memory for the second one
+    gc.collect()
+    torch.cuda.empty_cache()
+    graphs = RolloutEngine(ctx.model_dir, max_model_len=128, kv_cache_memory_bytes=64 * 2**20, seed=0, dtype="float32",
+                           gpu_memory_utilization=0.2, enable_sleep_mode=True, enforce_eager=False)
+    graphs.generate(prompts[:2], 2, sampling, stats, seeds=[0, 1])  # warm-up (captures)
+    t0 = time.perf_counter()
+    out = graphs.generate(prompts, 4, sampling, stats, seeds=list(range(8)))
+    graphs_s = time.perf_counter() - t0
+    graphs.sleep()
+    graphs.wake_up_weights()
+    graphs.wake_up_kv_cache()
+    again = graphs.generate(prompts, 4, sampling, stats, seeds=list(range(8)))  # after a sleep/wake cycle
+    del graphs
+    gc.collect()
+    pairs = [(a, b) for ga, gb in zip(eager, out) for a, b in zip(ga, gb)]
+    same_tokens = sum(a.token_ids == b.token_ids for a, b in pairs) / len(pairs)
+    d_lp = max((abs(x - y) for a, b in pairs if a.token_ids == b.token_ids for x, y in zip(a.logprobs, b.logprobs)),
+               default=0.0)
+    stable = all(a.token_ids == b.token_ids for ga, gb in zip(out, again) for a, b in zip(ga, gb))
+    tokens = sum(r.length for g in out for r in g)
+    return (f"identical responses {same_tokens:.0%}, max|Δlog p| on them {d_lp:.1e}; same after sleep/wake: {stable}; "
+            f"{tokens / graphs_s:.0f} tok/s with graphs vs {tokens / eager_s:.0f} eager"), \
+        same_tokens >= 0.9 and d_lp < 5e-3 and stable
 
 
 @check("trainer: 2 steps, then resume for a third")

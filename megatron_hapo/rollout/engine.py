@@ -147,6 +147,7 @@ class RolloutEngine:
         max_num_seqs: int = 256,
         gpu_memory_utilization: Optional[float] = None,
         enable_sleep_mode: bool = False,
+        enforce_eager: bool = True,
     ):
         _vllm_env()
         from vllm import LLM
@@ -162,7 +163,10 @@ class RolloutEngine:
 
         kwargs = dict(
             model=model_dir, skip_tokenizer_init=True, max_model_len=max_model_len, seed=seed, dtype=dtype,
-            max_num_seqs=max_num_seqs, enforce_eager=True,
+            # CUDA graphs (and vLLM's torch.compile) on GPU when enforce_eager=False: the temperature
+            # processor runs in the sampler, outside the captured forward, and the in-place weight
+            # reload and sleep mode keep the weights' addresses. The CPU backend runs eager.
+            max_num_seqs=max_num_seqs, enforce_eager=enforce_eager or not dev.is_gpu(),
             logits_processors=[HapoTemperatureProcessor], enable_prefix_caching=True,
             **engine_placement(tensor_parallel_size, dist.is_initialized(), dev.is_gpu()),
         )

@@ -38,29 +38,31 @@ except ImportError:  # pragma: no cover - vLLM absent: the module still imports 
 
 
 class _Recorder:
-    """Per-step tensors of every HAPO row, resolved per request tag on demand (no per-token Python)."""
+    """Per-step records of every HAPO row, resolved per request tag on demand (no per-token Python).
+    A step's record stays a device tensor [rows, 4] until `pop` (after generation): decoding never
+    waits for a device-to-host copy."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.steps: List[tuple] = []
 
-    def add(self, tags, positions, temp, entropy, log_z1, log_zt):
+    def add(self, tags, positions, values: torch.Tensor):
         with self.lock:
-            self.steps.append((tags, positions, temp, entropy, log_z1, log_zt))
+            self.steps.append((tags, positions, values))
 
     def pop(self, wanted: set) -> Dict[str, Dict[int, tuple]]:
         """{tag: {position: (T, H, log Z_1, log Z_T)}} for the wanted tags; forgets them."""
         out: Dict[str, Dict[int, tuple]] = {t: {} for t in wanted}
         keep = []
         with self.lock:
-            for tags, positions, temp, ent, lz1, lzt in self.steps:
+            for tags, positions, values in self.steps:
                 rows = [i for i, t in enumerate(tags) if t in wanted]
                 if rows:
-                    vals = torch.stack([temp, ent, lz1, lzt], dim=1).tolist()
+                    vals = values.tolist()  # the one device-to-host copy of this step's record
                     for i in rows:
                         out[tags[i]][positions[i]] = tuple(vals[i])  # a recomputed step overwrites
                 if len(rows) < len(tags):
-                    keep.append((tags, positions, temp, ent, lz1, lzt))
+                    keep.append((tags, positions, values))
             self.steps = keep
         return out
 
@@ -109,6 +111,7 @@ class HapoTemperatureProcessor(LogitsProcessor):
 
     def __init__(self, vllm_config, device, is_pin_memory: bool):
         self.requests: Dict[int, _Request] = {}
+        self.device = device
         self._rows: Optional[torch.Tensor] = None
         self._groups: list = []
 
@@ -126,20 +129,29 @@ class HapoTemperatureProcessor(LogitsProcessor):
             self._rebuild()
 
     def _rebuild(self):
+        # Host → device copies of the row indices: here, when the batch's requests change, not per step.
         idx = sorted(self.requests)
         self._row_list = idx
-        self._rows = torch.tensor(idx, dtype=torch.long)
+        self._rows = torch.tensor(idx, dtype=torch.long).to(self.device)
         # rows sharing (stats, T_base, τ, sign mode) are handled by one vectorised call
         groups: Dict[tuple, list] = {}
         for pos, i in enumerate(idx):
             r = self.requests[i]
             groups.setdefault((r.stats, r.base, r.tau, r.sign_mode), []).append(pos)
-        self._groups = [(key, torch.tensor(p, dtype=torch.long)) for key, p in groups.items()]
+        self._groups = [(key, torch.tensor(p, dtype=torch.long).to(self.device)) for key, p in groups.items()]
+        self._single_group = len(groups) == 1
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """No device-to-host synchronisation per decoding step: every value stays on the device and
+        the record is copied out after generation (`_Recorder.pop`). What remains: the host → device
+        copies of row indices when requests join or leave (`_rebuild`), and on CPU only, a check for
+        −inf logits (a CPU tensor's `bool()` is not a device sync; on GPU the safe form runs always)."""
         if not self.requests:
             return logits
-        rows = self._rows.to(logits.device)
+        rows = self._rows
+        if rows.device != logits.device:  # the engine's sampler device differs from the one vLLM announced
+            rows = self._rows = rows.to(logits.device)
+            self._groups = [(k, p.to(logits.device)) for k, p in self._groups]
         all_rows = rows.numel() == logits.shape[0]
         if all_rows:
             x = logits if logits.dtype == torch.float32 else logits.float()
@@ -151,14 +163,20 @@ class HapoTemperatureProcessor(LogitsProcessor):
         buf = torch.log_softmax(x, dim=-1)
         log_z1 = x.amax(dim=-1) - buf.amax(dim=-1)
         p = buf.exp_()
-        entropy = log_z1 - torch.bmm(p.unsqueeze(1), x.unsqueeze(2)).view(-1)
-        if bool(entropy.isnan().any()):  # −inf logits: 0·(−inf); redo those rows without them
-            bad = entropy.isnan()
-            entropy[bad] = log_z1[bad] - (p[bad] * torch.nan_to_num(x[bad], neginf=0.0)).sum(-1)
-        temp = torch.empty_like(entropy)
-        for (stats, base, tau, sign_mode), pos in self._groups:
-            pos = pos.to(logits.device)
-            temp[pos] = adaptive_temperature(entropy[pos], stats, base, tau, sign_mode).to(temp.dtype)
+        if x.is_cuda:  # −inf logits (masked tokens) would give 0·(−inf): finite stand-ins, one extra pass
+            entropy = log_z1 - torch.bmm(p.unsqueeze(1), torch.nan_to_num(x, neginf=0.0).unsqueeze(2)).view(-1)
+        else:
+            entropy = log_z1 - torch.bmm(p.unsqueeze(1), x.unsqueeze(2)).view(-1)
+            if bool(entropy.isnan().any()):  # −inf logits: 0·(−inf); redo those rows without them
+                bad = entropy.isnan()
+                entropy[bad] = log_z1[bad] - (p[bad] * torch.nan_to_num(x[bad], neginf=0.0)).sum(-1)
+        if self._single_group:
+            (stats, base, tau, sign_mode), _ = self._groups[0]
+            temp = adaptive_temperature(entropy, stats, base, tau, sign_mode).to(entropy.dtype)
+        else:
+            temp = torch.empty_like(entropy)
+            for (stats, base, tau, sign_mode), pos in self._groups:
+                temp[pos] = adaptive_temperature(entropy[pos], stats, base, tau, sign_mode).to(temp.dtype)
         inv_t = (1.0 / temp)[:, None]
         if all_rows and x.data_ptr() == logits.data_ptr():
             y = logits.mul_(inv_t)
@@ -174,6 +192,6 @@ class HapoTemperatureProcessor(LogitsProcessor):
         log_zt = y.amax(dim=-1) - buf.amax(dim=-1)
         del buf, p
         reqs = [self.requests[i] for i in self._row_list]
-        RECORDER.add([r.tag for r in reqs], [len(r.output_ids) for r in reqs], temp.cpu(), entropy.cpu(),
-                     log_z1.cpu(), log_zt.cpu())
+        RECORDER.add([r.tag for r in reqs], [len(r.output_ids) for r in reqs],
+                     torch.stack([temp, entropy, log_z1, log_zt], dim=1).float())
         return logits
