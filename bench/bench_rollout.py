@@ -9,6 +9,8 @@ seeds in both runs; "plain" requests carry no HAPO arguments (the processor is a
 copy of the same bytes (the memory floor), vLLM's own in-place reload (the engine's floor: CPU
 linear layers are repacked), our validated update_weights, and the full path from a
 Megatron-Core policy (TP merge + HF names + validation + reload). Medians over --repeats.
+Everything is timed in the trainer's process state: Megatron's parallel state, its CPU shims and
+the policy are set up first, then the engine, as the Trainer does.
 """
 from __future__ import annotations
 
@@ -46,6 +48,18 @@ def main():
     path = tempfile.mkdtemp(prefix="bench_rollout_")
     hf.save_pretrained(path)
     nparams = sum(p.numel() for p in hf.parameters())
+    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+
+    # The trainer's process state before anything is timed: Megatron's parallel state, the CPU shims
+    # and the policy exist, then the engine (the trainer's order).
+    from megatron_hapo.algorithms import AlgorithmConfig
+    from megatron_hapo.models.hf_config import ModelSpec
+    from megatron_hapo.training.parallel import init_model_parallel
+    from megatron_hapo.training.policy import MegatronPolicy, PolicyConfig
+
+    init_model_parallel(1, 1)
+    policy = MegatronPolicy(ModelSpec.from_hf(cfg), PolicyConfig(lr_warmup_steps=0), AlgorithmConfig.preset("hapo"))
+    policy.load_hf_state_dict(state)
     engine = RolloutEngine(path, max_model_len=256, kv_cache_memory_bytes=1 << 30, max_num_seqs=args.batch, seed=0)
 
     g = torch.Generator().manual_seed(0)
@@ -85,7 +99,6 @@ def main():
           f"(overhead {100 * (t_hapo / t_plain - 1):+.1f} %) |")
 
     # ---- weight sync -----------------------------------------------------------------------------
-    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     nbytes = sum(v.numel() * v.element_size() for k, v in state.items() if k != "lm_head.weight")
     dst = {k: torch.empty_like(v) for k, v in state.items()}
 
@@ -101,15 +114,7 @@ def main():
     def ours():
         engine.update_weights(list(state.items()))
 
-    from megatron_hapo.models.hf_config import ModelSpec
-    from megatron_hapo.algorithms import AlgorithmConfig
     from megatron_hapo.rollout.weight_sync import sync_policy_to_engine
-    from megatron_hapo.training.parallel import init_model_parallel
-    from megatron_hapo.training.policy import MegatronPolicy, PolicyConfig
-
-    init_model_parallel(1, 1)
-    policy = MegatronPolicy(ModelSpec.from_hf(cfg), PolicyConfig(lr_warmup_steps=0), AlgorithmConfig.preset("hapo"))
-    policy.load_hf_state_dict(state)
 
     def from_megatron():
         sync_policy_to_engine(policy, engine)

@@ -157,16 +157,17 @@ class HapoTemperatureProcessor(LogitsProcessor):
             x = logits if logits.dtype == torch.float32 else logits.float()
         else:
             x = logits.index_select(0, rows).float()
-        # torch's fused log_softmax kernel is several times faster on CPU than a plain logsumexp,
-        # so the statistics are read off it (three full passes over the row in all):
-        #   log Z = max x − max log p;  p = exp(log p) in place;  H = log Z − Σ p·x (a batched dot).
-        buf = torch.log_softmax(x, dim=-1)
-        log_z1 = x.amax(dim=-1) - buf.amax(dim=-1)
-        p = buf.exp_()
+        # The statistics in few passes over the row, each a fast kernel (measured on CPU: amax and
+        # softmax are; max-with-indices, argmax and log_softmax + exp are several times slower):
+        #   m = max x;  p = softmax(x);  log Z = m − log max p (max p ≥ 1/V: exact in fp32);
+        #   H = log Z − Σ p·x;  later log Z_T = m/T − log max softmax(x/T) (same argmax, T > 0).
+        m = x.amax(dim=-1)
+        p = torch.softmax(x, dim=-1)
+        log_z1 = m - p.amax(dim=-1).log()
         if x.is_cuda:  # −inf logits (masked tokens) would give 0·(−inf): finite stand-ins, one extra pass
             entropy = log_z1 - torch.bmm(p.unsqueeze(1), torch.nan_to_num(x, neginf=0.0).unsqueeze(2)).view(-1)
         else:
-            entropy = log_z1 - torch.bmm(p.unsqueeze(1), x.unsqueeze(2)).view(-1)
+            entropy = log_z1 - torch.linalg.vecdot(p, x)
             if bool(entropy.isnan().any()):  # −inf logits: 0·(−inf); redo those rows without them
                 bad = entropy.isnan()
                 entropy[bad] = log_z1[bad] - (p[bad] * torch.nan_to_num(x[bad], neginf=0.0)).sum(-1)
@@ -177,20 +178,14 @@ class HapoTemperatureProcessor(LogitsProcessor):
             temp = torch.empty_like(entropy)
             for (stats, base, tau, sign_mode), pos in self._groups:
                 temp[pos] = adaptive_temperature(entropy[pos], stats, base, tau, sign_mode).to(temp.dtype)
-        inv_t = (1.0 / temp)[:, None]
-        if all_rows and x.data_ptr() == logits.data_ptr():
-            y = logits.mul_(inv_t)
-        elif all_rows:
-            y = logits.copy_(x.mul_(inv_t))
-        else:
-            y = x.mul_(inv_t)
+        y = x.mul_((1.0 / temp)[:, None])  # float32; the logits themselves when x is them
+        if all_rows and y.data_ptr() != logits.data_ptr():
+            logits.copy_(y)
+        elif not all_rows:
             logits[rows] = y.to(logits.dtype)
-        if buf.shape == y.shape:
-            torch.ops.aten._log_softmax.out(y, -1, False, out=buf)
-        else:
-            buf = torch.log_softmax(y, dim=-1)
-        log_zt = y.amax(dim=-1) - buf.amax(dim=-1)
-        del buf, p
+        torch.ops.aten._softmax.out(y, -1, False, out=p)  # p is free again: softmax at T into it
+        log_zt = m / temp - p.amax(dim=-1).log()
+        del p
         reqs = [self.requests[i] for i in self._row_list]
         RECORDER.add([r.tag for r in reqs], [len(r.output_ids) for r in reqs],
                      torch.stack([temp, entropy, log_z1, log_zt], dim=1).float())
