@@ -112,6 +112,7 @@ class HapoTemperatureProcessor(LogitsProcessor):
     def __init__(self, vllm_config, device, is_pin_memory: bool):
         self.requests: Dict[int, _Request] = {}
         self.device = device
+        self._buffers = None
         self._rows: Optional[torch.Tensor] = None
         self._groups: list = []
 
@@ -141,6 +142,16 @@ class HapoTemperatureProcessor(LogitsProcessor):
         self._groups = [(key, torch.tensor(p, dtype=torch.long).to(self.device)) for key, p in groups.items()]
         self._single_group = len(groups) == 1
 
+    def _scratch(self, x: torch.Tensor):
+        """Two [rows, V] float32 work buffers. On CPU kept between steps: a fresh 10+ MB allocation
+        is page-faulted in every step, which cost more than the arithmetic. On GPU new each step (the
+        caching allocator reuses the blocks, and nothing stays allocated while the engine sleeps)."""
+        if x.is_cuda:
+            return torch.empty_like(x), torch.empty_like(x)
+        if self._buffers is None or self._buffers[0].shape != x.shape:
+            self._buffers = (torch.empty_like(x), torch.empty_like(x))
+        return self._buffers
+
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """No device-to-host synchronisation per decoding step: every value stays on the device and
         the record is copied out after generation (`_Recorder.pop`). What remains: the host → device
@@ -160,17 +171,19 @@ class HapoTemperatureProcessor(LogitsProcessor):
         # The statistics in few passes over the row, each a fast kernel (measured on CPU: amax and
         # softmax are; max-with-indices, argmax and log_softmax + exp are several times slower):
         #   m = max x;  p = softmax(x);  log Z = m − log max p (max p ≥ 1/V: exact in fp32);
-        #   H = log Z − Σ p·x;  later log Z_T = m/T − log max softmax(x/T) (same argmax, T > 0).
+        #   H = log Z − Σ p·x (an elementwise product and torch's cascade sum: bmm's fp32 dot was
+        #   1e-3 off at V = 49k);  later log Z_T = m/T − log max softmax(x/T) (same argmax, T > 0).
+        p, work = self._scratch(x)
         m = x.amax(dim=-1)
-        p = torch.softmax(x, dim=-1)
+        torch.ops.aten._softmax.out(x, -1, False, out=p)
         log_z1 = m - p.amax(dim=-1).log()
-        if x.is_cuda:  # −inf logits (masked tokens) would give 0·(−inf): finite stand-ins, one extra pass
-            entropy = log_z1 - torch.bmm(p.unsqueeze(1), torch.nan_to_num(x, neginf=0.0).unsqueeze(2)).view(-1)
-        else:
-            entropy = log_z1 - torch.linalg.vecdot(p, x)
-            if bool(entropy.isnan().any()):  # −inf logits: 0·(−inf); redo those rows without them
-                bad = entropy.isnan()
-                entropy[bad] = log_z1[bad] - (p[bad] * torch.nan_to_num(x[bad], neginf=0.0)).sum(-1)
+        # −inf logits (masked tokens) would give 0·(−inf): on GPU finite stand-ins always (one extra
+        # pass, no sync); on CPU only for the rows that came out NaN
+        torch.mul(p, torch.nan_to_num(x, neginf=0.0) if x.is_cuda else x, out=work)
+        entropy = log_z1 - work.sum(dim=-1)
+        if not x.is_cuda and bool(entropy.isnan().any()):
+            bad = entropy.isnan()
+            entropy[bad] = log_z1[bad] - (p[bad] * torch.nan_to_num(x[bad], neginf=0.0)).sum(-1)
         if self._single_group:
             (stats, base, tau, sign_mode), _ = self._groups[0]
             temp = adaptive_temperature(entropy, stats, base, tau, sign_mode).to(entropy.dtype)
@@ -185,7 +198,7 @@ class HapoTemperatureProcessor(LogitsProcessor):
             logits[rows] = y.to(logits.dtype)
         torch.ops.aten._softmax.out(y, -1, False, out=p)  # p is free again: softmax at T into it
         log_zt = m / temp - p.amax(dim=-1).log()
-        del p
+        del p, work
         reqs = [self.requests[i] for i in self._row_list]
         RECORDER.add([r.tag for r in reqs], [len(r.output_ids) for r in reqs],
                      torch.stack([temp, entropy, log_z1, log_zt], dim=1).float())
