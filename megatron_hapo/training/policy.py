@@ -182,22 +182,27 @@ def pack_sequences(lengths: List[int], max_tokens: int) -> List[List[int]]:
     return [sorted(b) for b in bins]
 
 
-def packed_layout(lengths: List[int], width_multiple: int = 1, device=None):
-    """For sequences laid end to end in one row: (segment ids [1, T], gather index [n, S] from each
-    sequence's positions into the row, where T = the row's width (Σ lengths rounded up to
-    `width_multiple`, the tail a segment of padding) marks positions past a sequence's end, S =
-    max length, cu_seqlens [n + 1] int32)."""
-    total = sum(lengths)
-    width = -(-total // width_multiple) * width_multiple
-    starts = torch.tensor([0] + list(itertools.accumulate(lengths))[:-1], dtype=torch.long, device=device)
-    lens = torch.tensor(lengths, dtype=torch.long, device=device)
-    s = max(lengths)
-    pos = torch.arange(s, device=device)
-    gather = torch.where(pos[None] < lens[:, None], starts[:, None] + pos[None], torch.full_like(pos[None], width))
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens)
-    seg = torch.cat([seg, torch.full((width - total,), len(lengths), dtype=torch.long, device=device)])
-    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=device)
-    return seg[None], gather, cu
+def packed_layout(rows: List[List[int]], width: int, device=None):
+    """Sequences of the given lengths laid end to end in rows of `width` positions (each row's tail
+    is a padding segment of its own): (segment ids [R, width], gather [n, S]: for sequence k (in row
+    order) and position t < its length, its place in the flattened rows; R·width (a spare slot) past
+    its end; S = the longest, cu_seqlens [n + 1] int32 of the first row's sequences (THD, one row))."""
+    lengths = [n for row in rows for n in row]
+    seg = torch.empty(len(rows), width, dtype=torch.long)
+    starts, k = [], 0
+    for r, row in enumerate(rows):
+        off = 0
+        for n in row:
+            seg[r, off:off + n] = k
+            starts.append(r * width + off)
+            off, k = off + n, k + 1
+        seg[r, off:] = len(lengths) + r  # padding: a segment of its own, attending only to itself
+    lens = torch.tensor(lengths, dtype=torch.long)
+    pos = torch.arange(max(lengths))
+    gather = torch.where(pos[None] < lens[:, None], torch.tensor(starts)[:, None] + pos[None],
+                         torch.full_like(pos[None], len(rows) * width))
+    cu = torch.tensor([0] + list(itertools.accumulate(rows[0])), dtype=torch.int32)
+    return seg.to(device), gather.to(device), cu.to(device)
 
 
 def _buckets(sizes, bucket_bytes: int) -> List[List[int]]:
@@ -413,8 +418,15 @@ class MegatronPolicy:
         lengths = sequence_lengths(batch.loss_mask).tolist()
         self._real += sum(lengths)
         if self.packing and batch.segment_ids is None:
-            return [self._packed(batch, rows, [lengths[i] for i in rows])
-                    for rows in pack_sequences(lengths, self.cfg.max_tokens_per_micro_batch)]
+            budget = self.cfg.max_tokens_per_micro_batch
+            if self.layer_spec == "te":  # one row of up to `budget` tokens: THD attention costs Σ L²
+                groups = [[row] for row in pack_sequences(lengths, budget)]
+            else:  # rows as wide as the longest sequence (attention costs rows × width², as padded)
+                width = max(lengths)
+                rows = pack_sequences(lengths, width)
+                per = max(1, budget // width)
+                groups = [rows[i:i + per] for i in range(0, len(rows), per)]
+            return [self._packed(batch, group, lengths) for group in groups]
         mbs, out = self.cfg.micro_batch_size, []
         for start in range(0, num_micro_batches(batch.size, mbs) * mbs, mbs):
             part = batch.select(slice(start, start + mbs)).to(self.device)
@@ -426,15 +438,21 @@ class MegatronPolicy:
                             labels=labels, rows=torch.arange(start, start + mbs), gather=None))
         return out
 
-    def _packed(self, batch: PolicyBatch, rows: List[int], lengths: List[int]) -> dict:
-        idx = torch.tensor(rows, dtype=torch.long)
+    def _packed(self, batch: PolicyBatch, group: List[List[int]], lengths: List[int]) -> dict:
+        """One micro-batch of packed rows; `group` lists each row's sequence indices."""
+        order = [i for row in group for i in row]
+        row_lengths = [[lengths[i] for i in row] for row in group]
+        width = max(sum(r) for r in row_lengths)
+        width = -(-width // self.width_multiple) * self.width_multiple
+        idx = torch.tensor(order, dtype=torch.long)
         part = batch.select(idx).to(self.device)
-        part = part._map(lambda t: t if t.dim() == 1 else t[:, :max(lengths)])
-        seg, gather, cu = packed_layout(lengths, self.width_multiple, self.device)
-        width = seg.shape[1]
-        ids = torch.zeros(1, width, dtype=part.input_ids.dtype, device=self.device)
-        ids[0, :sum(lengths)] = torch.cat([part.input_ids[i, :n] for i, n in enumerate(lengths)])
-        self._computed += width
+        part = part._map(lambda t: t if t.dim() == 1 else t[:, :max(lengths[i] for i in order)])
+        seg, gather, cu = packed_layout(row_lengths, width, self.device)
+        ids = torch.zeros(len(group) * width, dtype=part.input_ids.dtype, device=self.device)
+        valid = gather < ids.numel()
+        ids[gather[valid]] = part.input_ids[:, :gather.shape[1]][valid]
+        ids = ids.view(len(group), width)
+        self._computed += ids.numel()
         mb = dict(batch=part, input_ids=ids, rows=idx, gather=gather)
         if self.layer_spec == "te":  # GPU: THD, no mask tensor (tools/gpu_selftest.py checks it against padded rows)
             from megatron.core.packed_seq_params import PackedSeqParams
@@ -475,11 +493,11 @@ class MegatronPolicy:
     def _logprobs(self, mb, logits, temperature=1.0, entropy_grad=False):
         """(log-prob, entropy) of the labels in the per-sequence layout of mb["batch"] (packed rows
         are unpacked; a per-token temperature in that layout is packed to match)."""
-        gather = mb["gather"]
+        gather, shape = mb["gather"], mb["input_ids"].shape
         if gather is not None and isinstance(temperature, torch.Tensor):
-            row = torch.ones(mb["input_ids"].shape[1] + 1, dtype=temperature.dtype, device=temperature.device)
-            row[gather.reshape(-1)] = temperature.reshape(-1)  # positions past an end all land on the spare slot
-            temperature = row[None, :-1]
+            flat = torch.ones(shape.numel() + 1, dtype=temperature.dtype, device=temperature.device)
+            flat[gather.reshape(-1)] = temperature.reshape(-1)  # positions past an end all land on the spare slot
+            temperature = flat[:-1].view(shape)
         logp, ent = vocab_parallel_logprobs_and_entropy(
             logits, mb["labels"], temperature, group=self.tp_group if self.cfg.tensor_model_parallel_size > 1 else None,
             chunk_size=self.cfg.logprob_chunk_size, vocab_size=self.spec.vocab_size, entropy_grad=entropy_grad,
@@ -487,7 +505,7 @@ class MegatronPolicy:
         if gather is None:
             return logp, ent
         spare = logp.new_zeros(1)
-        return torch.cat([logp[0], spare])[gather], torch.cat([ent[0], spare])[gather]
+        return torch.cat([logp.reshape(-1), spare])[gather], torch.cat([ent.reshape(-1), spare])[gather]
 
     def _from_last_stage(self, t: Optional[torch.Tensor], shape, dtype) -> torch.Tensor:
         from megatron.core import parallel_state as ps
