@@ -219,8 +219,8 @@ class TrainConfig(OptimConfig):
     steps: int = 10
     mini_batch_prompts: int = 4
     micro_batch_size: int = 4
-    # > 0: token-budget micro-batches (verl's dynamic batch size): each one packed row of whole
-    # sequences, at most this many tokens (a longer sequence alone); micro_batch_size is then unused
+    # > 0: token-budget micro-batches (verl's dynamic batch size) of packed whole sequences, at most
+    # this many tokens each (a longer sequence alone); micro_batch_size is then unused
     max_tokens_per_micro_batch: int = 0
     logprob_chunk_size: Optional[int] = 1024  # positions per chunk of the vocab-parallel log-prob pass (memory)
     seed: int = 0

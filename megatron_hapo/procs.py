@@ -19,10 +19,15 @@ from typing import Optional
 _PR_SET_PDEATHSIG = 1
 
 
+def libc():
+    """The C library, for the prctl/unshare/mount calls Python's os module lacks (3.11)."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def die_with_parent(parent_pid: Optional[int] = None) -> None:
     """In a child: SIGKILL when the parent thread's process exits; exits at once if the parent is
     already gone (it died before this ran)."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(1)
 

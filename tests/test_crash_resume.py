@@ -11,7 +11,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from megatron_hapo.rewards import sandbox_status
+from megatron_hapo.spawn import free_port
 from megatron_hapo.training.stop import PHASES
 
 from .test_checkpoint import ROOT
@@ -32,15 +32,15 @@ BASE = [f"train.steps={STEPS}", "train.save_interval=1", "train.keep_last=2", "r
 VOLATILE = ("time_", "_per_s")  # wall-clock figures: the only metrics that may differ
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def job_env(run_dir):
+    """This process's environment without its own rank settings, with the phase markers on."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["MEGATRON_HAPO_PHASE_FILE"] = os.path.join(run_dir, "phases.log")
+    return env
 
 
 def launch(run_dir, extra=(), hold=None):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(MEGATRON_HAPO_PHASE_FILE=os.path.join(run_dir, "phases.log"), OMP_NUM_THREADS="1")
+    env = {**job_env(run_dir), "OMP_NUM_THREADS": "1"}
     if hold:
         env["MEGATRON_HAPO_TEST_HOLD"] = hold
     os.makedirs(run_dir, exist_ok=True)
@@ -253,8 +253,7 @@ def test_a_rank_killed_alone_takes_its_helpers_along(tmp_path):
     group kill follows, yet the reward workers, their sandboxes and the checkpoint writer's Manager
     (started at the step-1 save) must not outlive it."""
     run_dir = str(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["MEGATRON_HAPO_PHASE_FILE"] = os.path.join(run_dir, "phases.log")
+    env = job_env(run_dir)
     with open(os.path.join(run_dir, "launches.log"), "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "megatron_hapo.train", f"train.run_dir={run_dir}", *BASE], cwd=ROOT,
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -20,8 +20,8 @@ reason): never a silent fallback.
 """
 from __future__ import annotations
 
-import dataclasses
 import ctypes
+import dataclasses
 import functools
 import os
 import resource
@@ -32,7 +32,7 @@ import tempfile
 import time
 from typing import Optional, Tuple
 
-from ..procs import die_with_parent
+from ..procs import die_with_parent, libc
 
 NOBODY = 65534
 SETUP_FAILED = "sandbox set-up failed: "
@@ -87,18 +87,14 @@ _PR_SET_DUMPABLE = 4
 IPC_LIMITS = ("shmmni", "shmall", "msgmni")  # set to 0 in the sandbox's IPC namespace
 
 
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def _private_tmpfs(path: str, size_bytes: int, inodes: int, files: dict) -> None:
     """In the forked child: a user + mount namespace of its own, a tmpfs of `size_bytes` pages and
     `inodes` inodes over `path` (seen only by this child and what it starts: bwrap binds it at
     /sandbox), and the program's files written into it. The host's folder stays empty; the tmpfs
     is freed when the last process of the sandbox exits."""
-    libc, uid, gid = _libc(), os.getuid(), os.getgid()
-    libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)  # a uid change left /proc/self root's: it must be ours to write the maps
-    if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWIPC) != 0:
+    c, uid, gid = libc(), os.getuid(), os.getgid()
+    c.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)  # a uid change left /proc/self root's: it must be ours to write the maps
+    if c.unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWIPC) != 0:
         raise OSError(ctypes.get_errno(), "unshare(user, mount, ipc) for the sandbox")
     for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
@@ -109,7 +105,7 @@ def _private_tmpfs(path: str, size_bytes: int, inodes: int, files: dict) -> None
         with open(f"/proc/sys/kernel/{name}", "w") as f:
             f.write("0")
     opts = f"size={size_bytes},nr_inodes={inodes},mode=1777".encode()
-    if libc.mount(b"hapo-sandbox", path.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts) != 0:
+    if c.mount(b"hapo-sandbox", path.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts) != 0:
         raise OSError(ctypes.get_errno(), f"mount tmpfs on {path}")
     for name, text in files.items():
         with open(os.path.join(path, name), "w") as f:

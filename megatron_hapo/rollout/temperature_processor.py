@@ -140,7 +140,6 @@ class HapoTemperatureProcessor(LogitsProcessor):
             r = self.requests[i]
             groups.setdefault((r.stats, r.base, r.tau, r.sign_mode), []).append(pos)
         self._groups = [(key, torch.tensor(p, dtype=torch.long).to(self.device)) for key, p in groups.items()]
-        self._single_group = len(groups) == 1
 
     def _scratch(self, x: torch.Tensor):
         """Two [rows, V] float32 work buffers. On CPU kept between steps: a fresh 10+ MB allocation
@@ -184,13 +183,9 @@ class HapoTemperatureProcessor(LogitsProcessor):
         if not x.is_cuda and bool(entropy.isnan().any()):
             bad = entropy.isnan()
             entropy[bad] = log_z1[bad] - (p[bad] * torch.nan_to_num(x[bad], neginf=0.0)).sum(-1)
-        if self._single_group:
-            (stats, base, tau, sign_mode), _ = self._groups[0]
-            temp = adaptive_temperature(entropy, stats, base, tau, sign_mode).to(entropy.dtype)
-        else:
-            temp = torch.empty_like(entropy)
-            for (stats, base, tau, sign_mode), pos in self._groups:
-                temp[pos] = adaptive_temperature(entropy[pos], stats, base, tau, sign_mode).to(temp.dtype)
+        temp = torch.empty_like(entropy)
+        for (stats, base, tau, sign_mode), pos in self._groups:
+            temp[pos] = adaptive_temperature(entropy[pos], stats, base, tau, sign_mode).to(temp.dtype)
         y = x.mul_((1.0 / temp)[:, None])  # float32; the logits themselves when x is them
         if all_rows and y.data_ptr() != logits.data_ptr():
             logits.copy_(y)

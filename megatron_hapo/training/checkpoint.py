@@ -50,16 +50,17 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the previous one is intact."""
 
 
-def _agree(problem: Optional[str]) -> Optional[str]:
-    """The first rank's problem, on every rank (None when no rank had one)."""
+def _agree(outcome):
+    """The first rank's outcome, on every rank (None when no rank had one)."""
     if not dist.is_initialized():
-        return problem
-    problems = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)
-    return next((p for p in problems if p), None)
+        return outcome
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, outcome)
+    return next((o for o in outcomes if o), None)
 
 
-def _write_problem(root: str, tmp: str, step: int, exc: BaseException) -> str:
+def _write_failure(root: str, tmp: str, step: int, exc: BaseException) -> tuple:
+    """("write", the message CheckpointWriteError carries: what failed, the free space, what is kept)."""
     detail = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), "")
     prev = find_latest(root)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(prev) for f in fs) if prev else 0
@@ -71,7 +72,7 @@ def _write_problem(root: str, tmp: str, step: int, exc: BaseException) -> str:
     except OSError as err:
         space = f"free space unknown ({err})"
     kept = f"{prev} is complete and kept" if prev else "there is no earlier checkpoint"
-    return (f"checkpoint of step {step}: writing {tmp} failed ({type(exc).__name__}: {detail[:300]}); the filesystem "
+    return "write", (f"checkpoint of step {step}: writing {tmp} failed ({type(exc).__name__}: {detail[:300]}); the filesystem "
             f"of {root} has {space} (a checkpoint takes about {size / 2**20:.1f} MiB); {kept}. Make room or point "
             "train.run_dir elsewhere, then resume with train.resume=auto")
 
@@ -164,7 +165,7 @@ def save_checkpoint(root: str, step: int, policy, trainer_state: Optional[dict] 
         raise ValueError(f"step: must be ≥ 0, got {step}")
     final = os.path.join(root, f"iter_{step:07d}")
     tmp = os.path.join(root, f".tmp-iter_{step:07d}")
-    problem = exists = None
+    problem = None  # rank 0's ("exists" | "write", message), agreed on by every rank
     if _rank() == 0:
         try:
             os.makedirs(root, exist_ok=True)
@@ -172,14 +173,11 @@ def save_checkpoint(root: str, step: int, policy, trainer_state: Optional[dict] 
                 if name.startswith(".tmp-iter_"):
                     shutil.rmtree(os.path.join(root, name), ignore_errors=True)
             if os.path.exists(final):
-                exists = f"checkpoint {final} exists; refusing to overwrite a complete checkpoint"
+                problem = "exists", f"checkpoint {final} exists; refusing to overwrite a complete checkpoint"
             else:
                 os.makedirs(tmp)
         except OSError as exc:
-            problem = _write_problem(root, tmp, step, exc)
-    exists = _agree(exists)
-    if exists:
-        raise FileExistsError(exists)
+            problem = _write_failure(root, tmp, step, exc)
     _fail_together(problem, tmp)
     own_checkpoint_writer_manager()  # Megatron's writer Manager, started so that it dies with this rank
     try:
@@ -194,7 +192,7 @@ def save_checkpoint(root: str, step: int, policy, trainer_state: Optional[dict] 
     except BaseException as exc:  # noqa: BLE001 - Megatron wraps ENOSPC in torch's CheckpointException (a BaseException)
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        problem = _write_problem(root, tmp, step, exc)
+        problem = _write_failure(root, tmp, step, exc)
     _fail_together(problem, tmp)
     pause = float(os.environ.get("MEGATRON_HAPO_TEST_PAUSE_BEFORE_COMMIT", "0"))
     if pause and str(step) == os.environ.get("MEGATRON_HAPO_TEST_PAUSE_AT_STEP"):  # tests SIGKILL us here
@@ -213,7 +211,7 @@ def save_checkpoint(root: str, step: int, policy, trainer_state: Optional[dict] 
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
-            problem = _write_problem(root, tmp, step, exc)
+            problem = _write_failure(root, tmp, step, exc)
     _fail_together(problem, tmp)
     if _rank() == 0:
         os.rename(tmp, final)
@@ -229,16 +227,20 @@ def save_checkpoint(root: str, step: int, policy, trainer_state: Optional[dict] 
     return final
 
 
-def _fail_together(problem: Optional[str], tmp: str) -> None:
-    """Every rank raises the first rank's write problem; the unfinished save is removed (it would
-    hold the space the next attempt needs)."""
+def _fail_together(problem: Optional[tuple], tmp: str) -> None:
+    """Every rank raises the first rank's problem: FileExistsError for a complete checkpoint of the
+    step, else CheckpointWriteError after the unfinished save is removed (it would hold the space the
+    next attempt needs)."""
     problem = _agree(problem)
     if problem is None:
         return
+    kind, message = problem
+    if kind == "exists":
+        raise FileExistsError(message)
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    raise CheckpointWriteError(problem)
+    raise CheckpointWriteError(message)
 
 
 def load_checkpoint(path: str, policy, load_optimizer: bool = True, load_rng: bool = True) -> dict:

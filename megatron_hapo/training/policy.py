@@ -144,8 +144,9 @@ def model_inputs(input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = 
         position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         mask = None if causal is None else causal[None, None].expand(b, 1, s, s)
     else:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :] if with_mask else None
-        mask = (causal[None] | ~same)[:, None] if with_mask else None
+        mask = None
+        if with_mask:
+            mask = (causal[None] | (segment_ids[:, :, None] != segment_ids[:, None, :]))[:, None]
         starts = torch.ones_like(segment_ids, dtype=torch.bool)
         starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
         idx = torch.arange(s, device=input_ids.device).expand(b, s)
@@ -406,8 +407,9 @@ class MegatronPolicy:
 
     def _micro_batches(self, batch: PolicyBatch) -> List[dict]:
         """Micro-batches of `micro_batch_size` padded rows, or with `max_tokens_per_micro_batch`
-        one packed row each: its sequences end to end, attention within each (a block-diagonal
-        mask with the local spec, THD packed-sequence parameters with TE). Every micro-batch keeps
+        packed rows of whole sequences end to end, attention within each: with the local spec rows
+        as wide as the longest sequence and a block-diagonal mask, as many rows as the budget holds;
+        with TE one row of up to the budget and THD packed-sequence parameters. Every micro-batch keeps
         its sequences' loss inputs in the per-sequence layout (`batch`, cut to their longest) and
         the rows they came from; `_logprobs` hands the loss per-sequence tensors either way."""
         if batch.segment_ids is not None and self.layer_spec == "te":
@@ -432,7 +434,7 @@ class MegatronPolicy:
             part = batch.select(slice(start, start + mbs)).to(self.device)
             # TE's causal attention implies the mask: no [b, 1, s, s] tensor per micro-batch (150 MB at 12k tokens)
             position_ids, mask, labels = model_inputs(part.input_ids, part.segment_ids,
-                                                      with_mask=self.layer_spec == "local" or part.segment_ids is not None)
+                                                      with_mask=self.layer_spec == "local")
             self._computed += part.input_ids.numel()
             out.append(dict(batch=part, input_ids=part.input_ids, position_ids=position_ids, attention_mask=mask,
                             labels=labels, rows=torch.arange(start, start + mbs), gather=None))
