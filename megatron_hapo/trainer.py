@@ -88,7 +88,7 @@ class Trainer:
             self.engine = RolloutEngine(self.model_dir, max_model_len=context, kv_cache_memory_bytes=r.kv_cache_memory_bytes,
                                         seed=t.seed, tensor_parallel_size=itp, dtype=cfg.model.dtype,
                                         gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=r.enable_sleep_mode,
-                                        enforce_eager=r.enforce_eager)
+                                        enforce_eager=r.enforce_eager, fused_processor=r.fused_processor)
         except ValueError as exc:
             if "KV cache" not in str(exc) and "cache blocks" not in str(exc):
                 raise

@@ -449,34 +449,45 @@ def c_temperature(ctx):
             f"(same engine, requests without HAPO arguments)"), max(d_t, d_h, d_lp) < tol
 
 
-@check("temperature processor: no device-to-host sync in a decoding step")
+@check("temperature processor: no device-to-host sync in a decoding step (fused kernel and eager path)")
 def c_processor_sync(ctx):
     from megatron_hapo import algorithms as A
-    from megatron_hapo.rollout.temperature_processor import RECORDER, HapoTemperatureProcessor, _Request
+    from megatron_hapo.rollout import temperature_processor as tp
 
     device = dev.device()
-    proc = HapoTemperatureProcessor(None, device, False)
     stats = A.EntropyStats(q=math.log(4.0), sigma=0.5, z_pos=2.0, z_neg=-3.0)
-    for i in range(6):  # two groups of settings: the per-group path as well
-        proc.requests[i] = _Request(f"sync-{i}", stats, 1.0, 0.1 if i % 2 else 0.2, "signed", [0] * i)
-    proc._rebuild()
     vocab = 151936 if dev.is_gpu() else 32768  # Qwen's vocabulary on GPU; smaller on CPU (the suite runs this)
     logits = torch.randn(8, vocab, device=device)
     logits[:, -100:] = float("-inf")  # masked tokens: the −inf path too
-    proc.apply(logits.clone())  # warm-up
-    if dev.is_gpu():
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")  # any implicit device-to-host sync raises
+    saved, results = tp._FUSED["wanted"], {}
     try:
-        out = proc.apply(logits.clone())
+        for path in ("fused", "eager"):
+            tp.use_fused(path == "fused")
+            proc = tp.HapoTemperatureProcessor(None, device, False)
+            for i in range(6):  # two groups of settings: the per-group path as well
+                proc.requests[i] = tp._Request(f"sync-{path}-{i}", stats, 1.0, 0.1 if i % 2 else 0.2, "signed", [0] * i)
+            proc._rebuild()
+            proc.apply(logits.clone())  # warm-up (the fused kernel compiles here)
+            if dev.is_gpu():
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")  # any implicit device-to-host sync raises
+            try:
+                out = proc.apply(logits.clone())
+            finally:
+                if dev.is_gpu():
+                    torch.cuda.set_sync_debug_mode("default")
+            rec = tp.RECORDER.pop({f"sync-{path}-{i}" for i in range(6)})
+            values = torch.tensor([rec[f"sync-{path}-{i}"][i] for i in range(6)], dtype=torch.float64)
+            results[path] = (out, values)
     finally:
-        if dev.is_gpu():
-            torch.cuda.set_sync_debug_mode("default")
-    rec = RECORDER.pop({f"sync-{i}" for i in range(6)})
-    finite = bool(torch.isfinite(out[:6, :-100]).all()) and all(math.isfinite(v) for r in rec.values()
-                                                                 for vals in r.values() for v in vals)
+        tp.use_fused(saved)
+    finite = all(bool(torch.isfinite(out[:6, :-100]).all()) and bool(torch.isfinite(v).all()) for out, v in results.values())
+    diff = (results["fused"][1] - results["eager"][1]).abs().max().item()
+    built = tp.fused_failure() is None and device.type in tp._FUSED["proven"]
     mode = "under torch.cuda sync debug mode 'error'" if dev.is_gpu() else "on CPU (no device to wait for)"
-    return f"6 rows × {vocab:,} logits, −inf tail: no sync {mode}; records finite: {finite}", finite
+    return (f"6 rows × {vocab:,} logits, −inf tail: no sync {mode}, both paths; records finite: {finite}; fused kernel "
+            f"built on {device.type}: {built} ({tp.fused_failure() or 'ok'}); fused vs eager records max |Δ| {diff:.1e} "
+            f"(tol 1e-3)"), finite and built and diff < 1e-3
 
 
 @check("weight sync on the device: no host copy, time vs a device copy, mismatch after sync")

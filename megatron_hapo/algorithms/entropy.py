@@ -118,13 +118,17 @@ def normalized_entropy(entropy, stats: EntropyStats, sign_mode: str = "signed", 
     entropy = as_tensor("entropy", entropy)
     if not entropy.is_floating_point():
         raise TypeError(f"entropy: expected a floating-point tensor, got {entropy.dtype}")
-    ell = log_entropy(entropy, eps)
-    z = (ell - stats.q) / stats.sigma
     low_scale = -stats.z_neg if sign_mode == "signed" else stats.z_neg
-    h = torch.where(z > 0, z / stats.z_pos, z / low_scale)
+    return h_tilde(log_entropy(entropy, eps), stats.q, stats.sigma, stats.z_pos, low_scale).to(entropy.dtype)
+
+
+def h_tilde(ell, q, sigma, z_pos, low_scale):
+    """The formula of `normalized_entropy` from ℓ = log H, with its statistics as numbers or as
+    tensors broadcast against ℓ (the rollout's fused kernel passes one set per row)."""
+    z = (ell - q) / sigma
+    h = torch.where(z > 0, z / z_pos, z / low_scale)
     # Padding cells may hold NaN entropy; keep them NaN-free without touching real values.
-    h = torch.nan_to_num(h, nan=0.0)
-    return h.clamp(-1.0, 1.0).to(entropy.dtype)
+    return torch.nan_to_num(h, nan=0.0).clamp(-1.0, 1.0)
 
 
 def adaptive_temperature(

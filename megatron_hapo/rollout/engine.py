@@ -148,6 +148,7 @@ class RolloutEngine:
         gpu_memory_utilization: Optional[float] = None,
         enable_sleep_mode: bool = False,
         enforce_eager: bool = True,
+        fused_processor: bool = True,
     ):
         _vllm_env()
         from vllm import LLM
@@ -159,7 +160,9 @@ class RolloutEngine:
         logging.getLogger("vllm.renderers.base").addFilter(
             lambda record: not any(m in record.getMessage() for m in ("Chat template warmup failed", "Using None for EOS")))
 
-        from .temperature_processor import HapoTemperatureProcessor
+        from .temperature_processor import HapoTemperatureProcessor, use_fused
+
+        use_fused(fused_processor)
 
         kwargs = dict(
             model=model_dir, skip_tokenizer_init=True, max_model_len=max_model_len, seed=seed, dtype=dtype,

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..algorithms import EntropyStats, adaptive_temperature
-from ..algorithms.entropy import SIGN_MODES
+from ..algorithms.entropy import SIGN_MODES, h_tilde, log_entropy
 
 try:
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
@@ -140,6 +140,17 @@ class HapoTemperatureProcessor(LogitsProcessor):
             r = self.requests[i]
             groups.setdefault((r.stats, r.base, r.tau, r.sign_mode), []).append(pos)
         self._groups = [(key, torch.tensor(p, dtype=torch.long).to(self.device)) for key, p in groups.items()]
+        # the fused kernel's per-row settings (q, σ, z⁺, low scale, T_base, τ); no statistics yet
+        # (the first step) = τ 0, which gives T_base exactly
+        params = []
+        for i in idx:
+            r = self.requests[i]
+            if r.stats is None:
+                params.append((0.0, 1.0, 1.0, 1.0, r.base, 0.0))
+            else:
+                low = -r.stats.z_neg if r.sign_mode == "signed" else r.stats.z_neg
+                params.append((r.stats.q, r.stats.sigma, r.stats.z_pos, low, r.base, r.tau))
+        self._params = torch.tensor(params, dtype=torch.float32).to(self.device)
 
     def _scratch(self, x: torch.Tensor):
         """Two [rows, V] float32 work buffers. On CPU kept between steps: a fresh 10+ MB allocation
@@ -154,24 +165,40 @@ class HapoTemperatureProcessor(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """No device-to-host synchronisation per decoding step: every value stays on the device and
         the record is copied out after generation (`_Recorder.pop`). What remains: the host → device
-        copies of row indices when requests join or leave (`_rebuild`), and on CPU only, a check for
-        −inf logits (a CPU tensor's `bool()` is not a device sync; on GPU the safe form runs always)."""
+        copies of row indices when requests join or leave (`_rebuild`), and in the eager path on CPU
+        only, a check for −inf logits (a CPU tensor's `bool()` is not a device sync)."""
         if not self.requests:
             return logits
         rows = self._rows
         if rows.device != logits.device:  # the engine's sampler device differs from the one vLLM announced
             rows = self._rows = rows.to(logits.device)
             self._groups = [(k, p.to(logits.device)) for k, p in self._groups]
+            self._params = self._params.to(logits.device)
         all_rows = rows.numel() == logits.shape[0]
         if all_rows:
             x = logits if logits.dtype == torch.float32 else logits.float()
         else:
             x = logits.index_select(0, rows).float()
-        # The statistics in few passes over the row, each a fast kernel (measured on CPU: amax and
-        # softmax are; max-with-indices, argmax and log_softmax + exp are several times slower):
-        #   m = max x;  p = softmax(x);  log Z = m − log max p (max p ≥ 1/V: exact in fp32);
-        #   H = log Z − Σ p·x (an elementwise product and torch's cascade sum: bmm's fp32 dot was
-        #   1e-3 off at V = 49k);  later log Z_T = m/T − log max softmax(x/T) (same argmax, T > 0).
+        record = _fused(x, self._params)  # x ← x / T in place
+        if record is None:
+            record = self._eager(x)
+        if all_rows and x.data_ptr() != logits.data_ptr():
+            logits.copy_(x)
+        elif not all_rows:
+            logits[rows] = x.to(logits.dtype)
+        reqs = [self.requests[i] for i in self._row_list]
+        RECORDER.add([r.tag for r in reqs], [len(r.output_ids) for r in reqs], record)
+        return logits
+
+    # ---- the eager path (rollout.fused_processor=false, or where torch.compile cannot build) ------
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        """x ← x / T in place; the record [rows, 4] = (T, H, log Z_1, log Z_T). Few passes over the
+        row, each a fast kernel (measured on CPU: amax and softmax are; max-with-indices, argmax and
+        log_softmax + exp are several times slower):
+        m = max x;  p = softmax(x);  log Z = m − log max p (max p ≥ 1/V: exact in fp32);
+        H = log Z − Σ p·x (an elementwise product and torch's cascade sum: bmm's fp32 dot was
+        1e-3 off at V = 49k);  log Z_T = m/T − log max softmax(x/T) (same argmax, T > 0)."""
         p, work = self._scratch(x)
         m = x.amax(dim=-1)
         torch.ops.aten._softmax.out(x, -1, False, out=p)
@@ -186,15 +213,73 @@ class HapoTemperatureProcessor(LogitsProcessor):
         temp = torch.empty_like(entropy)
         for (stats, base, tau, sign_mode), pos in self._groups:
             temp[pos] = adaptive_temperature(entropy[pos], stats, base, tau, sign_mode).to(temp.dtype)
-        y = x.mul_((1.0 / temp)[:, None])  # float32; the logits themselves when x is them
-        if all_rows and y.data_ptr() != logits.data_ptr():
-            logits.copy_(y)
-        elif not all_rows:
-            logits[rows] = y.to(logits.dtype)
-        torch.ops.aten._softmax.out(y, -1, False, out=p)  # p is free again: softmax at T into it
+        x.mul_((1.0 / temp)[:, None])
+        torch.ops.aten._softmax.out(x, -1, False, out=p)
         log_zt = m / temp - p.amax(dim=-1).log()
-        del p, work
-        reqs = [self.requests[i] for i in self._row_list]
-        RECORDER.add([r.tag for r in reqs], [len(r.output_ids) for r in reqs],
-                     torch.stack([temp, entropy, log_z1, log_zt], dim=1).float())
-        return logits
+        return torch.stack([temp, entropy, log_z1, log_zt], dim=1)
+
+
+# ---- the fused path: one torch.compile'd kernel (C++/OpenMP on CPU, Triton on GPU) -------------
+#
+# Three reads and one write of the [rows, V] logits per step, against about ten passes of the eager
+# path, and one call: (1) the row max m; (2) Σe and Σe·(x − m) with e = exp(x − m) in one loop:
+# log Z_1 = m + log Σe, H = log Σe − Σe·(x − m)/Σe; T from H with each row's settings (the formula
+# of `adaptive_temperature`, `h_tilde`); (3) x ← x/T with Σ exp(x/T − m/T) in the same loop (T > 0
+# keeps the row max at m/T): log Z_T. −inf logits (masked tokens) give e = 0 and contribute 0 (the
+# `where`), with no sync on any device.
+
+
+def fused_step(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """x ← x / T in place; returns the record [rows, 4] = (T, H, log Z_1, log Z_T). params [rows, 6]:
+    (q, σ, z⁺, low scale, T_base, τ), τ = 0 where a row has no statistics yet."""
+    m = x.amax(dim=-1, keepdim=True)
+    d = x - m
+    e = torch.exp(d)
+    s = e.sum(dim=-1)
+    sd = torch.where(e > 0, e * d, 0.0).sum(dim=-1)
+    log_s = s.log()
+    m = m.squeeze(-1)
+    entropy = log_s - sd / s
+    q, sigma, z_pos, low, base, tau = params.unbind(-1)
+    temp = base * (1.0 + tau * h_tilde(log_entropy(entropy), q, sigma, z_pos, low))
+    inv_t = 1.0 / temp
+    y = x * inv_t[:, None]
+    mt = m * inv_t
+    log_zt = mt + torch.exp(y - mt[:, None]).sum(dim=-1).log()
+    x.copy_(y)
+    return torch.stack([temp, entropy, m + log_s, log_zt], dim=1)
+
+
+_FUSED = {"wanted": True, "kernel": None, "failed": None, "proven": set()}
+
+
+def use_fused(wanted: bool) -> None:
+    """rollout.fused_processor: the engine sets it before vLLM builds the processor."""
+    _FUSED["wanted"] = bool(wanted)
+
+
+def fused_failure() -> Optional[str]:
+    """Why the fused kernel could not be built in this process, or None."""
+    return _FUSED["failed"]
+
+
+def _fused(x: torch.Tensor, params: torch.Tensor) -> Optional[torch.Tensor]:
+    """`fused_step` compiled on first use, or None for the eager path: switched off, or the build
+    failed on this device (said once, with the reason; the eager path serves from then on). A build
+    failure raises before the kernel writes anything."""
+    if not _FUSED["wanted"] or _FUSED["failed"] is not None:
+        return None
+    if _FUSED["kernel"] is None:
+        _FUSED["kernel"] = torch.compile(fused_step, dynamic=True)
+    if x.device.type in _FUSED["proven"]:
+        return _FUSED["kernel"](x, params)
+    try:
+        out = _FUSED["kernel"](x, params)
+    except Exception as exc:  # noqa: BLE001 - no compiler, unsupported backend: the eager path is exact too
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _FUSED["failed"] = f"{type(exc).__name__}: {first}"[:300]
+        print(f"megatron-hapo: the fused temperature processor could not be built on {x.device.type} "
+              f"({_FUSED['failed']}); using the eager path (rollout.fused_processor=false skips the attempt)", flush=True)
+        return None
+    _FUSED["proven"].add(x.device.type)
+    return out
