@@ -48,13 +48,18 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None  # refused: see training/policy.py
     use_distributed_optimizer: bool = False
     sequence_parallel: bool = False  # with TP > 1 and the TE spec (GPU)
+    expert_model_parallel_size: int = 1  # MoE: experts split over EP ranks (EP divides the experts)
+    expert_tensor_parallel_size: Optional[int] = None  # MoE: each expert split over ETP ranks; None = TP
     inference_tensor_parallel_size: int = 1
     timeout_s: int = 1800  # training collectives (NCCL watchdog); a hung collective fails after this
     control_timeout_s: int = 14400  # control-plane exchanges over gloo that wait for the slowest rollout
 
     def check(self) -> None:
-        for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "inference_tensor_parallel_size"):
+        for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "inference_tensor_parallel_size",
+                  "expert_model_parallel_size"):
             _need(getattr(self, f) >= 1, f"parallel.{f}", f"must be ≥ 1, got {getattr(self, f)}")
+        _need(self.expert_tensor_parallel_size is None or self.expert_tensor_parallel_size >= 1,
+              "parallel.expert_tensor_parallel_size", f"must be ≥ 1 or null, got {self.expert_tensor_parallel_size}")
         _need(not self.virtual_pipeline_model_parallel_size, "parallel.virtual_pipeline_model_parallel_size",
               "refused: over gloo the interleaved schedule's training forward does not match PP without interleaving, "
               "and it is not yet checked on GPUs")
@@ -227,6 +232,10 @@ class TrainConfig(OptimConfig):
     # this many tokens each (a longer sequence alone); micro_batch_size is then unused
     max_tokens_per_micro_batch: int = 0
     logprob_chunk_size: Optional[int] = 1024  # positions per chunk of the vocab-parallel log-prob pass (memory)
+    # MoE: the load-balancing loss coefficient (null = the model config's router_aux_loss_coef) and
+    # the router z-loss coefficient (0 = off), added to the objective by Megatron's MoE layers
+    moe_aux_loss_coef: Optional[float] = None
+    moe_z_loss_coef: float = 0.0
     seed: int = 0
     run_dir: str = "runs/default"
     save_interval: int = 0  # 0 = only at the end
@@ -242,6 +251,9 @@ class TrainConfig(OptimConfig):
               f"must be ≥ 0 (0: padded micro-batches of micro_batch_size), got {self.max_tokens_per_micro_batch}")
         _need(self.logprob_chunk_size is None or self.logprob_chunk_size >= 1, "train.logprob_chunk_size",
               f"must be ≥ 1 or null, got {self.logprob_chunk_size}")
+        _need(self.moe_aux_loss_coef is None or self.moe_aux_loss_coef >= 0, "train.moe_aux_loss_coef",
+              f"must be ≥ 0 or null, got {self.moe_aux_loss_coef}")
+        _need(self.moe_z_loss_coef >= 0, "train.moe_z_loss_coef", f"must be ≥ 0, got {self.moe_z_loss_coef}")
         _need(self.save_interval >= 0, "train.save_interval", f"must be ≥ 0, got {self.save_interval}")
         _need(self.keep_last is None or self.keep_last >= 1, "train.keep_last", f"must be ≥ 1 or null, got {self.keep_last}")
 

@@ -5,6 +5,9 @@ FAMILY_CONFIGS = {
     "llama": dict(model_type="llama", tie_word_embeddings=False),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", tie_word_embeddings=False, head_dim=32),
+    # vLLM's CPU experts kernel wants hidden and moe_intermediate_size multiples of 32 (docs/MOE.md)
+    "qwen3_moe": dict(model_type="qwen3_moe", tie_word_embeddings=False, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=32, norm_topk_prob=True, router_aux_loss_coef=0.01),
 }
 
 
@@ -23,7 +26,9 @@ def hf_model(family: str, seed: int = 0, **overrides):
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(family, **overrides), dtype=torch.float32).eval()
+    # float64 references: transformers' default experts kernel refuses float64, its eager one does not
+    extra = {"experts_implementation": "eager"} if family.endswith("_moe") else {}
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(family, **overrides), dtype=torch.float32, **extra).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):

@@ -1,7 +1,8 @@
 """Hugging Face config.json → Megatron-Core TransformerConfig and GPTModel arguments.
 
-Families: Llama (llama), Qwen2 (qkv bias), Qwen3 (qk-norm, explicit head_dim). Parallel sizes
-are checked here, so a bad layout fails at start-up naming the setting.
+Families: Llama (llama), Qwen2 (qkv bias), Qwen3 (qk-norm, explicit head_dim), Qwen3-MoE
+(qwen3_moe: every layer's MLP a set of routed experts, softmax top-k routing). Parallel sizes are
+checked here, so a bad layout fails at start-up naming the setting.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from .. import device as dev
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,16 @@ class ModelSpec:
     qkv_bias: bool
     qk_norm: bool
     rope_scaling: Optional[dict] = None
+    # Mixture of experts (0 experts: a dense model)
+    num_experts: int = 0
+    moe_top_k: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_norm_topk_prob: bool = False
+    moe_aux_loss_coef: float = 0.0
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @classmethod
     def from_hf(cls, config) -> "ModelSpec":
@@ -58,6 +69,26 @@ class ModelSpec:
         rope_scaling = config.get("rope_scaling")
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in ("llama3", "default"):
             raise ValueError(f"config.rope_scaling: {rope_scaling} is not supported (only llama3-style)")
+        moe = {}
+        if family == "qwen3_moe":
+            if "num_experts" not in config and "num_local_experts" in config:  # transformers 5 writes this name
+                config = dict(config, num_experts=config["num_local_experts"])
+            for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+                if not config.get(k):
+                    raise ValueError(f"config.{k}: required for a qwen3_moe model, got {config.get(k)!r}")
+            if config.get("decoder_sparse_step", 1) != 1 or config.get("mlp_only_layers"):
+                raise ValueError(f"config.decoder_sparse_step={config.get('decoder_sparse_step')}, mlp_only_layers="
+                                 f"{config.get('mlp_only_layers')}: dense layers between the MoE layers are not supported "
+                                 "(every layer must be MoE: decoder_sparse_step=1, mlp_only_layers=[])")
+            if config.get("shared_expert_intermediate_size"):
+                raise ValueError("config.shared_expert_intermediate_size: shared experts are not supported for qwen3_moe")
+            if config["num_experts_per_tok"] > config["num_experts"]:
+                raise ValueError(f"config.num_experts_per_tok={config['num_experts_per_tok']} exceeds "
+                                 f"num_experts={config['num_experts']}")
+            moe = dict(num_experts=config["num_experts"], moe_top_k=config["num_experts_per_tok"],
+                       moe_ffn_hidden_size=config["moe_intermediate_size"],
+                       moe_norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+                       moe_aux_loss_coef=float(config.get("router_aux_loss_coef", 0.0) or 0.0))
         return cls(
             family=family,
             vocab_size=config["vocab_size"],
@@ -72,21 +103,38 @@ class ModelSpec:
             max_position_embeddings=config.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             rope_scaling=rope_scaling if rope_scaling and rope_scaling.get("rope_type") == "llama3" else None,
+            **moe,
         )
 
 
-def check_layout(spec: ModelSpec, tp: int, pp: int, vpp: Optional[int] = None) -> None:
+def check_layout(spec: ModelSpec, tp: int, pp: int, vpp: Optional[int] = None, ep: int = 1,
+                 etp: Optional[int] = None) -> None:
     """Raises ValueError naming the setting when the model cannot be split this way."""
     if tp < 1 or pp < 1:
         raise ValueError(f"tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp}: must be ≥ 1")
+    etp = tp if etp is None else etp
+    if ep != 1 or etp != tp:
+        if not spec.is_moe:
+            raise ValueError(f"expert_model_parallel_size={ep}, expert_tensor_parallel_size={etp}: the model has no "
+                             f"experts (model_type {spec.family!r})")
+        if ep < 1 or etp < 1:
+            raise ValueError(f"expert_model_parallel_size={ep}, expert_tensor_parallel_size={etp}: must be ≥ 1")
+        if spec.num_experts % ep:
+            raise ValueError(f"expert_model_parallel_size={ep} does not divide num_experts={spec.num_experts}")
+        if ep == 1 and etp != tp:
+            # measured: DDP then all-reduces different expert shards as if they were replicas
+            raise ValueError(f"expert_tensor_parallel_size={etp} differs from tensor_model_parallel_size={tp} with "
+                             "expert_model_parallel_size=1: Megatron's gradients are wrong there; use ETP = TP or EP > 1")
+    if spec.is_moe and spec.moe_ffn_hidden_size % etp:
+        raise ValueError(f"expert_tensor_parallel_size={etp} does not divide moe_intermediate_size={spec.moe_ffn_hidden_size}")
     if spec.num_heads % tp:
         raise ValueError(f"tensor_model_parallel_size={tp} does not divide num_attention_heads={spec.num_heads}")
     if spec.num_kv_heads % tp:
         raise ValueError(f"tensor_model_parallel_size={tp} does not divide num_key_value_heads={spec.num_kv_heads} "
                          "(KV groups are not replicated across TP ranks)")
-    if spec.ffn_hidden_size % tp:
+    if not spec.is_moe and spec.ffn_hidden_size % tp:
         raise ValueError(f"tensor_model_parallel_size={tp} does not divide intermediate_size={spec.ffn_hidden_size}")
     stages = pp * (vpp or 1)
     if stages > spec.num_layers:
@@ -103,11 +151,32 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     return ((vocab_size + m - 1) // m) * m
 
 
+def moe_config(spec: ModelSpec, ep: int = 1, etp: Optional[int] = None, *, aux_loss_coef: Optional[float] = None,
+               z_loss_coef: float = 0.0, layer_spec: str = "local") -> dict:
+    """TransformerConfig fields of a MoE model ({} for a dense one). Routing as HF's Qwen3-MoE
+    (exact to fp32 rounding, docs/MOE.md): softmax over all experts then top-k, renormalized over
+    the k chosen when norm_topk_prob (Megatron: softmax over the top-k logits, pre_softmax=False),
+    router in fp32, no capacity limit (no token dropped, as in HF and vLLM). aux_loss_coef None =
+    the config's router_aux_loss_coef."""
+    if not spec.is_moe:
+        return {}
+    coef = spec.moe_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
+    return dict(
+        num_moe_experts=spec.num_experts, moe_router_topk=spec.moe_top_k, moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
+        moe_router_score_function="softmax", moe_router_pre_softmax=not spec.moe_norm_topk_prob,
+        moe_router_dtype="fp32", moe_router_load_balancing_type="aux_loss" if coef > 0 else "none",
+        moe_aux_loss_coeff=coef, moe_z_loss_coeff=z_loss_coef or None, moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=layer_spec == "te", expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+
+
 def transformer_config(spec: ModelSpec, tp: int = 1, pp: int = 1, *, dtype=torch.float32, sequence_parallel=False,
-                       vpp: Optional[int] = None, init_std: float = 0.02):
+                       vpp: Optional[int] = None, init_std: float = 0.02, ep: int = 1, etp: Optional[int] = None,
+                       aux_loss_coef: Optional[float] = None, z_loss_coef: float = 0.0, layer_spec: str = "local"):
     from megatron.core.transformer import TransformerConfig
 
-    check_layout(spec, tp, pp, vpp)
+    check_layout(spec, tp, pp, vpp, ep, etp)
     bf16 = dtype == torch.bfloat16
     return TransformerConfig(
         num_layers=spec.num_layers,
@@ -142,6 +211,8 @@ def transformer_config(spec: ModelSpec, tp: int = 1, pp: int = 1, *, dtype=torch
         # on GPU the weights are created on the rank's current device (set before this); on CPU there is no other
         use_cpu_initialization=not dev.is_gpu(),
         init_method_std=init_std,
+        **moe_config(spec, ep, tp if etp is None else etp, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
+                     layer_spec=layer_spec),
     )
 
 
@@ -162,9 +233,11 @@ def build_gpt_model(spec: ModelSpec, config, *, pre_process: bool, post_process:
     if layer_spec == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        module_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
+        module_spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=spec.num_experts or None, moe_grouped_gemm=spec.is_moe, qk_layernorm=spec.qk_norm)
     else:
-        module_spec = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+        module_spec = get_gpt_layer_local_spec(num_experts=spec.num_experts or None, moe_grouped_gemm=False,
+                                               qk_layernorm=spec.qk_norm, normalization="RMSNorm")
     kwargs = {}
     if spec.rope_scaling:
         kwargs.update(rope_scaling=True, rope_scaling_factor=spec.rope_scaling.get("factor", 8.0))

@@ -14,7 +14,12 @@ measured on megatron-core 0.16.1:
 - tensor.type() checks that expect "torch.cuda.FloatTensor" (grad clipping, optimizers) → report
   CPU tensors under their CUDA type name;
 - the distributed optimizer's fully_reshardable load expects every state key of torch AdamW in the
-  checkpoint, `step` included, which it keeps in the param groups → the current `step` is kept.
+  checkpoint, `step` included, which it keeps in the param groups → the current `step` is kept;
+- MoE: `moe_utils` defines `te_general_gemm` and the `fused_*` helpers only when Transformer Engine
+  imports, yet the router tests `te_general_gemm is not None` → defined as None; the alltoall
+  dispatcher records an event on its device-to-host stream and later synchronizes on it → a no-op
+  event; it converts the split sizes to numpy only for CUDA tensors, and gloo's all_to_all_single
+  rejects tensors there → CPU tensors are converted too when numpy is asked for.
 """
 from __future__ import annotations
 
@@ -61,7 +66,24 @@ class _Stream:
         pass
 
     def record_event(self, *a, **k):
-        return None
+        return _Event()
+
+
+class _Event:
+    def __init__(self, *a, **k):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait(self, *a, **k):
+        pass
+
+    def record(self, *a, **k):
+        pass
+
+    def query(self):
+        return True
 
 
 @contextlib.contextmanager
@@ -127,8 +149,29 @@ def apply() -> bool:
         return set_states(self, model_param, tensors)
 
     dopt.DistributedOptimizer._set_main_param_and_optimizer_states = _set_states
+    cuda.Event = _Event
+    _moe()
     _APPLIED = True
     return True
+
+
+def _moe() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    for name in ("te_general_gemm", "fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+                 "fused_permute_with_probs", "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs",
+                 "fused_topk_with_score_function", "fused_unpermute"):
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda and as_numpy:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = to_cpu
 
 
 _DEPTH = 0

@@ -51,8 +51,10 @@ def control_group():
 
 
 def init_model_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, seed: int = 1234,
-                        timeout_s: int = 1800, control_timeout_s: int = 4 * 3600) -> None:
-    """Megatron's TP/PP/DP groups over the current world; errors name the setting."""
+                        timeout_s: int = 1800, control_timeout_s: int = 4 * 3600, ep: int = 1,
+                        etp: Optional[int] = None) -> None:
+    """Megatron's TP/PP/DP groups (and with MoE the expert groups: EP, expert-TP, expert-DP) over
+    the current world; errors name the setting."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -63,6 +65,10 @@ def init_model_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, see
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tensor_model_parallel_size × "
                          f"pipeline_model_parallel_size = {tp} × {pp}")
+    etp = tp if etp is None else etp
+    if ep < 1 or etp < 1 or world % (etp * ep * pp):
+        raise ValueError(f"world size {world} is not divisible by expert_tensor_parallel_size × "
+                         f"expert_model_parallel_size × pipeline_model_parallel_size = {etp} × {ep} × {pp}")
     if vpp is not None:
         raise ValueError("virtual_pipeline_model_parallel_size: refused until a 2-GPU check matches the interleaved "
                          "schedule against PP without it (over gloo its training forward does not match)")
@@ -71,6 +77,7 @@ def init_model_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, see
             parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
             distributed_timeout_minutes=max(1, timeout_s // 60),
         )
         model_parallel_cuda_manual_seed(seed)

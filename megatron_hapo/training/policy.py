@@ -26,7 +26,16 @@ from .. import device as dev
 from ..algorithms import AlgorithmConfig, PolicyLoss
 from ..config import OptimConfig
 from ..models.hf_config import ModelSpec, build_gpt_model, transformer_config
-from ..models.mapping import hf_to_megatron, layer_offset, megatron_state_to_hf, merge_tp, param_kind
+from ..models.mapping import (
+    hf_to_megatron,
+    expert_index,
+    layer_offset,
+    megatron_state_to_hf,
+    merge_tp,
+    param_kind,
+    unfuse_hf_experts,
+    with_expert_index,
+)
 from ..parallel import vocab_parallel_logprobs_and_entropy
 
 
@@ -39,6 +48,10 @@ class PolicyConfig(OptimConfig):
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None  # None = TP
+    moe_aux_loss_coef: Optional[float] = None  # None = the model config's router_aux_loss_coef
+    moe_z_loss_coef: float = 0.0
     use_distributed_optimizer: bool = False
     micro_batch_size: int = 1
     dtype: str = "float32"  # bfloat16 on GPU
@@ -230,9 +243,13 @@ class MegatronPolicy:
         self.loss = PolicyLoss(algo)
         tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
         vpp = cfg.virtual_pipeline_model_parallel_size
-        if ps.get_tensor_model_parallel_world_size() != tp or ps.get_pipeline_model_parallel_world_size() != pp:
-            raise ValueError(f"parallel state has TP={ps.get_tensor_model_parallel_world_size()}, "
-                             f"PP={ps.get_pipeline_model_parallel_world_size()}; the policy config asks for TP={tp}, PP={pp}")
+        ep = cfg.expert_model_parallel_size
+        etp = tp if cfg.expert_tensor_parallel_size is None else cfg.expert_tensor_parallel_size
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
+        if have != (tp, pp, ep, etp):
+            raise ValueError(f"parallel state has TP={have[0]}, PP={have[1]}, EP={have[2]}, ETP={have[3]}; the policy "
+                             f"config asks for TP={tp}, PP={pp}, EP={ep}, ETP={etp}")
         if cfg.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size: must be ≥ 1, got {cfg.micro_batch_size}")
         if vpp:
@@ -247,7 +264,12 @@ class MegatronPolicy:
                              "norms of the local spec refuse it")
         self.device = dev.device()
         dtype = cfg.torch_dtype()
-        self.config = transformer_config(spec, tp, pp, dtype=dtype, sequence_parallel=cfg.sequence_parallel, vpp=vpp)
+        if spec.is_moe and tp > 1 and not cfg.sequence_parallel:
+            raise ValueError(f"tensor_model_parallel_size={tp} with a MoE model: Megatron requires sequence_parallel=true "
+                             "(parallel.sequence_parallel), which needs the TE spec (GPU)")
+        self.config = transformer_config(spec, tp, pp, dtype=dtype, sequence_parallel=cfg.sequence_parallel, vpp=vpp,
+                                         ep=ep, etp=etp, aux_loss_coef=cfg.moe_aux_loss_coef,
+                                         z_loss_coef=cfg.moe_z_loss_coef, layer_spec=self.layer_spec)
         self.config.calculate_per_token_loss = True
         # Sequence parallelism splits the sequence over TP ranks: widths are padded to a multiple of
         # TP, and of 64 with TE (its fused kernels' alignment).
@@ -258,6 +280,10 @@ class MegatronPolicy:
         self.dp_group = ps.get_data_parallel_group()
         self.pp_rank, self.pp_size = ps.get_pipeline_model_parallel_rank(), pp
         self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.ep, self.etp = ep, etp
+        if spec.is_moe:
+            self.ep_group, self.ep_rank = ps.get_expert_model_parallel_group(), ps.get_expert_model_parallel_rank()
+            self.etp_group, self.etp_rank = ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_rank()
         with dev.megatron_scope():
             self._build(vpp, dtype)
         self.steps_done = 0
@@ -312,11 +338,14 @@ class MegatronPolicy:
         return layer_offset(self.spec, self.pp_rank, self.pp_size, i if vpp else None, vpp)
 
     def load_hf_state_dict(self, hf: Dict[str, torch.Tensor]) -> None:
-        """Loads full HF-named tensors (every rank holds them; small models and tests)."""
+        """Loads full HF-named tensors (every rank holds them; small models and tests). Experts in
+        checkpoint names or fused as transformers keeps them in memory."""
         vpp = self.cfg.virtual_pipeline_model_parallel_size
+        hf = unfuse_hf_experts(hf)
+        moe = dict(ep_rank=self.ep_rank, ep=self.ep, etp_rank=self.etp_rank, etp=self.etp) if self.spec.is_moe else {}
         for i, chunk in enumerate(self.chunks):
             sd = hf_to_megatron(hf, self.spec, self.tp_rank, self.cfg.tensor_model_parallel_size, self.pp_rank,
-                                self.pp_size, i if vpp else None, vpp, layer_spec=self.layer_spec)
+                                self.pp_size, i if vpp else None, vpp, layer_spec=self.layer_spec, **moe)
             own = chunk.module.state_dict()
             missing = [k for k in own if not k.endswith("_extra_state") and k not in sd]
             if missing:
@@ -332,18 +361,32 @@ class MegatronPolicy:
             self.optimizer.reload_model_params()
 
     def _named_tp_merged_parameters(self):
-        """(chunk layer base, Megatron name, TP-merged tensor) for this PP stage's parameters."""
+        """(chunk layer base, Megatron name, TP-merged tensor) for this PP stage's parameters; an
+        expert's weight is merged over the expert-TP group and gathered over the EP group: every EP
+        rank yields every expert, under its global index."""
         tp = self.cfg.tensor_model_parallel_size
         for i, chunk in enumerate(self.chunks):
             for name, p in chunk.module.state_dict().items():
                 if name.endswith("_extra_state"):
                     continue
                 t = p.detach()
-                if tp > 1 and param_kind(name) != "replicated":
-                    parts = [torch.empty_like(t) for _ in range(tp)]
-                    dist.all_gather(parts, t.contiguous(), group=self.tp_group)
+                local = expert_index(name) if self.spec.is_moe else None
+                expert = local is not None
+                size, group = (self.etp, self.etp_group) if expert else (tp, self.tp_group)
+                if size > 1 and param_kind(name) != "replicated":
+                    parts = [torch.empty_like(t) for _ in range(size)]
+                    dist.all_gather(parts, t.contiguous(), group=group)
                     t = merge_tp(name, parts)
-                yield self._chunk_layer_base(i), name, t
+                if not expert:
+                    yield self._chunk_layer_base(i), name, t
+                    continue
+                per = self.spec.num_experts // self.ep
+                parts = [t]
+                if self.ep > 1:
+                    parts = [torch.empty_like(t) for _ in range(self.ep)]
+                    dist.all_gather(parts, t.contiguous(), group=self.ep_group)
+                for r, part in enumerate(parts):
+                    yield self._chunk_layer_base(i), with_expert_index(name, r * per + local), part
 
     def _stage_hf_tensors(self):
         """(HF name, tensor) of this PP stage's parameters, TP-merged, on the device."""
