@@ -286,6 +286,10 @@ class Config:
         tp_pp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
         if world_size % tp_pp:
             raise ConfigError(f"parallel: world size {world_size} is not divisible by tensor×pipeline = {tp_pp}")
+        ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+        if world_size % (ep * etp * p.pipeline_model_parallel_size):
+            raise ConfigError(f"parallel.expert_model_parallel_size={ep}: world size {world_size} is not divisible by "
+                              f"expert-tensor × expert × pipeline = {etp} × {ep} × {p.pipeline_model_parallel_size}")
         if world_size % p.inference_tensor_parallel_size:
             raise ConfigError(f"parallel.inference_tensor_parallel_size={p.inference_tensor_parallel_size} does not divide "
                               f"the world size {world_size}")

@@ -54,7 +54,8 @@ class Trainer:
         p, t, r, d = cfg.parallel, cfg.train, cfg.rollout, cfg.data
         alloc_note = dev.check_allocator_config(r.enable_sleep_mode)  # before CUDA starts
         init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=t.seed,
-                            timeout_s=p.timeout_s, control_timeout_s=p.control_timeout_s)
+                            timeout_s=p.timeout_s, control_timeout_s=p.control_timeout_s,
+                            ep=p.expert_model_parallel_size, etp=p.expert_tensor_parallel_size)
         self.device, self.control = dev.device(), control_group()  # gloo, long timeout: waits for the slowest engine
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         cfg.validate(self.world)

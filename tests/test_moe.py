@@ -60,9 +60,70 @@ def moe_layout(rank, world, ep, algo_name="hapo", steps=2, **overrides):
                 moved=max((weights[k] - start[k]).abs().max().item() for k in start if ".experts." in k))
 
 
+def aux_gradient(rank, world, ep, algo, coef=0.1):
+    """Zero advantages: the policy loss has no gradient, the router's is the aux loss's alone.
+    Megatron's router gradients against float64 autograd of the objective the policy documents:
+    coefficient × Σ over micro-batches (real tokens of the micro-batch / real tokens of the step)
+    × E/(k·T²)·Σ_e P_e·f_e (Megatron's load-balancing loss, padding excluded)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_hapo.algorithms import AlgorithmConfig
+    from megatron_hapo.models.hf_config import ModelSpec
+    from megatron_hapo.training.parallel import init_model_parallel
+    from megatron_hapo.training.policy import MegatronPolicy, PolicyBatch, PolicyConfig, sequence_lengths
+
+    from .tiny_models import hf_model
+
+    init_model_parallel(1, 1, ep=ep)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    hf = hf_model("qwen3_moe", vocab_size=VOCAB)
+    spec = ModelSpec.from_hf(hf.config)
+    mbs = 2
+    policy = MegatronPolicy(spec, PolicyConfig(expert_model_parallel_size=ep, micro_batch_size=mbs, lr=1e-9, lr_warmup_steps=0,
+                                               clip_grad=0.0, moe_aux_loss_coef=coef), AlgorithmConfig.preset(algo))
+    policy.load_hf_state_dict(hf.state_dict())
+    ids, mask, _, _ = global_batch()
+    ids = ids * 2 + 7
+    mine = slice(dp_rank * B // dp, (dp_rank + 1) * B // dp)
+    zeros = torch.zeros(B)
+    old, _ = policy.compute_logprobs(PolicyBatch(ids[mine], mask[mine]))
+    policy.train_step(PolicyBatch(ids[mine], mask[mine], advantages=zeros[mine], old_logp=old))
+    got = {i: layer.mlp.router.weight.main_grad.detach().double().clone()
+           for i, layer in enumerate(policy.chunks[0].module.decoder.layers)}
+
+    h = hf.double()
+    logits = {}
+    hooks = [layer.mlp.gate.register_forward_hook(lambda mod, inp, out, i=i: logits.__setitem__(i, out[0]))
+             for i, layer in enumerate(h.model.layers)]
+    lengths = sequence_lengths(mask)
+    total = float(lengths.sum())
+    objective = 0.0
+    E, k = spec.num_experts, spec.moe_top_k
+    for start in range(0, B, mbs):  # every rank's micro-batches: the gradient is summed over DP
+        rows = slice(start, start + mbs)
+        h(ids[rows])
+        real = (torch.arange(ids.shape[1])[None] < lengths[rows, None]).reshape(-1)
+        T = float(real.sum())
+        for i, lg in logits.items():
+            scores = torch.softmax(lg, -1)[real]
+            top = torch.zeros_like(scores).scatter(1, scores.topk(k, dim=1).indices, 1.0)
+            aux = E / (k * T * T) * (scores.sum(0) * top.sum(0)).sum()
+            objective = objective + coef * (T / total) * aux
+    objective.backward()
+    for hook in hooks:
+        hook.remove()
+    want = {i: layer.mlp.gate.weight.grad for i, layer in enumerate(h.model.layers)}
+    ps.destroy_model_parallel()
+    dist.barrier()
+    return {i: ((got[i] - want[i]).abs().max().item(), want[i].abs().max().item()) for i in got}
+
+
 def moe_worker(rank, world):
     return {"ep1": moe_layout(rank, world, 1), "ep2": moe_layout(rank, world, 2),
-            "ep2_softmax_topk": moe_layout(rank, world, 2, steps=0, norm_topk_prob=False)}
+            "ep2_softmax_topk": moe_layout(rank, world, 2, steps=0, norm_topk_prob=False),
+            # the gradient's divisor: sequences (GRPO, seq-mean) and response tokens (DAPO, token-mean)
+            "aux_grpo": aux_gradient(rank, world, 2, "grpo"), "aux_dapo": aux_gradient(rank, world, 1, "dapo")}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +135,13 @@ def test_log_probs_match_transformers_in_float64(moe):
     for name in ("ep1", "ep2", "ep2_softmax_topk"):  # top-k renormalized, and softmax over all experts
         for rank in range(2):
             assert moe[rank][name]["hf_err"] < 2e-5, (name, rank, moe[rank][name]["hf_err"])
+
+
+def test_aux_loss_gradient_is_the_documented_objective(moe):
+    for rank in range(2):
+        for name in ("aux_grpo", "aux_dapo"):
+            for layer, (err, scale) in moe[rank][name].items():
+                assert scale > 1e-4 and err < 1e-5 * scale, (name, rank, layer, err, scale)
 
 
 def test_mapping_gathers_every_expert_exactly(moe):
@@ -93,3 +161,65 @@ def test_ep2_trains_like_ep1(moe):
     for rank in range(2):  # every rank holds the same complete weights after the gather
         for k in a["weights"]:
             assert torch.equal(moe[rank]["ep2"]["weights"][k], b["weights"][k]), k
+
+
+def moe_sync_worker(rank, world, tmp):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_hapo.algorithms import AlgorithmConfig, logprob_mismatch
+    from megatron_hapo.models.hf_config import ModelSpec
+    from megatron_hapo.rollout import engine as engine_mod
+    from megatron_hapo.rollout.engine import RolloutEngine
+    from megatron_hapo.rollout.weight_sync import sync_policy_to_engine
+    from megatron_hapo.training.parallel import init_model_parallel
+    from megatron_hapo.training.policy import MegatronPolicy, PolicyBatch, PolicyConfig
+
+    from .tiny_models import hf_model
+
+    init_model_parallel(1, 1, ep=2)
+    hf = hf_model("qwen3_moe", vocab_size=VOCAB)
+    path = f"{tmp}/model"
+    if rank == 0:
+        hf.save_pretrained(path)
+    dist.barrier()
+    engine = RolloutEngine(path, max_model_len=64, kv_cache_memory_bytes=32 * 2**20, seed=rank)
+    policy = MegatronPolicy(ModelSpec.from_hf(hf.config), PolicyConfig(expert_model_parallel_size=2, micro_batch_size=2,
+                                                                       lr=3e-3, lr_warmup_steps=0),
+                            AlgorithmConfig.preset("dapo"))
+    policy.load_hf_state_dict(hf.state_dict())
+    g = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, VOCAB, (4, 20), generator=g)
+    mask = torch.zeros(4, 20, dtype=torch.bool)
+    mask[:, 4:19] = True
+    batch = PolicyBatch(ids, mask)
+
+    def mismatch():
+        trainer, _ = policy.compute_logprobs(batch)
+        eng = torch.tensor(engine.score(ids.tolist()))
+        return logprob_mismatch(eng, trainer[:, :-1], mask[:, :-1])
+
+    out = {"initial": mismatch()}
+    old, _ = policy.compute_logprobs(batch)
+    policy.train_step(PolicyBatch(ids, mask, advantages=torch.tensor([1.0, -1.0, 1.0, -1.0]), old_logp=old))
+    out["stale"] = mismatch()
+    prepare = engine_mod._prepare_experts
+    engine_mod._prepare_experts = lambda worker: 0  # vLLM's own reload alone: what the preparation fixes
+    sync_policy_to_engine(policy, engine)
+    out["unprepared"] = mismatch()
+    engine_mod._prepare_experts = prepare
+    out["sync"] = sync_policy_to_engine(policy, engine)
+    out["synced"] = mismatch()
+    out["layers_prepared"] = engine.llm.collective_rpc(prepare)[0]
+    ps.destroy_model_parallel()
+    return out
+
+
+def test_engine_matches_trainer_after_sync_at_ep2(tmp_path):
+    for r in run_ranks(2, moe_sync_worker, str(tmp_path), timeout=600):
+        assert r["layers_prepared"] == 2
+        assert r["initial"]["logp_mismatch_max"] < 1e-4, r["initial"]
+        assert r["stale"]["logp_mismatch_mean"] > 1e-2, r["stale"]  # a skipped sync is visible
+        assert r["synced"]["logp_mismatch_max"] < 1e-4, r["synced"]
+        print(f"unprepared reload: mismatch max {r['unprepared']['logp_mismatch_max']:.2e}; "
+              f"synced {r['synced']['logp_mismatch_max']:.2e}; stale mean {r['stale']['logp_mismatch_mean']:.2e}")

@@ -308,6 +308,7 @@ class RolloutEngine:
 
         self._usable = False
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted()})
+        self.llm.collective_rpc(_prepare_experts)
         self.llm.reset_prefix_cache()  # KV blocks computed with the old weights must not be reused
         self._usable = True
         self.weight_version += 1
@@ -392,3 +393,19 @@ def _checkpoint_shapes(worker) -> dict:
     from ..models.mapping import hf_param_shapes
 
     return hf_param_shapes(ModelSpec.from_hf(worker.model_runner.model_config.hf_config))
+
+
+def _prepare_experts(worker) -> int:
+    """Runs inside the worker after an in-place reload: each MoE layer's experts kernel prepares the
+    new weights. vLLM 0.32 runs this step only at the first load (`_setup_kernel` skips it when a
+    kernel exists); the CPU kernel prepacks the experts there, so without it a reload leaves the
+    engine computing with stale packed experts (log-prob error ~1, docs/MOE.md). Where the kernel's
+    step is a no-op (GPU kernels), this is one too. Returns the number of layers prepared."""
+    count = 0
+    for module in worker.model_runner.model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is not None and hasattr(experts, "process_weights_after_loading"):
+            experts.process_weights_after_loading(module)
+            count += 1
+    return count

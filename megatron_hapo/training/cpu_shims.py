@@ -174,6 +174,18 @@ def _moe() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = to_cpu
 
 
+def _restore_streams() -> None:
+    """vLLM's CPU worker swaps torch.cuda.Stream for a placeholder without record_event while it
+    sets up, and the placeholder can outlive that; Megatron's MoE dispatcher keeps a class-level
+    stream made with whatever was there. Both are put back to the shim's at every entry."""
+    torch.cuda.Stream = _Stream
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    stream = getattr(MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream", None)
+    if stream is not None and not isinstance(stream, _Stream):
+        MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _Stream()
+
+
 _DEPTH = 0
 
 
@@ -193,6 +205,7 @@ def scope():
             _DEPTH -= 1
         return
     _DEPTH = 1
+    _restore_streams()
     try:
         with _CudaToCpu():
             yield

@@ -286,6 +286,8 @@ class MegatronPolicy:
             self.etp_group, self.etp_rank = ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_rank()
         with dev.megatron_scope():
             self._build(vpp, dtype)
+        if spec.is_moe:
+            self._moe_setup()
         self.steps_done = 0
         self.skipped_steps = 0
         self._computed = self._real = 0
@@ -479,8 +481,9 @@ class MegatronPolicy:
             position_ids, mask, labels = model_inputs(part.input_ids, part.segment_ids,
                                                       with_mask=self.layer_spec == "local")
             self._computed += part.input_ids.numel()
+            real = torch.arange(part.input_ids.shape[1], device=self.device)[None] < sequence_lengths(part.loss_mask)[:, None]
             out.append(dict(batch=part, input_ids=part.input_ids, position_ids=position_ids, attention_mask=mask,
-                            labels=labels, rows=torch.arange(start, start + mbs), gather=None))
+                            labels=labels, rows=torch.arange(start, start + mbs), gather=None, padding=~real))
         return out
 
     def _packed(self, batch: PolicyBatch, group: List[List[int]], lengths: List[int]) -> dict:
@@ -498,7 +501,7 @@ class MegatronPolicy:
         ids[gather[valid]] = part.input_ids[:, :gather.shape[1]][valid]
         ids = ids.view(len(group), width)
         self._computed += ids.numel()
-        mb = dict(batch=part, input_ids=ids, rows=idx, gather=gather)
+        mb = dict(batch=part, input_ids=ids, rows=idx, gather=gather, padding=seg >= len(order))
         if self.layer_spec == "te":  # GPU: THD, no mask tensor (tools/gpu_selftest.py checks it against padded rows)
             from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -520,6 +523,8 @@ class MegatronPolicy:
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             extra = {"packed_seq_params": mb["packed_seq_params"]} if mb.get("packed_seq_params") is not None else {}
+            if self.spec.is_moe:  # padding is neither routed into the load statistics nor the aux losses
+                extra["padding_mask"] = mb["padding"]
             output = model(mb["input_ids"], mb["position_ids"], mb["attention_mask"], **extra)
             return output, partial(loss_fn, mb)
 
@@ -618,6 +623,71 @@ class MegatronPolicy:
         width = batch.input_ids.shape[1]
         return batch.pad_width(-(-width // self.width_multiple) * self.width_multiple)
 
+    # ---- MoE: the auxiliary losses' weight, their values per layer, the expert load -------------
+
+    def _moe_setup(self) -> None:
+        """Counts tokens per expert in training passes (a hook on each router; padding excluded)."""
+        self._aux_coef = self.config.moe_aux_loss_coeff
+        self._z_coef = self.config.moe_z_loss_coeff
+        self._load = torch.zeros(self.spec.num_layers, self.spec.num_experts, dtype=torch.float64, device=self.device)
+
+        def count(router, inputs, output):
+            if router.training:
+                routing_map = output[1]
+                padding = inputs[1] if len(inputs) > 1 and inputs[1] is not None else None
+                if padding is not None:
+                    routing_map = routing_map & ~padding.transpose(0, 1).reshape(-1, 1).bool()
+                self._load[router.layer_number - 1] += routing_map.sum(0).double()
+
+        from megatron.core.transformer.moe.router import Router
+
+        for chunk in self.chunks:
+            for module in chunk.module.modules():
+                if isinstance(module, Router):
+                    module.register_forward_hook(count)
+
+    def _moe_begin(self, batch: PolicyBatch) -> None:
+        """Megatron scales each micro-batch's aux/z loss by its routed tokens, and the step divides
+        every gradient by the loss's count (calculate_per_token_loss: response tokens for
+        token-mean, sequences for seq-mean): the coefficient would weigh the aux loss by (real
+        tokens / count), which varies with prompt lengths and the aggregation. Scaled here by count
+        / real tokens (global), the objective is: the policy loss + coefficient × the
+        real-token-weighted mean of the micro-batches' aux losses, under every TP/PP/EP layout,
+        aggregation and prompt share. (Megatron's load-balancing loss is a per-micro-batch
+        statistic: a different split into micro-batches changes its value, not its weight.)"""
+        counts = torch.stack([self.loss.normalizer(batch.loss_mask), sequence_lengths(batch.loss_mask).sum()])
+        counts = counts.double().to(self.device)
+        dist.all_reduce(counts, group=self.dp_group)
+        scale = float(counts[0] / counts[1].clamp(min=1))
+        self.config.moe_aux_loss_coeff = self._aux_coef * scale
+        if self._z_coef:
+            self.config.moe_z_loss_coeff = self._z_coef * scale
+        self._load.zero_()
+
+    def _moe_end(self, n_micro: int) -> Dict[str, float]:
+        """moe_<loss> (mean over layers and micro-batches, every rank) and moe_<loss>_layer<i>;
+        tokens per expert over the step (min, max, and max / mean)."""
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+        world, pp = dist.get_world_size(), self.pp_size
+        out: Dict[str, float] = {}
+        for name, entry in sorted(get_moe_layer_wise_logging_tracker().items()):
+            values = entry["values"].detach().double().clone()
+            dist.all_reduce(values)  # each layer lives on one stage; every (DP, TP) replica computed it
+            values /= (world // pp) * n_micro
+            short = {"load_balancing_loss": "moe_aux_loss", "z_loss": "moe_z_loss"}.get(name, f"moe_{name}")
+            out[short] = float(values.mean())
+            out.update({f"{short}_layer{i}": float(v) for i, v in enumerate(values.tolist())})
+        clear_aux_losses_tracker()
+        load = self._load.clone()
+        dist.all_reduce(load)  # sum over replicas; tokens are replicated over TP without SP
+        if self.cfg.tensor_model_parallel_size > 1 and not self.config.sequence_parallel:
+            load /= self.cfg.tensor_model_parallel_size
+        mean = load.mean().clamp(min=1e-9)
+        out.update(moe_tokens_per_expert_min=float(load.min()), moe_tokens_per_expert_max=float(load.max()),
+                   moe_load_imbalance=float(load.max() / mean))
+        return out
+
     def train_step(self, batch: PolicyBatch) -> Dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch (split into micro-batches)."""
         self.loss.check(batch.inputs)
@@ -634,7 +704,10 @@ class MegatronPolicy:
             for c in self.chunks:
                 c.zero_grad_buffer()
             self.optimizer.zero_grad()
-        store = self._run(self._micro_batches(batch), loss_fn, forward_only=False)
+        if self.spec.is_moe:
+            self._moe_begin(batch)
+        micro = self._micro_batches(batch)
+        store = self._run(micro, loss_fn, forward_only=False)
 
         keys = PolicyLoss.SUMS
         sums = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
@@ -660,6 +733,8 @@ class MegatronPolicy:
                 ok, grad_norm, _ = self.optimizer.step()
                 skipped = not ok
         self.steps_done += 1
+        if self.spec.is_moe:
+            metrics.update(self._moe_end(len(micro)))
         metrics.update(grad_norm=float("nan") if grad_norm is None else float(grad_norm), skipped=float(skipped),
                        lr=self.optimizer.param_groups[0]["lr"],
                        tokens_per_s=metrics["tokens"] / max(time.perf_counter() - t0, 1e-9))
