@@ -223,3 +223,69 @@ def test_engine_matches_trainer_after_sync_at_ep2(tmp_path):
         assert r["synced"]["logp_mismatch_max"] < 1e-4, r["synced"]
         print(f"unprepared reload: mismatch max {r['unprepared']['logp_mismatch_max']:.2e}; "
               f"synced {r['synced']['logp_mismatch_max']:.2e}; stale mean {r['stale']['logp_mismatch_mean']:.2e}")
+
+
+def moe_model_dir(path):
+    """A tiny Qwen3-MoE with the addition task's tokenizer (vocabulary 32, special ids 0/1/2)."""
+    import transformers
+
+    from megatron_hapo.data.addition import BOS, EOS, PAD, VOCAB, build_tokenizer, save_model_dir
+
+    config = transformers.AutoConfig.for_model(
+        model_type="qwen3_moe", vocab_size=VOCAB, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=32, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, router_aux_loss_coef=0.01, max_position_embeddings=64,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    save_model_dir(str(path), config, build_tokenizer)
+
+
+def convert_worker(rank, world, ckpt, out, config_dir):
+    from megatron_hapo.models.convert import megatron_to_hf_checkpoint, verify
+
+    megatron_to_hf_checkpoint(ckpt, out, hf_config_dir=config_dir, progress=False)
+    return verify(out, ckpt, hf_config_dir=config_dir)
+
+
+def test_train_command_at_ep2_resumes_and_converts_at_ep1(tmp_path):
+    """`megatron-hapo train` (torchrun, 2 ranks, an engine per rank) on Qwen3-MoE at EP 2 for 2
+    steps, then resumed for a third: the engine computes what the trainer computes at every step
+    (the weight sync gathers the experts and re-prepares them), the MoE metrics are logged. Resuming
+    the EP 2 checkpoint at EP 1 is refused with the way out (Megatron's chained optimizer state does
+    not reshard across EP 1 ↔ EP > 1); its weights load at EP 1: exported to HF, transformers and
+    Megatron at EP 1 give the same logits."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from megatron_hapo.spawn import free_port
+
+    model = tmp_path / "model"
+    moe_model_dir(model)
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    base = [f"model.hf_path={model}", f"train.run_dir={run_dir}", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4",
+            "train.mini_batch_prompts=2", "train.micro_batch_size=4", "train.lr=1e-3", "rollout.dynamic_sampling=false",
+            "eval.at_end=false", "log.progress=off", "reward.workers=0", "data.max_prompt_tokens=32",
+            "rollout.max_response_tokens=8", "train.save_interval=1"]
+
+    def launch(*extra, ok=True):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--master-addr",
+               "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron_hapo.train", *base, *extra]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert (res.returncode == 0) == ok, res.stdout[-3000:] + res.stderr[-3000:]
+        return res.stdout + res.stderr
+
+    launch("train.steps=2", "parallel.expert_model_parallel_size=2")
+    refused = launch("train.steps=3", "parallel.expert_model_parallel_size=1", ok=False)
+    assert "does not reshard across that change" in refused and f"model.load={run_dir}/checkpoints/iter_0000002" in refused, refused[-3000:]
+    launch("train.steps=3", "parallel.expert_model_parallel_size=2")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["logp_mismatch_at_t_max"] < 1e-4, (r["step"], r["logp_mismatch_at_t_max"])
+        assert 0.5 < r["moe_aux_loss"] < 4.0 and "moe_aux_loss_layer1" in r, r
+        assert 0 <= r["moe_tokens_per_expert_min"] <= r["moe_tokens_per_expert_max"] and r["moe_load_imbalance"] >= 1.0
+    diff = run_ranks(1, convert_worker, str(run_dir / "checkpoints" / "iter_0000003"), str(tmp_path / "exported"), str(model))[0]
+    assert diff < 1e-4, diff

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from typing import Dict, Optional
@@ -108,9 +109,11 @@ def load_sharded(sharded: dict, path: str, where: str) -> dict:
 
     with dev.megatron_scope():
         loaded, in_ckpt_only, in_model_only = dist_checkpointing.load(sharded, path, strict=StrictHandling.RETURN_ALL)
-    # a model-only load of a training checkpoint leaves its optimizer state behind, rightly
-    skip = ("optimizer.",) if "optimizer" not in sharded else ()
-    bad_ckpt = sorted(k for k in in_ckpt_only if "_extra_state" not in k and not k.startswith(skip))
+    # a model-only load of a training checkpoint leaves its optimizer state behind, rightly (a chained
+    # optimizer's keys, MoE at EP > 1, start "chained_<i>.optimizer.")
+    optimizer_key = re.compile(r"^(chained_\d+\.)?optimizer\.")
+    bad_ckpt = sorted(k for k in in_ckpt_only if "_extra_state" not in k
+                      and not ("optimizer" not in sharded and optimizer_key.match(k)))
     bad_model = sorted(k for k in in_model_only if "_extra_state" not in k)
     if bad_ckpt or bad_model:
         raise KeyError(f"{where} does not fit the model: {len(bad_model)} tensors the checkpoint lacks, e.g. "
@@ -239,11 +242,13 @@ def save_hf_folder(weights, spec: ModelSpec, out_dir: str, assets_dir: str, max_
     return out_dir
 
 
-def verify(hf_dir: str, ckpt_dir: str, prompts: int = 4, length: int = 16, seed: int = 0) -> float:
-    """Max |logit difference| between transformers on hf_dir and Megatron on ckpt_dir, a few random prompts."""
+def verify(hf_dir: str, ckpt_dir: str, prompts: int = 4, length: int = 16, seed: int = 0,
+           hf_config_dir: Optional[str] = None) -> float:
+    """Max |logit difference| between transformers on hf_dir and Megatron on ckpt_dir, a few random
+    prompts (hf_config_dir: the config for a checkpoint without its own, e.g. a training checkpoint)."""
     import transformers
 
-    spec, model = load_megatron_model(ckpt_dir)
+    spec, model = load_megatron_model(ckpt_dir, hf_config_dir=hf_config_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, spec.vocab_size, (prompts, length), generator=g)

@@ -188,7 +188,9 @@ def save_checkpoint(root: str, step: int, policy, trainer_state: Optional[dict] 
             torch.save({"step": step, "scheduler": policy.scheduler.state_dict(), "steps_done": policy.steps_done,
                         "skipped_steps": policy.skipped_steps}, os.path.join(tmp, "trainer_state.pt"))
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump({"step": step, "layer_spec": policy.layer_spec, **(trainer_state or {})}, f, indent=2, default=str)
+                json.dump({"step": step, "layer_spec": policy.layer_spec, "optimizer_parts": _optimizer_parts(policy),
+                           "expert_model_parallel_size": getattr(policy, "ep", 1), **(trainer_state or {})}, f, indent=2,
+                          default=str)
     except BaseException as exc:  # noqa: BLE001 - Megatron wraps ENOSPC in torch's CheckpointException (a BaseException)
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
@@ -247,6 +249,8 @@ def load_checkpoint(path: str, policy, load_optimizer: bool = True, load_rng: bo
     """Loads a complete checkpoint into the policy (at its own TP/PP and layer spec); returns the trainer state."""
     if not os.path.exists(os.path.join(path, "COMPLETE")):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
+    if load_optimizer:
+        _check_optimizer_parts(path, policy)
     # A fresh torch optimizer has no state yet: build it (zero-step) so the loading dict has every key.
     if load_optimizer:
         _init_optimizer_state(policy)
@@ -279,6 +283,32 @@ def load_model_checkpoint(path: str, policy) -> None:
     _load_model_state(policy, loaded["model"])
     with dev.megatron_scope():
         policy.optimizer.reload_model_params()
+
+
+def _optimizer_parts(policy) -> int:
+    """Megatron chains one optimizer per parameter kind that reduces over its own group: dense
+    parameters, and with EP > 1 the experts apart (they reduce over the expert-data-parallel group)."""
+    return len(getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]))
+
+
+def _check_optimizer_parts(path: str, policy) -> None:
+    """A chained optimizer's checkpoint keys carry its part index ("chained_1."), so its state loads
+    only into the same chain: a MoE checkpoint saved at EP > 1 resumes at EP > 1, one saved at EP 1
+    at EP 1. Refused with the way out, before anything is read."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return
+    parts = saved.get("optimizer_parts")
+    if parts is not None and parts != _optimizer_parts(policy):
+        ep = saved.get("expert_model_parallel_size", "?")
+        raise ValueError(
+            f"checkpoint {path}: its optimizer state is {parts} chained part(s) (saved at expert_model_parallel_size={ep}); "
+            f"this run's optimizer has {_optimizer_parts(policy)} (expert_model_parallel_size={getattr(policy, 'ep', 1)}), "
+            "and Megatron's chained optimizer state does not reshard across that change. Resume at "
+            f"parallel.expert_model_parallel_size={ep}, or start from the checkpoint's weights with a fresh optimizer: "
+            f"model.load={path} train.resume=none")
 
 
 def _torch_adams(policy):
