@@ -119,16 +119,68 @@ def aux_gradient(rank, world, ep, algo, coef=0.1):
     return {i: ((got[i] - want[i]).abs().max().item(), want[i].abs().max().item()) for i in got}
 
 
-def moe_worker(rank, world):
-    return {"ep1": moe_layout(rank, world, 1), "ep2": moe_layout(rank, world, 2),
+def round_trip_worker(rank, world, root):
+    """HF folder → Megatron checkpoint (checked for EP 2) → HF folder, one process (EP 1), with --verify's check."""
+    from safetensors.torch import load_file
+
+    from megatron_hapo.models.convert import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint, read_hf_tensors, verify
+
+    from .tiny_models import hf_model
+
+    hf_model("qwen3_moe", vocab_size=VOCAB).save_pretrained(f"{root}/hf")
+    hf_to_megatron_checkpoint(f"{root}/hf", f"{root}/megatron", target_ep=2, progress=False)
+    megatron_to_hf_checkpoint(f"{root}/megatron", f"{root}/back", progress=False)
+    a, b = read_hf_tensors(f"{root}/hf"), load_file(f"{root}/back/model.safetensors")
+    return {"same_names": set(a) == set(b), "bit_exact": all(torch.equal(a[k], b[k]) for k in a if k in b),
+            "experts": sum(".mlp.experts." in k for k in a), "verify": verify(f"{root}/hf", f"{root}/megatron")}
+
+
+def load_converted_at_ep2(rank, world, root):
+    """The converted checkpoint loaded by the policy at EP 2: every expert lands where it belongs."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_hapo.algorithms import AlgorithmConfig
+    from megatron_hapo.models.convert import read_hf_tensors
+    from megatron_hapo.models.hf_config import ModelSpec
+    from megatron_hapo.training.checkpoint import load_model_checkpoint
+    from megatron_hapo.training.parallel import init_model_parallel
+    from megatron_hapo.training.policy import MegatronPolicy, PolicyConfig
+
+    init_model_parallel(1, 1, ep=2)
+    policy = MegatronPolicy(ModelSpec.from_hf(f"{root}/hf"), PolicyConfig(expert_model_parallel_size=2),
+                            AlgorithmConfig.preset("hapo"))
+    load_model_checkpoint(f"{root}/megatron", policy)
+    got, want = policy.hf_state_dict(), read_hf_tensors(f"{root}/hf")
+    ps.destroy_model_parallel()
+    return set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def moe_worker(rank, world, root):
+    return {"converted_at_ep2": load_converted_at_ep2(rank, world, root),"ep1": moe_layout(rank, world, 1), "ep2": moe_layout(rank, world, 2),
             "ep2_softmax_topk": moe_layout(rank, world, 2, steps=0, norm_topk_prob=False),
             # the gradient's divisor: sequences (GRPO, seq-mean) and response tokens (DAPO, token-mean)
             "aux_grpo": aux_gradient(rank, world, 2, "grpo"), "aux_dapo": aux_gradient(rank, world, 1, "dapo")}
 
 
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    return run_ranks(2, moe_worker)
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe_convert")
+    return str(root), run_ranks(1, round_trip_worker, str(root))[0]
+
+
+@pytest.fixture(scope="module")
+def moe(converted):
+    return run_ranks(2, moe_worker, converted[0])
+
+
+def test_conversion_round_trip_is_bit_exact(converted):
+    r = converted[1]
+    assert r["same_names"] and r["bit_exact"] and r["experts"] == 2 * 8 * 3, r
+    assert r["verify"] < 1e-4, r
+
+
+def test_converted_checkpoint_loads_at_ep2(moe):
+    assert moe[0]["converted_at_ep2"] and moe[1]["converted_at_ep2"]
 
 
 def test_log_probs_match_transformers_in_float64(moe):

@@ -136,11 +136,11 @@ def _single_process_model(spec: ModelSpec, dtype, layer_spec: Optional[str] = No
 
 
 def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, dtype: str = "fp32", target_tp: int = 1, target_pp: int = 1,
-                              progress: bool = True) -> str:
+                              progress: bool = True, target_ep: int = 1, target_etp: Optional[int] = None) -> str:
     from megatron.core import dist_checkpointing
 
     spec = ModelSpec.from_hf(hf_dir)
-    check_layout(spec, target_tp, target_pp)
+    check_layout(spec, target_tp, target_pp, ep=target_ep, etp=target_etp)
     torch_dtype = _dtype(dtype)
     tensors = check_hf_tensors(read_hf_tensors(hf_dir), spec)
     layer_spec = dev.resolve_layer_spec(None)
@@ -157,7 +157,8 @@ def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, dtype: str = "fp32", ta
         copy_hf_assets(hf_dir, os.path.join(tmp, HF_ASSETS))
         with open(os.path.join(tmp, META), "w") as f:
             json.dump({"family": spec.family, "dtype": dtype, "target_tensor_model_parallel_size": target_tp,
-                       "target_pipeline_model_parallel_size": target_pp, "layer_spec": layer_spec,
+                       "target_pipeline_model_parallel_size": target_pp, "target_expert_model_parallel_size": target_ep,
+                       "layer_spec": layer_spec,
                        "source": os.path.abspath(hf_dir)}, f, indent=2)
         os.rename(tmp, os.path.abspath(out_dir))
     except BaseException:
@@ -271,11 +272,14 @@ def main_hf_to_megatron(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--target-tp", type=int, default=1, help="checked against the model; any TP can load the result")
     p.add_argument("--target-pp", type=int, default=1)
+    p.add_argument("--target-ep", type=int, default=1, help="MoE: expert parallelism, checked against the experts")
+    p.add_argument("--target-etp", type=int, default=None, help="MoE: expert tensor parallelism (default: the TP)")
     p.add_argument("--verify", action="store_true", help="compare logits of both models on a few prompts")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    out = hf_to_megatron_checkpoint(a.hf, a.out, a.dtype, a.target_tp, a.target_pp, not a.no_progress)
+    out = hf_to_megatron_checkpoint(a.hf, a.out, a.dtype, a.target_tp, a.target_pp, not a.no_progress, a.target_ep,
+                                    a.target_etp)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     if a.verify:
         print(f"verify: max |logit difference| HF vs Megatron = {verify(a.hf, out):.3e}")
@@ -298,5 +302,5 @@ def main_megatron_to_hf(argv=None) -> int:
     out = megatron_to_hf_checkpoint(a.megatron, a.out, a.dtype, a.hf_config, int(a.max_shard_gb * 2**30), not a.no_progress)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     if a.verify:
-        print(f"verify: max |logit difference| HF vs Megatron = {verify(out, a.megatron):.3e}")
+        print(f"verify: max |logit difference| HF vs Megatron = {verify(out, a.megatron, hf_config_dir=a.hf_config):.3e}")
     return 0
