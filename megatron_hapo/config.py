@@ -47,7 +47,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None  # refused: see training/policy.py
     use_distributed_optimizer: bool = False
-    sequence_parallel: bool = False  # with TP > 1 and the TE spec (GPU)
+    sequence_parallel: bool = False  # with TP > 1 (either spec); required by MoE with TP > 1
     expert_model_parallel_size: int = 1  # MoE: experts split over EP ranks (EP divides the experts)
     expert_tensor_parallel_size: Optional[int] = None  # MoE: each expert split over ETP ranks; None = TP
     inference_tensor_parallel_size: int = 1
@@ -309,10 +309,10 @@ class Config:
         if seqs % dp or ((seqs // dp) % t.micro_batch_size and not t.max_tokens_per_micro_batch):
             raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} does not divide the {seqs // max(dp, 1)} "
                               f"sequences of a mini-batch on each of {dp} data-parallel ranks")
-        spec = resolve_layer_spec(self.model.layer_spec)  # names the setting when it cannot work here
-        if p.sequence_parallel and (spec != "te" or p.tensor_model_parallel_size == 1):
-            raise ConfigError("parallel.sequence_parallel: needs tensor_model_parallel_size > 1 and the Transformer Engine "
-                              f"spec (model.layer_spec=te, GPU); got TP={p.tensor_model_parallel_size}, layer spec {spec}")
+        resolve_layer_spec(self.model.layer_spec)  # names the setting when it cannot work here
+        if p.sequence_parallel and p.tensor_model_parallel_size == 1:
+            raise ConfigError("parallel.sequence_parallel: needs tensor_model_parallel_size > 1; got TP="
+                              f"{p.tensor_model_parallel_size}")
         return self
 
     def optimizer_steps(self) -> int:

@@ -122,8 +122,9 @@ def test_config_refuses_what_cannot_run_here():
 
     with pytest.raises(ValueError, match="model.layer_spec=te"):
         Config.load(None, ["model.layer_spec=te"]).validate(1)
-    with pytest.raises(ValueError, match="parallel.sequence_parallel"):
-        Config.load(None, ["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2"]).validate(2)
+    with pytest.raises(ValueError, match="parallel.sequence_parallel"):  # SP runs on CPU too now, with TP > 1
+        Config.load(None, ["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=1"]).validate(2)
+    Config.load(None, ["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2"]).validate(2)
     with pytest.raises(ValueError, match="control_timeout_s"):
         Config.load(None, ["parallel.control_timeout_s=100"]).validate(1)
 

@@ -10,7 +10,7 @@ from .test_policy_layouts import B, global_batch
 VOCAB = 512
 
 
-def moe_layout(rank, world, ep, algo_name="hapo", steps=2, **overrides):
+def moe_layout(rank, world, ep, algo_name="hapo", steps=2, tp=1, etp=None, **overrides):
     from megatron.core import parallel_state as ps
 
     from megatron_hapo.algorithms import AlgorithmConfig, compute_advantages, normalized_entropy
@@ -22,12 +22,13 @@ def moe_layout(rank, world, ep, algo_name="hapo", steps=2, **overrides):
 
     from .tiny_models import hf_model
 
-    init_model_parallel(1, 1, ep=ep)
+    init_model_parallel(tp, 1, ep=ep, etp=etp)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     hf = hf_model("qwen3_moe", vocab_size=VOCAB, **overrides)
     spec = ModelSpec.from_hf(hf.config)
     algo = AlgorithmConfig.preset(algo_name)
-    cfg = PolicyConfig(expert_model_parallel_size=ep, micro_batch_size=2, lr=4e-5, adam_eps=1e-2, lr_warmup_steps=0,
+    cfg = PolicyConfig(tensor_model_parallel_size=tp, sequence_parallel=tp > 1, expert_model_parallel_size=ep,
+                       expert_tensor_parallel_size=etp, micro_batch_size=2, lr=4e-5, adam_eps=1e-2, lr_warmup_steps=0,
                        clip_grad=1.0, logprob_chunk_size=5)
     policy = MegatronPolicy(spec, cfg, algo)
     policy.load_hf_state_dict(hf.state_dict())
@@ -60,7 +61,7 @@ def moe_layout(rank, world, ep, algo_name="hapo", steps=2, **overrides):
                 moved=max((weights[k] - start[k]).abs().max().item() for k in start if ".experts." in k))
 
 
-def aux_gradient(rank, world, ep, algo, coef=0.1):
+def aux_gradient(rank, world, ep, algo, coef=0.1, tp=1):
     """Zero advantages: the policy loss has no gradient, the router's is the aux loss's alone.
     Megatron's router gradients against float64 autograd of the objective the policy documents:
     coefficient × Σ over micro-batches (real tokens of the micro-batch / real tokens of the step)
@@ -75,12 +76,13 @@ def aux_gradient(rank, world, ep, algo, coef=0.1):
 
     from .tiny_models import hf_model
 
-    init_model_parallel(1, 1, ep=ep)
+    init_model_parallel(tp, 1, ep=ep)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     hf = hf_model("qwen3_moe", vocab_size=VOCAB)
     spec = ModelSpec.from_hf(hf.config)
     mbs = 2
-    policy = MegatronPolicy(spec, PolicyConfig(expert_model_parallel_size=ep, micro_batch_size=mbs, lr=1e-9, lr_warmup_steps=0,
+    policy = MegatronPolicy(spec, PolicyConfig(tensor_model_parallel_size=tp, sequence_parallel=tp > 1,
+                                               expert_model_parallel_size=ep, micro_batch_size=mbs, lr=1e-9, lr_warmup_steps=0,
                                                clip_grad=0.0, moe_aux_loss_coef=coef), AlgorithmConfig.preset(algo))
     policy.load_hf_state_dict(hf.state_dict())
     ids, mask, _, _ = global_batch()
@@ -199,6 +201,32 @@ def test_aux_loss_gradient_is_the_documented_objective(moe):
 def test_mapping_gathers_every_expert_exactly(moe):
     for name in ("ep1", "ep2"):
         assert all(moe[rank][name]["mapping_exact"] for rank in range(2)), name
+
+
+def moe_tp_worker(rank, world):
+    return {"tp2_ep2": moe_layout(rank, world, 2, tp=2), "tp2_ep2_etp1": moe_layout(rank, world, 2, tp=2, etp=1),
+            "aux_tp2": aux_gradient(rank, world, 2, "dapo", tp=2)}
+
+
+def test_tp2_ep2_with_sequence_parallelism_trains_like_tp1(moe):
+    """4 ranks: TP 2 (sequence parallel, the local spec's norm) × EP 2 (experts split over the expert-TP
+    group, and whole with ETP 1) × DP 2 == TP 1 × EP 1 × DP 2: loss, grad norm, weights after two HAPO steps."""
+    results = run_ranks(4, moe_tp_worker, timeout=600)
+    ref = moe[0]["ep1"]
+    for name in ("tp2_ep2", "tp2_ep2_etp1"):
+        for rank, r in enumerate(results):
+            got = r[name]
+            assert got["hf_err"] < 2e-5, (name, rank, got["hf_err"])
+            for ma, mb in zip(ref["metrics"], got["metrics"]):
+                assert abs(ma["loss"] - mb["loss"]) < 1e-6, (name, rank, ma["loss"], mb["loss"])
+                assert abs(ma["grad_norm"] - mb["grad_norm"]) < 1e-5 * max(1.0, ma["grad_norm"]), (name, rank)
+                assert abs(ma["moe_aux_loss"] - mb["moe_aux_loss"]) < 1e-5, (name, rank, ma["moe_aux_loss"], mb["moe_aux_loss"])
+            for k in ref["weights"]:
+                d = (ref["weights"][k] - got["weights"][k]).abs().max().item()
+                assert d < 1e-6, (name, rank, k, d)
+    for rank, r in enumerate(results):  # the aux loss's gradient: the documented objective under SP too
+        for layer, (err, scale) in r["aux_tp2"].items():
+            assert scale > 1e-4 and err < 1e-5 * scale, ("aux_tp2", rank, layer, err, scale)
 
 
 def test_ep2_trains_like_ep1(moe):

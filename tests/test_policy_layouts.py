@@ -27,7 +27,7 @@ def global_batch():
     return ids, mask, rewards, groups
 
 
-def run_layout(rank, world, tp, pp, n_micro, algo_name, family, steps=2, dist_opt=False, pack=0):
+def run_layout(rank, world, tp, pp, n_micro, algo_name, family, steps=2, dist_opt=False, pack=0, sp=False):
     from megatron.core import parallel_state as ps
 
     from megatron_hapo.algorithms import AlgorithmConfig, compute_advantages, normalized_entropy
@@ -45,7 +45,8 @@ def run_layout(rank, world, tp, pp, n_micro, algo_name, family, steps=2, dist_op
     algo = AlgorithmConfig.preset(algo_name)
     cfg = PolicyConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=B // dp // n_micro,
                        lr=4e-5, adam_eps=1e-2, lr_warmup_steps=0, clip_grad=1.0, logprob_chunk_size=5,
-                       use_distributed_optimizer=dist_opt, max_tokens_per_micro_batch=pack)
+                       use_distributed_optimizer=dist_opt, max_tokens_per_micro_batch=pack,
+                       sequence_parallel=sp)
     policy = MegatronPolicy(spec, cfg, algo)
     policy.load_hf_state_dict(hf.state_dict())
 
@@ -135,7 +136,9 @@ def test_packed_micro_batches_give_the_padded_update(reference):
 def test_two_rank_layouts_match_reference(reference):
     layouts = {"tp2": (2, 1, 2), "pp2": (1, 2, 2), "dp2": (1, 1, 2), "dp2_distributed_optimizer": (1, 1, 1, 2, True),
                "tp2_packed": (2, 1, 1, 2, False, PACK), "pp2_packed": (1, 2, 1, 2, False, PACK),
-               "dp2_packed": (1, 1, 1, 2, False, PACK)}
+               "dp2_packed": (1, 1, 1, 2, False, PACK),
+               # sequence parallelism on the local spec (the norm marks its weight; Megatron reduces it over TP)
+               "tp2_sp": (2, 1, 2, 2, False, 0, True), "tp2_sp_packed": (2, 1, 1, 2, False, PACK, True)}
     results = run_ranks(2, layouts_worker, layouts, timeout=600)
     for name in layouts:
         for algo in ALGOS:

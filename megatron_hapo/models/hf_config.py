@@ -222,12 +222,54 @@ def attention_mask_for(layer_spec: str, mask):
     return mask if layer_spec == "local" else None
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """The local spec's norm: torch's RMSNorm (what Megatron's WrappedTorchNorm builds, the same
+    numbers) that also runs under sequence parallelism: its weight is marked `sequence_parallel`,
+    so Megatron all-reduces its gradient over the TP group (each TP rank normed its own slice of
+    the sequence). WrappedTorchNorm refuses sequence parallelism outright."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                 zero_centered_gamma: bool = False, normalization: str = "RMSNorm"):
+        if normalization != "RMSNorm" or zero_centered_gamma:
+            raise ValueError(f"RMSNorm: normalization={normalization!r}, zero_centered_gamma={zero_centered_gamma} "
+                             "are not supported")
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def _with_norm(spec, old, new):
+    """A module spec (or submodules dataclass) with every `old` norm class replaced by `new`."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if spec is old:
+        return new
+    if isinstance(spec, ModuleSpec):
+        return dataclasses.replace(spec, module=_with_norm(spec.module, old, new),
+                                   submodules=_with_norm(spec.submodules, old, new))
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return dataclasses.replace(spec, **{f.name: _with_norm(getattr(spec, f.name), old, new)
+                                            for f in dataclasses.fields(spec) if f.init})
+    return spec
+
+
+def local_block_spec(spec: ModelSpec, config, vp_stage=None):
+    """The local spec as a whole block with our norm (layers and the final norm)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = get_gpt_layer_local_spec(num_experts=spec.num_experts or None, moe_grouped_gemm=False,
+                                     qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    layer = _with_norm(layer, WrappedTorchNorm, RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=RMSNorm)
+
+
 def build_gpt_model(spec: ModelSpec, config, *, pre_process: bool, post_process: bool, vp_stage=None,
                     layer_spec: Optional[str] = None):
     """One GPTModel chunk for this rank on its device. layer_spec: "te" (Transformer Engine, fused
     norm+linear; GPU) or "local" (torch modules); None/"auto": te on GPU, local on CPU."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     layer_spec = dev.resolve_layer_spec(layer_spec)
     if layer_spec == "te":
@@ -236,8 +278,7 @@ def build_gpt_model(spec: ModelSpec, config, *, pre_process: bool, post_process:
         module_spec = get_gpt_layer_with_transformer_engine_spec(
             num_experts=spec.num_experts or None, moe_grouped_gemm=spec.is_moe, qk_layernorm=spec.qk_norm)
     else:
-        module_spec = get_gpt_layer_local_spec(num_experts=spec.num_experts or None, moe_grouped_gemm=False,
-                                               qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+        module_spec = local_block_spec(spec, config, vp_stage)
     kwargs = {}
     if spec.rope_scaling:
         kwargs.update(rope_scaling=True, rope_scaling_factor=spec.rope_scaling.get("factor", 8.0))

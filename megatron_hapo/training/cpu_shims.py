@@ -19,7 +19,10 @@ measured on megatron-core 0.16.1:
   imports, yet the router tests `te_general_gemm is not None` → defined as None; the alltoall
   dispatcher records an event on its device-to-host stream and later synchronizes on it → a no-op
   event; it converts the split sizes to numpy only for CUDA tensors, and gloo's all_to_all_single
-  rejects tensors there → CPU tensors are converted too when numpy is asked for.
+  rejects tensors there → CPU tensors are converted too when numpy is asked for;
+- MoE with TP > 1 (sequence parallel): the dispatcher all-gathers and reduce-scatters uneven token
+  counts over the TP group; gloo's all_gather wants equal sizes → padded to the largest and cut,
+  the uneven reduce-scatter → an all-reduce of which each rank keeps its part.
 """
 from __future__ import annotations
 
@@ -172,6 +175,37 @@ def _moe() -> None:
 
     moe_utils.maybe_move_tensor_to_cpu = to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = to_cpu
+    _uneven_collectives()
+
+
+def _uneven_collectives() -> None:
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def uneven(sizes) -> bool:
+        return sizes is not None and len(set(int(n) for n in sizes)) > 1
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if not uneven(output_split_sizes) or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        padded = input_.new_zeros((max(sizes),) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    def reduce_scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if not uneven(input_split_sizes) or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return torch.split(total, [int(n) for n in input_split_sizes])[group.rank()].contiguous()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_uneven
 
 
 def _restore_streams() -> None:

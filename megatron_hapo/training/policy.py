@@ -259,14 +259,11 @@ class MegatronPolicy:
             raise ValueError("virtual_pipeline_model_parallel_size: refused (over gloo the interleaved schedule's "
                              "training forward does not match PP without interleaving; not yet checked on GPUs)")
         self.layer_spec = dev.resolve_layer_spec(cfg.layer_spec)
-        if cfg.sequence_parallel and self.layer_spec != "te":
-            raise ValueError("sequence_parallel: needs Transformer Engine norms (model.layer_spec=te, GPU); the torch "
-                             "norms of the local spec refuse it")
         self.device = dev.device()
         dtype = cfg.torch_dtype()
         if spec.is_moe and tp > 1 and not cfg.sequence_parallel:
-            raise ValueError(f"tensor_model_parallel_size={tp} with a MoE model: Megatron requires sequence_parallel=true "
-                             "(parallel.sequence_parallel), which needs the TE spec (GPU)")
+            raise ValueError(f"tensor_model_parallel_size={tp} with a MoE model: Megatron requires sequence parallelism; "
+                             "set parallel.sequence_parallel=true")
         self.config = transformer_config(spec, tp, pp, dtype=dtype, sequence_parallel=cfg.sequence_parallel, vpp=vpp,
                                          ep=ep, etp=etp, aux_loss_coef=cfg.moe_aux_loss_coef,
                                          z_loss_coef=cfg.moe_z_loss_coef, layer_spec=self.layer_spec)
@@ -669,12 +666,15 @@ class MegatronPolicy:
         tokens per expert over the step (min, max, and max / mean)."""
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
-        world, pp = dist.get_world_size(), self.pp_size
+        # each layer lives on one stage; every DP replica computed it; under sequence parallelism each
+        # TP rank computed its slice's share (the tokens per expert are reduced over TP), else all of it
+        world, tp = dist.get_world_size(), self.cfg.tensor_model_parallel_size
+        replicas = world // self.pp_size // (tp if self.config.sequence_parallel else 1)
         out: Dict[str, float] = {}
         for name, entry in sorted(get_moe_layer_wise_logging_tracker().items()):
             values = entry["values"].detach().double().clone()
-            dist.all_reduce(values)  # each layer lives on one stage; every (DP, TP) replica computed it
-            values /= (world // pp) * n_micro
+            dist.all_reduce(values)
+            values /= replicas * n_micro
             short = {"load_balancing_loss": "moe_aux_loss", "z_loss": "moe_z_loss"}.get(name, f"moe_{name}")
             out[short] = float(values.mean())
             out.update({f"{short}_layer{i}": float(v) for i, v in enumerate(values.tolist())})
