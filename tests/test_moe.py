@@ -369,3 +369,28 @@ def test_train_command_at_ep2_resumes_and_converts_at_ep1(tmp_path):
         assert 0 <= r["moe_tokens_per_expert_min"] <= r["moe_tokens_per_expert_max"] and r["moe_load_imbalance"] >= 1.0
     diff = run_ranks(1, convert_worker, str(run_dir / "checkpoints" / "iter_0000003"), str(tmp_path / "exported"), str(model))[0]
     assert diff < 1e-4, diff
+
+
+def test_moe_configs_that_cannot_run_are_refused_by_name():
+    from megatron_hapo.config import Config
+    from megatron_hapo.models.hf_config import ModelSpec
+
+    base = {"model_type": "qwen3_moe", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 64,
+            "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_experts": 8,
+            "num_experts_per_tok": 2}
+    del_experts = {k: v for k, v in base.items() if k != "num_experts"}
+    assert ModelSpec.from_hf(dict(del_experts, num_local_experts=8)).num_experts == 8  # transformers 5's name
+    for bad, match in (({"mlp_only_layers": [0]}, "dense layers between the MoE layers"),
+                       ({"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+                       ({"shared_expert_intermediate_size": 64}, "shared experts"),
+                       ({"num_experts_per_tok": 9}, "num_experts_per_tok=9 exceeds num_experts=8"),
+                       ({"moe_intermediate_size": None}, "config.moe_intermediate_size")):
+        with pytest.raises(ValueError, match=match):
+            ModelSpec.from_hf(dict(base, **bad))
+    dense = ModelSpec.from_hf(dict(base, model_type="qwen3"))
+    from megatron_hapo.models.hf_config import check_layout
+
+    with pytest.raises(ValueError, match="the model has no experts"):
+        check_layout(dense, 1, 1, ep=2)
+    with pytest.raises(ValueError, match="parallel.expert_model_parallel_size=4: world size 2"):
+        Config.load(None, ["parallel.expert_model_parallel_size=4"]).validate(2)

@@ -283,3 +283,29 @@ def test_engine_context_is_sized_from_the_run(tmp_path):
     assert "rollout.kv_cache_memory_bytes=1048576 holds 1024 tokens: set rollout.kv_cache_memory_bytes=1064960" in error
     out = run_ranks(1, train_worker, str(tmp_path / "fits"), 1, [*extra, "data.max_prompt_tokens=64"], timeout=600)[0]
     assert out["error"] is None and len(out["history"]) == 1
+
+
+def test_moe_recipe_fits_qwen3_30b_a3b():
+    """examples/qwen3-30b-a3b/hapo.yaml validates for 32 ranks, and its layout fits Qwen3-30B-A3B's
+    published config.json (the fields that matter here, written out: no hub on this machine)."""
+    from pathlib import Path
+
+    from megatron_hapo.models.hf_config import ModelSpec, check_layout
+
+    cfg = Config.load(str(Path(__file__).parent.parent / "examples" / "qwen3-30b-a3b" / "hapo.yaml")).validate(world_size=32)
+    p = cfg.parallel
+    spec = ModelSpec.from_hf({
+        "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+        "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "router_aux_loss_coef": 0.001, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960, "tie_word_embeddings": False})
+    check_layout(spec, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                 ep=p.expert_model_parallel_size, etp=p.expert_tensor_parallel_size)
+    assert p.sequence_parallel and spec.num_experts // p.expert_model_parallel_size == 16
+    assert cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens <= spec.max_position_embeddings
+    assert cfg.train.moe_aux_loss_coef == spec.moe_aux_loss_coef
+    with pytest.raises(ValueError, match="expert_model_parallel_size=3 does not divide num_experts=128"):
+        check_layout(spec, 2, 1, ep=3)
+    with pytest.raises(ValueError, match="with expert_model_parallel_size=1"):  # the measured expert-TP trap
+        check_layout(spec, 2, 1, ep=1, etp=1)
