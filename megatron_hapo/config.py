@@ -85,6 +85,10 @@ class RolloutConfig:
     # 1 write of the logits a step instead of ~10 passes); false = the eager path (same numbers to
     # ~1e-5). Where the kernels cannot be built (no C++ compiler) the eager path is used, said once.
     fused_processor: bool = True
+    # MoE: record the experts each token was routed to at rollout and replay them in the old pass and
+    # the update (Megatron's routing replay): train/rollout routing mismatch cannot change which experts
+    # a token trains. The engine then runs without prefix caching and (GPU) without CUDA graphs.
+    routing_replay: bool = False
     dynamic_sampling: bool = True
     max_num_gen_batches: int = 10  # 0 = unlimited
     overlong_buffer: int = 0  # 0 = no overlong shaping

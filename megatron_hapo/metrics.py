@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 # TensorBoard group of every metric a step or an evaluation reports; names not listed fall back
-# on the prefix rules below (eval_<...>, mem_<phase>_<...>), then on "train".
+# on the prefix rules below (eval_<...>, mem_<phase>_<...>, moe_<...>), then on "train".
 GROUPS = {
     "rollout": ("reward", "reward_std", "accuracy", "rollout_accuracy", "response_length", "response_length_max",
                 "response_tokens", "truncated_frac", "reward_timeouts", "reward_errors", "rollout_errors", "keep_rate",
@@ -34,7 +34,7 @@ GROUPS = {
     "weight_sync": ("weight_sync_bytes",),
 }
 _TAG = {name: group for group, names in GROUPS.items() for name in names}
-_PREFIXES = (("eval_", "eval"), ("mem_", "memory"))
+_PREFIXES = (("eval_", "eval"), ("mem_", "memory"), ("moe_", "moe"))
 
 
 def tb_tag(key: str) -> str:

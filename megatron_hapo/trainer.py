@@ -89,7 +89,8 @@ class Trainer:
             self.engine = RolloutEngine(self.model_dir, max_model_len=context, kv_cache_memory_bytes=r.kv_cache_memory_bytes,
                                         seed=t.seed, tensor_parallel_size=itp, dtype=cfg.model.dtype,
                                         gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=r.enable_sleep_mode,
-                                        enforce_eager=r.enforce_eager, fused_processor=r.fused_processor)
+                                        enforce_eager=r.enforce_eager, fused_processor=r.fused_processor,
+                                        record_routing=r.routing_replay)
         except ValueError as exc:
             if "KV cache" not in str(exc) and "cache blocks" not in str(exc):
                 raise
@@ -167,14 +168,16 @@ class Trainer:
         phases.mark("old_pass")
         width, temps = ids.shape[1], batch.per_position("temperatures", ids.shape[1], self.device)
         engine_logp = batch.per_position("logprobs", width, self.device)  # at the recorded T: TIS's behaviour too
-        old_logp, old_ent, logp_at_t = self.policy.compute_logprobs(PolicyBatch(ids, mask), also_at=temps)
+        routing = batch.per_position_routing(width, self.device)  # rollout.routing_replay: the engine's experts
+        old_logp, old_ent, logp_at_t = self.policy.compute_logprobs(PolicyBatch(ids, mask, routing=routing), also_at=temps)
+        routing_mismatch = self.policy.take_routing_mismatch()
         mismatch = A.logprob_mismatch_sums(batch.per_position("logprobs_t1", width, self.device), old_logp, mask)
         mismatch_at_t = A.logprob_mismatch_sums(engine_logp, logp_at_t, mask)
         step_stats = distributed_entropy_stats(old_ent, mask, group=self.dp_group, pivot=algo.pivot)
         h_hat = A.normalized_entropy(old_ent, step_stats, algo.sign_mode) if algo.uses_entropy else None
         adv, fallback = A.compute_advantages(algo, batch.rewards.to(self.device), batch.lengths.to(self.device),
                                              batch.group_ids)
-        train = PolicyBatch(ids, mask, advantages=adv, old_logp=old_logp, h_hat=h_hat,
+        train = PolicyBatch(ids, mask, advantages=adv, old_logp=old_logp, h_hat=h_hat, routing=routing,
                             behaviour_logp=engine_logp if algo.rollout_correction == "tis" else None)
         t2 = self._phase("old_pass", t1, memory)
 
@@ -200,6 +203,8 @@ class Trainer:
                              **self._data_metrics(), **self._padding_metrics(), "time_weight_sync": sync["weight_sync_s"],
                              "weight_sync_bytes": sync["weight_sync_bytes"], "time_step": time.perf_counter() - t0}
         m["rollout_tokens_per_s"] = m["response_tokens"] / max(m["time_rollout"], 1e-9)
+        if routing_mismatch is not None:
+            m["moe_routing_mismatch"] = routing_mismatch  # the old pass's own routing vs the rollout's, replayed
         if self.logger.enabled:  # rank 0: the other ranks would copy these to the host for nothing
             self.logger.log_distributions(self.step, {
                 "h_hat": None if h_hat is None else h_hat[mask].cpu(), "entropy": old_ent[mask].cpu(),

@@ -328,7 +328,7 @@ def convert_worker(rank, world, ckpt, out, config_dir):
 
 def test_train_command_at_ep2_resumes_and_converts_at_ep1(tmp_path):
     """`megatron-hapo train` (torchrun, 2 ranks, an engine per rank) on Qwen3-MoE at EP 2 for 2
-    steps, then resumed for a third: the engine computes what the trainer computes at every step
+    steps, then resumed for a third with routing replay on: the engine computes what the trainer computes at every step
     (the weight sync gathers the experts and re-prepares them), the MoE metrics are logged. Resuming
     the EP 2 checkpoint at EP 1 is refused with the way out (Megatron's chained optimizer state does
     not reshard across EP 1 ↔ EP > 1); its weights load at EP 1: exported to HF, transformers and
@@ -360,9 +360,12 @@ def test_train_command_at_ep2_resumes_and_converts_at_ep1(tmp_path):
     launch("train.steps=2", "parallel.expert_model_parallel_size=2")
     refused = launch("train.steps=3", "parallel.expert_model_parallel_size=1", ok=False)
     assert "does not reshard across that change" in refused and f"model.load={run_dir}/checkpoints/iter_0000002" in refused, refused[-3000:]
-    launch("train.steps=3", "parallel.expert_model_parallel_size=2")
+    launch("train.steps=3", "parallel.expert_model_parallel_size=2", "rollout.routing_replay=true")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    # step 3 replays the engine's experts (recorded per token, moved with the groups between ranks):
+    # the engine and the trainer hold the same weights, so the trainer's own routing agrees everywhere
+    assert "moe_routing_mismatch" not in rows[1] and rows[2]["moe_routing_mismatch"] == 0.0, rows[2]
     for r in rows:
         assert r["logp_mismatch_at_t_max"] < 1e-4, (r["step"], r["logp_mismatch_at_t_max"])
         assert 0.5 < r["moe_aux_loss"] < 4.0 and "moe_aux_loss_layer1" in r, r
@@ -394,3 +397,115 @@ def test_moe_configs_that_cannot_run_are_refused_by_name():
         check_layout(dense, 1, 1, ep=2)
     with pytest.raises(ValueError, match="parallel.expert_model_parallel_size=4: world size 2"):
         Config.load(None, ["parallel.expert_model_parallel_size=4"]).validate(2)
+
+
+def forced_hf_logp(hf, ids, experts):
+    """float64 transformers log-probs with each MoE layer's experts forced: experts [B, S, layers, k]
+    (the weights: softmax over all experts, kept for the forced ones and renormalized, as HF does
+    with norm_topk_prob)."""
+    import types
+
+    h = hf.double()
+    saved = []
+    for layer_index, layer in enumerate(h.model.layers):
+        gate = layer.mlp.gate
+        saved.append(gate.forward)
+
+        def forward(self, hidden_states, li=layer_index):
+            hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+            logits = torch.nn.functional.linear(hidden_states, self.weight)
+            idx = current[li]
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float64)
+            top = probs.gather(1, idx)
+            top = top / top.sum(-1, keepdim=True)
+            return logits, top.to(logits.dtype), idx
+
+        gate.forward = types.MethodType(forward, gate)
+    try:
+        out = []
+        for row in range(ids.shape[0]):
+            current = {li: experts[row, :, li].long() for li in range(experts.shape[2])}
+            with torch.no_grad():
+                lp = torch.log_softmax(h(ids[row:row + 1]).logits[0], -1)
+            out.append(lp[:-1].gather(-1, ids[row, 1:, None]).squeeze(-1))
+        return torch.stack(out)
+    finally:
+        for layer, fwd in zip(h.model.layers, saved):
+            layer.mlp.gate.forward = fwd
+
+
+def replay_worker(rank, world, tmp):
+    from megatron.core import parallel_state as ps
+
+    from megatron_hapo.algorithms import AlgorithmConfig
+    from megatron_hapo.models.hf_config import ModelSpec
+    from megatron_hapo.rollout.engine import RolloutEngine, SamplingConfig
+    from megatron_hapo.models.mapping import unfuse_hf_experts
+    from megatron_hapo.training.parallel import init_model_parallel
+    from megatron_hapo.training.policy import MegatronPolicy, PolicyBatch, PolicyConfig
+
+    from .tiny_models import hf_model
+
+    init_model_parallel(1, 1)
+    hf = hf_model("qwen3_moe", vocab_size=VOCAB)
+    hf.save_pretrained(f"{tmp}/model")
+    engine = RolloutEngine(f"{tmp}/model", max_model_len=64, kv_cache_memory_bytes=32 * 2**20, seed=0, record_routing=True)
+    spec = ModelSpec.from_hf(hf.config)
+    out = {}
+    for pack in (0, 64):
+        policy = MegatronPolicy(spec, PolicyConfig(routing_replay=True, micro_batch_size=2, lr=3e-2, lr_warmup_steps=0,
+                                                   max_tokens_per_micro_batch=pack), AlgorithmConfig.preset("dapo"))
+        policy.load_hf_state_dict(hf.state_dict())
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
+        res = engine.generate(prompts, 2, SamplingConfig(max_tokens=8), None, list(range(4)))
+        rows = [(p, r) for p, rs in zip(prompts, res) for r in rs]
+        width = max(len(p) + len(r.token_ids) for p, r in rows) + 1
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        routing = torch.full((len(rows), width, spec.num_layers, spec.moe_top_k), -1, dtype=torch.int16)
+        engine_lp = torch.zeros(len(rows), width)
+        for i, (p, r) in enumerate(rows):
+            seq = p + r.token_ids
+            ids[i, :len(seq)] = torch.tensor(seq)
+            mask[i, len(p) - 1:len(seq) - 1] = True
+            engine_lp[i, len(p) - 1:len(seq) - 1] = torch.tensor(r.logprobs_t1)
+            routing[i, :len(seq) - 1] = torch.from_numpy(r.routing).permute(1, 0, 2)
+        m = mask[:, :-1]
+        own, _ = policy.compute_logprobs(PolicyBatch(ids, mask))
+        replayed, _ = policy.compute_logprobs(PolicyBatch(ids, mask, routing=routing))
+        same_routes = policy.take_routing_mismatch()
+        # experts forced at random (distinct per token): the replay must be what routes
+        rnd = torch.rand(len(rows), width, spec.num_layers, spec.num_experts, generator=g).topk(spec.moe_top_k, -1).indices
+        forced, _ = policy.compute_logprobs(PolicyBatch(ids, mask, routing=rnd.to(torch.int16)))
+        forced_mismatch = policy.take_routing_mismatch()
+        ref = forced_hf_logp(hf, ids, rnd)
+        # a stale engine: one large update, no sync: its recorded routing is the old weights'
+        old = replayed
+        policy.train_step(PolicyBatch(ids, mask, routing=routing, advantages=torch.tensor([1.0, -1.0] * 4), old_logp=old))
+        policy.compute_logprobs(PolicyBatch(ids, mask, routing=routing))
+        stale = policy.take_routing_mismatch()
+        new_own, _ = policy.compute_logprobs(PolicyBatch(ids, mask))
+        new_replayed, _ = policy.compute_logprobs(PolicyBatch(ids, mask, routing=routing))
+        out[pack] = dict(
+            engine_vs_own=(own[:, :-1] - engine_lp[:, :-1]).abs()[m].max().item(),
+            engine_vs_replayed=(replayed[:, :-1] - engine_lp[:, :-1]).abs()[m].max().item(),
+            same_routes=same_routes, forced_mismatch=forced_mismatch,
+            forced_vs_hf=(forced[:, :-1].double() - ref).abs()[m].max().item(),
+            forced_vs_own=(forced[:, :-1] - own[:, :-1]).abs()[m].max().item(),
+            stale_routing_mismatch=stale,
+            stale_logp_own_vs_replayed=(new_own[:, :-1] - new_replayed[:, :-1]).abs()[m].max().item())
+        engine.update_weights(list(unfuse_hf_experts(hf.float().state_dict()).items()))  # untouched for the next layout
+    ps.destroy_model_parallel()
+    return out
+
+
+def test_routing_replay_records_the_engines_experts_and_replays_them(tmp_path):
+    out = run_ranks(1, replay_worker, str(tmp_path), timeout=600)[0]
+    for pack, r in out.items():
+        print(f"routing replay (pack {pack}): {r}")
+        assert r["engine_vs_own"] < 1e-4 and r["engine_vs_replayed"] < 1e-4, r  # the same routes: the same numbers
+        assert r["same_routes"] == 0.0, r
+        assert r["forced_mismatch"] > 0.5, r  # random experts: the trainer's router would choose otherwise
+        assert r["forced_vs_hf"] < 2e-5 and r["forced_vs_own"] > 1e-2, r  # the replayed experts are what routed
+        assert r["stale_routing_mismatch"] > 0.0 and r["stale_logp_own_vs_replayed"] > 1e-4, r

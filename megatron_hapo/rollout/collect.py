@@ -30,12 +30,13 @@ PER_TOKEN = ("temperatures", "entropies", "logprobs", "logprobs_t1")  # what the
 class Sample:
     """One response, compact for the exchange (float32 arrays, not Python lists)."""
 
-    __slots__ = ("token_ids", "truncated", "error") + PER_TOKEN
+    __slots__ = ("token_ids", "truncated", "error", "routing") + PER_TOKEN
 
     def __init__(self, response):
         self.token_ids = list(response.token_ids)
         for name in PER_TOKEN:
             setattr(self, name, np.asarray(getattr(response, name), dtype=np.float32))
+        self.routing = getattr(response, "routing", None)  # routing replay: int16 [layers, positions fed, k]
         self.truncated = response.finish_reason == "length"
         self.error = response.error
 
@@ -109,6 +110,7 @@ class RolloutBatch:
     kept: List[GroupSummary]  # global, the same on every rank
     seen: List[GroupSummary]
     gen_batches: int
+    routing: Optional[List[object]] = None  # routing replay: per response, int16 [layers, prompt + response − 1, k]
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -137,6 +139,18 @@ class RolloutBatch:
         for i, (v, p) in enumerate(zip(self.per_token[name], self.prompt_lens)):
             if len(v):
                 out[i, p - 1: p - 1 + len(v)] = torch.from_numpy(v)
+        return out.to(device or "cpu")
+
+
+    def per_position_routing(self, width: int, device=None) -> Optional[torch.Tensor]:
+        """Routing replay: the rollout's experts per position [N, width, layers, k] (int16), −1 where
+        nothing was recorded (each row's last token, padding); None without records."""
+        if self.routing is None:
+            return None
+        layers, _, k = self.routing[0].shape
+        out = torch.full((len(self), width, layers, k), -1, dtype=torch.int16)
+        for i, r in enumerate(self.routing):
+            out[i, :r.shape[1]] = torch.from_numpy(np.ascontiguousarray(r.transpose(1, 0, 2)))
         return out.to(device or "cpu")
 
 
@@ -279,7 +293,8 @@ class RolloutCollector:
                              rewards=torch.tensor([r for *_, r in rows], dtype=torch.float32),
                              group_ids=[gi for gi, *_ in rows],
                              per_token={name: [getattr(s, name) for _, _, s, _ in rows] for name in PER_TOKEN},
-                             kept=kept, seen=seen, gen_batches=gen_batches)
+                             kept=kept, seen=seen, gen_batches=gen_batches,
+                             routing=[s.routing for _, _, s, _ in rows] if rows and rows[0][2].routing is not None else None)
         return batch, data_position
 
     def exchange(self, wanted_by_dp_rank: List[List[int]], local: Dict[int, Group]) -> List[Group]:

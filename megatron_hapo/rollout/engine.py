@@ -81,6 +81,7 @@ class Response:
     logprobs_t1: List[float]  # at T = 1
     finish_reason: Optional[str]
     error: Optional[str] = None
+    routing: Optional[object] = None  # routing replay: experts [layers, prompt + response − 1, top-k] (numpy)
 
     @property
     def length(self) -> int:
@@ -149,6 +150,7 @@ class RolloutEngine:
         enable_sleep_mode: bool = False,
         enforce_eager: bool = True,
         fused_processor: bool = True,
+        record_routing: bool = False,
     ):
         _vllm_env()
         from vllm import LLM
@@ -169,8 +171,9 @@ class RolloutEngine:
             # CUDA graphs (and vLLM's torch.compile) on GPU when enforce_eager=False: the temperature
             # processor runs in the sampler, outside the captured forward, and the in-place weight
             # reload and sleep mode keep the weights' addresses. The CPU backend runs eager.
-            max_num_seqs=max_num_seqs, enforce_eager=enforce_eager or not dev.is_gpu(),
-            logits_processors=[HapoTemperatureProcessor], enable_prefix_caching=True,
+            # routing replay records each position when it is computed: no prefix cache, no CUDA graphs
+            max_num_seqs=max_num_seqs, enforce_eager=enforce_eager or not dev.is_gpu() or record_routing,
+            logits_processors=[HapoTemperatureProcessor], enable_prefix_caching=not record_routing,
             **engine_placement(tensor_parallel_size, dist.is_initialized(), dev.is_gpu()),
         )
         if dev.is_gpu():
@@ -181,6 +184,12 @@ class RolloutEngine:
         self.llm = LLM(**kwargs)
         dev.set_current()  # whatever vLLM did to the current device, the rank's own is current again
         self.max_model_len = max_model_len
+        self.record_routing = record_routing
+        if record_routing:
+            from . import routing
+
+            if not self.llm.collective_rpc(routing.install)[0]:
+                raise ValueError("rollout.routing_replay: the model has no MoE layers to record")
         self._counter = itertools.count()
         self.weight_version = 0
 
@@ -233,11 +242,30 @@ class RolloutEngine:
                 keys.append((i, j, tag))
         if requests:
             self._check_usable()
-            results = self.llm.generate(requests, params, use_tqdm=False)
+            if self.record_routing:
+                from . import routing
+
+                self.llm.collective_rpc(routing.set_enabled, args=(True,))
+            try:
+                results = self.llm.generate(requests, params, use_tqdm=False)
+            finally:
+                if self.record_routing:
+                    self.llm.collective_rpc(routing.set_enabled, args=(False,))
             records = RECORDER.pop({k[2] for k in keys})
+            experts = self._routing(requests, results) if self.record_routing else {}
             for (i, j, tag), res in zip(keys, results):
                 out[i][j] = self._response(i, j, res.outputs[0], records[tag])
+                out[i][j].routing = experts.get(res.request_id)
         return out
+
+    def _routing(self, requests, results) -> dict:
+        from . import routing
+
+        cfg = self.llm.llm_engine.model_config.hf_config
+        lengths = {res.request_id: len(req["prompt_token_ids"]) + len(res.outputs[0].token_ids) - 1
+                   for req, res in zip(requests, results)}
+        steps = self.llm.collective_rpc(routing.take)[0]
+        return routing.resolve(steps, lengths, int(cfg.num_hidden_layers), int(cfg.num_experts_per_tok))
 
     @staticmethod
     def _response(i, j, completion, record) -> Response:

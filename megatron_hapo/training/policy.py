@@ -52,6 +52,7 @@ class PolicyConfig(OptimConfig):
     expert_tensor_parallel_size: Optional[int] = None  # None = TP
     moe_aux_loss_coef: Optional[float] = None  # None = the model config's router_aux_loss_coef
     moe_z_loss_coef: float = 0.0
+    routing_replay: bool = False  # MoE: batches may carry the rollout's experts ("routing"); the passes replay them
     use_distributed_optimizer: bool = False
     micro_batch_size: int = 1
     dtype: str = "float32"  # bfloat16 on GPU
@@ -68,6 +69,7 @@ class PolicyConfig(OptimConfig):
         values = {}
         for section in (cfg.parallel, cfg.model, cfg.train):
             values.update({f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in names})
+        values["routing_replay"] = cfg.rollout.routing_replay
         values["train_steps"] = cfg.optimizer_steps() if cfg.train.lr_warmup_unit == "optimizer_steps" else cfg.train.steps
         return cls(**values)
 
@@ -98,8 +100,9 @@ class PolicyBatch:
             if t is not None and tuple(t.shape) != shape:
                 raise ValueError(f"{name}: shape {tuple(t.shape)} does not match input_ids {shape}")
         for name, t in self.inputs.items():
-            if tuple(t.shape) not in ((shape[0],), shape):
-                raise ValueError(f"{name}: shape {tuple(t.shape)}; expected per sequence ({shape[0]},) or per position {shape}")
+            if tuple(t.shape) != (shape[0],) and tuple(t.shape[:2]) != shape:
+                raise ValueError(f"{name}: shape {tuple(t.shape)}; expected per sequence ({shape[0]},) or per position "
+                                 f"{shape} (and trailing dimensions)")
         self.loss_mask = loss_mask.bool()
         if bool(self.loss_mask[:, -1].any()):
             raise ValueError("loss_mask: the last position has no next token to score")
@@ -124,7 +127,14 @@ class PolicyBatch:
         extra = width - self.input_ids.shape[1]
         if extra <= 0:
             return self
-        return self._map(lambda t: t if t.dim() == 1 else torch.nn.functional.pad(t, (0, extra)))
+        def pad(t):
+            if t.dim() == 1:
+                return t
+            # routing records pad with −1 (no expert recorded); everything else with 0
+            fill = -1 if t.dtype in (torch.int16, torch.uint8, torch.int32, torch.int64) and t.dim() > 2 else 0
+            return torch.cat([t, t.new_full((t.shape[0], extra) + tuple(t.shape[2:]), fill)], dim=1)
+
+        return self._map(pad)
 
     def cat(self, other: "PolicyBatch") -> "PolicyBatch":
         return self._map(lambda t, o: torch.cat([t, o]), other)
@@ -267,6 +277,13 @@ class MegatronPolicy:
         self.config = transformer_config(spec, tp, pp, dtype=dtype, sequence_parallel=cfg.sequence_parallel, vpp=vpp,
                                          ep=ep, etp=etp, aux_loss_coef=cfg.moe_aux_loss_coef,
                                          z_loss_coef=cfg.moe_z_loss_coef, layer_spec=self.layer_spec)
+        if cfg.routing_replay:
+            if not spec.is_moe:
+                raise ValueError("routing_replay: the model has no experts")
+            from megatron.core.transformer.moe.router_replay import RouterReplay
+
+            RouterReplay.clear_global_router_replay_instances()  # a class-level list: this model's routers only
+            self.config.moe_enable_routing_replay = True
         self.config.calculate_per_token_loss = True
         # Sequence parallelism splits the sequence over TP ranks: widths are padded to a multiple of
         # TP, and of 64 with TE (its fused kernels' alignment).
@@ -441,6 +458,17 @@ class MegatronPolicy:
     def packing(self) -> bool:
         return self.cfg.max_tokens_per_micro_batch > 0
 
+    def take_routing_mismatch(self) -> Optional[float]:
+        """Routing replay: the share of (real token, MoE layer) pairs whose experts the trainer's own
+        router would have chosen differently from the rollout's (over all ranks) since the last call;
+        None without replayed passes."""
+        if not self.spec.is_moe or not self.cfg.routing_replay:
+            return None
+        d = self._replay_diff.clone()
+        dist.all_reduce(d)  # a ratio: replicas (TP without SP) count both parts alike
+        self._replay_diff.zero_()
+        return float(d[0] / d[1]) if d[1] > 0 else None
+
     def take_token_counts(self) -> Dict[str, float]:
         """Tokens the passes computed (padding included) and real tokens, since the last call."""
         out = {"tokens_computed": float(self._computed), "tokens_real": float(self._real)}
@@ -480,7 +508,8 @@ class MegatronPolicy:
             self._computed += part.input_ids.numel()
             real = torch.arange(part.input_ids.shape[1], device=self.device)[None] < sequence_lengths(part.loss_mask)[:, None]
             out.append(dict(batch=part, input_ids=part.input_ids, position_ids=position_ids, attention_mask=mask,
-                            labels=labels, rows=torch.arange(start, start + mbs), gather=None, padding=~real))
+                            labels=labels, rows=torch.arange(start, start + mbs), gather=None, padding=~real,
+                            routing=part.routing))
         return out
 
     def _packed(self, batch: PolicyBatch, group: List[List[int]], lengths: List[int]) -> dict:
@@ -499,6 +528,11 @@ class MegatronPolicy:
         ids = ids.view(len(group), width)
         self._computed += ids.numel()
         mb = dict(batch=part, input_ids=ids, rows=idx, gather=gather, padding=seg >= len(order))
+        if part.routing is not None:  # the rollout's experts, laid out like the tokens
+            r = part.routing
+            flat = r.new_full((len(group) * width + 1,) + tuple(r.shape[2:]), -1)
+            flat[gather[valid]] = r[:, :gather.shape[1]][valid]
+            mb["routing"] = flat[:-1].view(len(group), width, *r.shape[2:])
         if self.layer_spec == "te":  # GPU: THD, no mask tensor (tools/gpu_selftest.py checks it against padded rows)
             from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -522,6 +556,8 @@ class MegatronPolicy:
             extra = {"packed_seq_params": mb["packed_seq_params"]} if mb.get("packed_seq_params") is not None else {}
             if self.spec.is_moe:  # padding is neither routed into the load statistics nor the aux losses
                 extra["padding_mask"] = mb["padding"]
+            if self.cfg.routing_replay:
+                self._replay(model, mb.get("routing"))
             output = model(mb["input_ids"], mb["position_ids"], mb["attention_mask"], **extra)
             return output, partial(loss_fn, mb)
 
@@ -573,6 +609,8 @@ class MegatronPolicy:
         at those temperatures from the same forward: (log-prob, entropy, log-prob at also_at)."""
         out_device, width = batch.input_ids.device, batch.input_ids.shape[1]
         temps = {k: v for k, v in (("temperature", temperature), ("also_at", also_at)) if isinstance(v, torch.Tensor)}
+        if batch.routing is not None:
+            temps["routing"] = batch.routing
         batch = PolicyBatch(batch.input_ids, batch.loss_mask, batch.segment_ids, **temps)
         batch = self._fit_width(batch).to(self.device)
         n_rows, mbs = batch.size, self.cfg.micro_batch_size
@@ -620,6 +658,37 @@ class MegatronPolicy:
         width = batch.input_ids.shape[1]
         return batch.pad_width(-(-width // self.width_multiple) * self.width_multiple)
 
+    # ---- MoE: routing replay -----------------------------------------------------------------
+
+    def _replay(self, model, routing: Optional[torch.Tensor]) -> None:
+        """Before a micro-batch's forward: each router of this model chunk replays the rollout's
+        experts for its layer (Megatron's RouterReplay, REPLAY_FORWARD), or routes itself when the
+        micro-batch carries none. routing [b, s, layers, k], −1 where nothing was recorded (the last
+        token, padding): those positions take experts 0..k−1, which only shape outputs no loss reads.
+        Megatron's token order is [s, b] flattened; under sequence parallelism a TP rank routes
+        its slice of s."""
+        from megatron.core.transformer.moe.router import Router
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        routers = [m for m in model.modules() if isinstance(m, Router)]
+        if routing is None:
+            for router in routers:
+                router.router_replay.clear_router_replay_action()
+            return
+        k = self.spec.moe_top_k
+        idx = routing.to(self.device, torch.long).transpose(0, 1)  # [s, b, layers, k]
+        if self.config.sequence_parallel:
+            idx = idx.chunk(self.cfg.tensor_model_parallel_size, dim=0)[self.tp_rank]
+        recorded = (idx >= 0).all(-1)  # [s, b, layers]
+        idx = torch.where(idx < 0, torch.arange(k, device=self.device), idx)
+        for router in routers:
+            replay = router.router_replay
+            replay.clear_indices()
+            layer = router.layer_number - 1
+            replay.set_target_indices(idx[:, :, layer].reshape(-1, k).contiguous())
+            replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+            replay.recorded = recorded[:, :, layer].reshape(-1)  # for the mismatch metric
+
     # ---- MoE: the auxiliary losses' weight, their values per layer, the expert load -------------
 
     def _moe_setup(self) -> None:
@@ -628,13 +697,21 @@ class MegatronPolicy:
         self._z_coef = self.config.moe_z_loss_coeff
         self._load = torch.zeros(self.spec.num_layers, self.spec.num_experts, dtype=torch.float64, device=self.device)
 
+        self._replay_diff = torch.zeros(2, dtype=torch.float64, device=self.device)  # (tokens routed apart, tokens)
+
         def count(router, inputs, output):
+            padding = inputs[1] if len(inputs) > 1 and inputs[1] is not None else None
+            real = None if padding is None else ~padding.transpose(0, 1).reshape(-1).bool()
             if router.training:
-                routing_map = output[1]
-                padding = inputs[1] if len(inputs) > 1 and inputs[1] is not None else None
-                if padding is not None:
-                    routing_map = routing_map & ~padding.transpose(0, 1).reshape(-1, 1).bool()
+                routing_map = output[1] if real is None else output[1] & real[:, None]
                 self._load[router.layer_number - 1] += routing_map.sum(0).double()
+            replay = getattr(router, "router_replay", None)
+            if replay is not None and replay.router_replay_action is not None and replay.target_topk_idx is not None:
+                with torch.no_grad():  # what the router would have chosen: the mismatch replay removed
+                    own = router.gating(inputs[0].reshape(-1, inputs[0].shape[-1])).topk(self.spec.moe_top_k, -1).indices
+                    apart = (own.sort(-1).values != replay.target_topk_idx.sort(-1).values).any(-1)
+                    apart = apart[replay.recorded if real is None else replay.recorded & real]
+                    self._replay_diff += torch.stack([apart.sum(), torch.tensor(apart.numel(), device=apart.device)]).double()
 
         from megatron.core.transformer.moe.router import Router
 
