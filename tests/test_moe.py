@@ -288,7 +288,7 @@ def moe_sync_worker(rank, world, tmp):
     sync_policy_to_engine(policy, engine)
     out["unprepared"] = mismatch()
     engine_mod._prepare_experts = prepare
-    out["sync"] = sync_policy_to_engine(policy, engine)
+    out["sync"] = sync_policy_to_engine(policy, engine, bucket_bytes=40 * 1024)  # the experts in several EP buckets
     out["synced"] = mismatch()
     out["layers_prepared"] = engine.llm.collective_rpc(prepare)[0]
     ps.destroy_model_parallel()

@@ -376,51 +376,75 @@ class MegatronPolicy:
         with dev.megatron_scope():
             self.optimizer.reload_model_params()
 
-    def _named_tp_merged_parameters(self):
-        """(chunk layer base, Megatron name, TP-merged tensor) for this PP stage's parameters; an
-        expert's weight is merged over the expert-TP group and gathered over the EP group: every EP
-        rank yields every expert, under its global index."""
+    def _named_tp_merged_parameters(self, bucket_bytes: int = 64 * 2**20):
+        """(chunk layer base, Megatron name, TP-merged tensor) for this PP stage's parameters; the
+        experts' weights are merged over the expert-TP group and gathered over the EP group in
+        buckets of up to `bucket_bytes` per rank (one all-gather each): every EP rank yields every
+        expert, under its global index."""
         tp = self.cfg.tensor_model_parallel_size
+        pending: List[tuple] = []  # (chunk layer base, name, local index, tensor) of experts not yet gathered
+
+        def flush():
+            yield from self._gather_experts(pending)
+            pending.clear()
+
         for i, chunk in enumerate(self.chunks):
             for name, p in chunk.module.state_dict().items():
                 if name.endswith("_extra_state"):
                     continue
                 t = p.detach()
                 local = expert_index(name) if self.spec.is_moe else None
-                expert = local is not None
-                size, group = (self.etp, self.etp_group) if expert else (tp, self.tp_group)
+                size, group = (self.etp, self.etp_group) if local is not None else (tp, self.tp_group)
                 if size > 1 and param_kind(name) != "replicated":
                     parts = [torch.empty_like(t) for _ in range(size)]
                     dist.all_gather(parts, t.contiguous(), group=group)
                     t = merge_tp(name, parts)
-                if not expert:
+                if local is None:
                     yield self._chunk_layer_base(i), name, t
                     continue
-                per = self.spec.num_experts // self.ep
-                parts = [t]
-                if self.ep > 1:
-                    parts = [torch.empty_like(t) for _ in range(self.ep)]
-                    dist.all_gather(parts, t.contiguous(), group=self.ep_group)
-                for r, part in enumerate(parts):
-                    yield self._chunk_layer_base(i), with_expert_index(name, r * per + local), part
+                if pending and (sum(x[3].numel() * x[3].element_size() for x in pending) + t.numel() * t.element_size()
+                                > bucket_bytes or pending[0][3].dtype != t.dtype):
+                    yield from flush()
+                pending.append((self._chunk_layer_base(i), name, local, t))
+        yield from flush()
 
-    def _stage_hf_tensors(self):
+    def _gather_experts(self, items: List[tuple]):
+        """One flat all-gather over the EP group for a bucket of expert tensors (the same names on
+        every EP rank: local numbering), then each expert under its global index."""
+        if not items:
+            return
+        per = self.spec.num_experts // self.ep
+        if self.ep == 1:
+            for base, name, local, t in items:
+                yield base, name, t
+            return
+        flat = torch.cat([t.reshape(-1) for *_, t in items]).contiguous()
+        parts = [torch.empty_like(flat) for _ in range(self.ep)]
+        dist.all_gather(parts, flat, group=self.ep_group)
+        numels = [t.numel() for *_, t in items]
+        pieces = [part.split(numels) for part in parts]
+        for k, (base, name, local, t) in enumerate(items):
+            for r in range(self.ep):
+                yield base, with_expert_index(name, r * per + local), pieces[r][k].view(t.shape)
+
+    def _stage_hf_tensors(self, bucket_bytes: int = 64 * 2**20):
         """(HF name, tensor) of this PP stage's parameters, TP-merged, on the device."""
-        for base, name, t in self._named_tp_merged_parameters():
+        for base, name, t in self._named_tp_merged_parameters(bucket_bytes):
             yield from megatron_state_to_hf([(name, t)], self.spec, base)
 
     def hf_weights(self, bucket_bytes: int = 64 * 2**20):
         """The one walk of the weights: every rank yields the complete HF-named set in a fixed order,
         one tensor at a time, on the device. TP shards are all-gathered and merged (fused QKV per KV
-        group, [gate; up], row/column splits, vocabulary padding removed); with PP each stage
+        group, [gate; up], row/column splits, vocabulary padding removed); MoE experts are merged over
+        expert-TP and all-gathered over EP in buckets of at most `bucket_bytes`; with PP each stage
         broadcasts its tensors to the others in buckets of at most `bucket_bytes`, so the peak extra
         memory is one bucket plus one merged parameter. Used by the weight sync and the export."""
         if self.pp_size == 1:
-            yield from self._stage_hf_tensors()
+            yield from self._stage_hf_tensors(bucket_bytes)
             return
         for stage in range(self.pp_size):
             src = dist.get_global_rank(self.pp_group, stage)
-            local = list(self._stage_hf_tensors()) if self.pp_rank == stage else None
+            local = list(self._stage_hf_tensors(bucket_bytes)) if self.pp_rank == stage else None
             meta = [[(n, tuple(t.shape), t.dtype) for n, t in local] if local is not None else None]
             dist.broadcast_object_list(meta, src=src, group=self.pp_group)
             for bucket in _buckets([(torch.Size(s).numel() * torch.empty((), dtype=d).element_size(), d)
