@@ -383,6 +383,70 @@ def c_local_into_te(ctx):
     return f"TE policy from a local-spec checkpoint: max|Δw| vs HF {d:.2e}", d == 0.0
 
 
+@check("MoE (tiny Qwen3-MoE; TE grouped experts on GPU): logits vs transformers, weights round trip, engine sync, routing replay")
+def c_moe(ctx):
+    # before any other engine: vLLM keeps one parallel state per process, and only a MoE model's first
+    # engine creates its expert-parallel group (a MoE engine after a dense one fails on that)
+    import transformers
+    from megatron.core import parallel_state as ps
+
+    from megatron_hapo.algorithms import AlgorithmConfig, logprob_mismatch
+    from megatron_hapo.models.hf_config import ModelSpec
+    from megatron_hapo.models.mapping import unfuse_hf_experts
+    from megatron_hapo.rollout.engine import RolloutEngine, SamplingConfig
+    from megatron_hapo.rollout.weight_sync import sync_policy_to_engine
+    from megatron_hapo.training.parallel import init_model_parallel
+    from megatron_hapo.training.policy import MegatronPolicy, PolicyBatch, PolicyConfig
+
+    if not ps.model_parallel_is_initialized():
+        init_model_parallel(1, 1)
+    cfg = transformers.AutoConfig.for_model(
+        model_type="qwen3_moe", vocab_size=512, hidden_size=128, intermediate_size=128, moe_intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=128, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, experts_implementation="eager").eval()
+    path = os.path.join(ctx.work, "moe_model")
+    hf.save_pretrained(path)
+    want = unfuse_hf_experts(hf.state_dict())
+    policy = MegatronPolicy(ModelSpec.from_hf(cfg), PolicyConfig(micro_batch_size=2, lr=3e-3, lr_warmup_steps=0,
+                                                                 routing_replay=True), AlgorithmConfig.preset("dapo"))
+    policy.load_hf_state_dict(hf.state_dict())
+    names = [n for n in policy.chunks[0].module.state_dict() if ".experts." in n and not n.endswith("_extra_state")]
+    back = policy.hf_state_dict()
+    round_trip = set(back) == set(want) and all(torch.equal(back[k], want[k]) for k in want)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 512, (4, 20), generator=g)
+    mask = torch.zeros(4, 20, dtype=torch.bool)
+    mask[:, 4:19] = True
+    lp, _ = policy.compute_logprobs(PolicyBatch(ids, mask))
+    with torch.no_grad():
+        ref = torch.log_softmax(hf.double()(ids).logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    hf_err = (lp[:, :-1].cpu().double() - ref).abs()[mask[:, :-1]].max().item()
+    engine = RolloutEngine(path, max_model_len=64, kv_cache_memory_bytes=32 * 2**20, gpu_memory_utilization=0.15,
+                           seed=0, record_routing=True)
+    policy.train_step(PolicyBatch(ids, mask, advantages=torch.tensor([1.0, -1.0, 1.0, -1.0]), old_logp=lp))
+    sync_policy_to_engine(policy, engine)
+    trainer, _ = policy.compute_logprobs(PolicyBatch(ids, mask))
+    mm = logprob_mismatch(torch.tensor(engine.score(ids.tolist()), device=trainer.device), trainer[:, :-1], mask[:, :-1])
+    res = engine.generate([ids[0, :6].tolist()], 1, SamplingConfig(max_tokens=6), None, [0])[0][0]
+    seq = ids[0, :6].tolist() + res.token_ids
+    rows = torch.tensor([seq + [0]])
+    rmask = torch.zeros_like(rows, dtype=torch.bool)
+    rmask[0, 5:len(seq) - 1] = True
+    routing = torch.full(rows.shape + (2, 2), -1, dtype=torch.int16)
+    routing[0, :len(seq) - 1] = torch.from_numpy(res.routing).permute(1, 0, 2)
+    policy.compute_logprobs(PolicyBatch(rows, rmask, routing=routing))
+    replay_mismatch = policy.take_routing_mismatch()
+    del engine
+    tol = 2e-5
+    ok = hf_err < tol and round_trip and mm["logp_mismatch_max"] < (1e-2 if dev.is_gpu() else 1e-4) and replay_mismatch == 0.0
+    return (f"{policy.layer_spec} spec, expert names {names[:1]}: max|Δ log p| vs transformers float64 {hf_err:.1e} "
+            f"(tol {tol:g}); round trip exact: {round_trip}; engine vs trainer after a step and sync "
+            f"{mm['logp_mismatch_max']:.1e}; routing replay: trainer's own routing vs the engine's recorded "
+            f"{replay_mismatch}"), ok
+
+
 @check("engine built after the policy keeps the rank's current device")
 def c_engine_device(ctx):
     from megatron_hapo.rollout.engine import RolloutEngine
@@ -584,68 +648,6 @@ def c_cuda_graphs(ctx):
     return (f"identical responses {same_tokens:.0%}, max|Δlog p| on them {d_lp:.1e}; same after sleep/wake: {stable}; "
             f"{tokens / graphs_s:.0f} tok/s with graphs vs {tokens / eager_s:.0f} eager"), \
         same_tokens >= 0.9 and d_lp < 5e-3 and stable
-
-
-@check("MoE (tiny Qwen3-MoE; TE grouped experts on GPU): logits vs transformers, weights round trip, engine sync, routing replay")
-def c_moe(ctx):
-    import transformers
-    from megatron.core import parallel_state as ps
-
-    from megatron_hapo.algorithms import AlgorithmConfig, logprob_mismatch
-    from megatron_hapo.models.hf_config import ModelSpec
-    from megatron_hapo.models.mapping import unfuse_hf_experts
-    from megatron_hapo.rollout.engine import RolloutEngine, SamplingConfig
-    from megatron_hapo.rollout.weight_sync import sync_policy_to_engine
-    from megatron_hapo.training.parallel import init_model_parallel
-    from megatron_hapo.training.policy import MegatronPolicy, PolicyBatch, PolicyConfig
-
-    if not ps.model_parallel_is_initialized():
-        init_model_parallel(1, 1)
-    cfg = transformers.AutoConfig.for_model(
-        model_type="qwen3_moe", vocab_size=512, hidden_size=128, intermediate_size=128, moe_intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
-        num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=128, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, experts_implementation="eager").eval()
-    path = os.path.join(ctx.work, "moe_model")
-    hf.save_pretrained(path)
-    want = unfuse_hf_experts(hf.state_dict())
-    policy = MegatronPolicy(ModelSpec.from_hf(cfg), PolicyConfig(micro_batch_size=2, lr=3e-3, lr_warmup_steps=0,
-                                                                 routing_replay=True), AlgorithmConfig.preset("dapo"))
-    policy.load_hf_state_dict(hf.state_dict())
-    names = [n for n in policy.chunks[0].module.state_dict() if ".experts." in n and not n.endswith("_extra_state")]
-    back = policy.hf_state_dict()
-    round_trip = set(back) == set(want) and all(torch.equal(back[k], want[k]) for k in want)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 512, (4, 20), generator=g)
-    mask = torch.zeros(4, 20, dtype=torch.bool)
-    mask[:, 4:19] = True
-    lp, _ = policy.compute_logprobs(PolicyBatch(ids, mask))
-    with torch.no_grad():
-        ref = torch.log_softmax(hf.double()(ids).logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-    hf_err = (lp[:, :-1].cpu().double() - ref).abs()[mask[:, :-1]].max().item()
-    engine = RolloutEngine(path, max_model_len=64, kv_cache_memory_bytes=32 * 2**20, gpu_memory_utilization=0.15,
-                           seed=0, record_routing=True)
-    policy.train_step(PolicyBatch(ids, mask, advantages=torch.tensor([1.0, -1.0, 1.0, -1.0]), old_logp=lp))
-    sync_policy_to_engine(policy, engine)
-    trainer, _ = policy.compute_logprobs(PolicyBatch(ids, mask))
-    mm = logprob_mismatch(torch.tensor(engine.score(ids.tolist()), device=trainer.device), trainer[:, :-1], mask[:, :-1])
-    res = engine.generate([ids[0, :6].tolist()], 1, SamplingConfig(max_tokens=6), None, [0])[0][0]
-    seq = ids[0, :6].tolist() + res.token_ids
-    rows = torch.tensor([seq + [0]])
-    rmask = torch.zeros_like(rows, dtype=torch.bool)
-    rmask[0, 5:len(seq) - 1] = True
-    routing = torch.full(rows.shape + (2, 2), -1, dtype=torch.int16)
-    routing[0, :len(seq) - 1] = torch.from_numpy(res.routing).permute(1, 0, 2)
-    policy.compute_logprobs(PolicyBatch(rows, rmask, routing=routing))
-    replay_mismatch = policy.take_routing_mismatch()
-    del engine
-    tol = 2e-5
-    ok = hf_err < tol and round_trip and mm["logp_mismatch_max"] < (1e-2 if dev.is_gpu() else 1e-4) and replay_mismatch == 0.0
-    return (f"{policy.layer_spec} spec, expert names {names[:1]}: max|Δ log p| vs transformers float64 {hf_err:.1e} "
-            f"(tol {tol:g}); round trip exact: {round_trip}; engine vs trainer after a step and sync "
-            f"{mm['logp_mismatch_max']:.1e}; routing replay: trainer's own routing vs the engine's recorded "
-            f"{replay_mismatch}"), ok
 
 
 @check("trainer: 2 steps, then resume for a third")
