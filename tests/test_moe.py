@@ -509,3 +509,21 @@ def test_routing_replay_records_the_engines_experts_and_replays_them(tmp_path):
         assert r["forced_mismatch"] > 0.5, r  # random experts: the trainer's router would choose otherwise
         assert r["forced_vs_hf"] < 2e-5 and r["forced_vs_own"] > 1e-2, r  # the replayed experts are what routed
         assert r["stale_routing_mismatch"] > 0.0 and r["stale_logp_own_vs_replayed"] > 1e-4, r
+
+
+def test_routing_records_per_position_with_a_failed_response():
+    """The batch's per-position experts: each row's records at its positions, −1 past them and for a
+    response the engine could not generate (no records); None when no row has any."""
+    import numpy as np
+
+    from megatron_hapo.rollout.collect import RolloutBatch
+
+    def batch(routing):
+        return RolloutBatch(prompt_ids=[[1, 2], [3]], response_ids=[[4, 5], []], rewards=torch.zeros(2), group_ids=[0, 0],
+                            per_token={}, kept=[], seen=[], gen_batches=1, routing=routing)
+
+    rec = np.array([[[1, 2], [3, 4], [5, 6]]], dtype=np.int16)  # 1 layer, 3 positions fed, top-2
+    r = batch([rec, None]).per_position_routing(5)
+    assert r.shape == (2, 5, 1, 2) and r.dtype == torch.int16
+    assert r[0, :3, 0].tolist() == [[1, 2], [3, 4], [5, 6]] and bool((r[0, 3:] == -1).all()) and bool((r[1] == -1).all())
+    assert batch([None, None]).per_position_routing(5) is None and batch(None).per_position_routing(5) is None

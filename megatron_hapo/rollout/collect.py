@@ -145,12 +145,14 @@ class RolloutBatch:
     def per_position_routing(self, width: int, device=None) -> Optional[torch.Tensor]:
         """Routing replay: the rollout's experts per position [N, width, layers, k] (int16), −1 where
         nothing was recorded (each row's last token, padding); None without records."""
-        if self.routing is None:
+        first = next((r for r in self.routing or () if r is not None), None)
+        if first is None:
             return None
-        layers, _, k = self.routing[0].shape
+        layers, _, k = first.shape
         out = torch.full((len(self), width, layers, k), -1, dtype=torch.int16)
         for i, r in enumerate(self.routing):
-            out[i, :r.shape[1]] = torch.from_numpy(np.ascontiguousarray(r.transpose(1, 0, 2)))
+            if r is not None:  # a failed generation has no records: its row keeps −1 (experts 0..k−1; no loss there)
+                out[i, :r.shape[1]] = torch.from_numpy(np.ascontiguousarray(r.transpose(1, 0, 2)))
         return out.to(device or "cpu")
 
 
@@ -294,7 +296,8 @@ class RolloutCollector:
                              group_ids=[gi for gi, *_ in rows],
                              per_token={name: [getattr(s, name) for _, _, s, _ in rows] for name in PER_TOKEN},
                              kept=kept, seen=seen, gen_batches=gen_batches,
-                             routing=[s.routing for _, _, s, _ in rows] if rows and rows[0][2].routing is not None else None)
+                             routing=[s.routing for _, _, s, _ in rows] if any(s.routing is not None for _, _, s, _ in rows)
+                             else None)
         return batch, data_position
 
     def exchange(self, wanted_by_dp_rank: List[List[int]], local: Dict[int, Group]) -> List[Group]:
