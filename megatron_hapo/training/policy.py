@@ -530,9 +530,12 @@ class MegatronPolicy:
             position_ids, mask, labels = model_inputs(part.input_ids, part.segment_ids,
                                                       with_mask=self.layer_spec == "local")
             self._computed += part.input_ids.numel()
-            real = torch.arange(part.input_ids.shape[1], device=self.device)[None] < sequence_lengths(part.loss_mask)[:, None]
+            padding = None
+            if self.spec.is_moe:  # the router's padding mask, from the lengths computed above
+                ends = torch.tensor(lengths[start:start + mbs], device=self.device)
+                padding = torch.arange(part.input_ids.shape[1], device=self.device)[None] >= ends[:, None]
             out.append(dict(batch=part, input_ids=part.input_ids, position_ids=position_ids, attention_mask=mask,
-                            labels=labels, rows=torch.arange(start, start + mbs), gather=None, padding=~real,
+                            labels=labels, rows=torch.arange(start, start + mbs), gather=None, padding=padding,
                             routing=part.routing))
         return out
 
