@@ -23,7 +23,12 @@ FROM ${BASE_IMAGE}
 ARG TORCH_VERSION=2.13.0
 ARG VLLM_VERSION=0.32.0
 ARG MCORE_VERSION=0.16.1
-ARG TE_VERSION=2.20.2
+# TE: the newest release inside the range megatron-core 0.16.1 declares (transformer-engine >=2.9,<2.12);
+# 2.20.2 was outside it. Whether TE 2.11's extension compiles against torch 2.13 is proven only by
+# building this image (no GPU build has run yet): if it does not, TE is the first thing the GPU
+# self-test reports (`make gpu-check` runs its TE checks before any other). tools/check_image_deps.py
+# (run in CI) resolves this file's pins with pip for Python 3.12 / manylinux and checks the range.
+ARG TE_VERSION=2.11.0
 # H100/H200 (sm_90); add 10.0 for B200. Only TE's extension is compiled here.
 ARG TORCH_CUDA_ARCH_LIST="9.0"
 

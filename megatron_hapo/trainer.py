@@ -272,10 +272,13 @@ class Trainer:
         dist.barrier()
 
     def close(self) -> None:
+        """Ordered shutdown, so that several trainers can run one after another in a process (the demo,
+        `compare`): reward workers, writers, then the engine (its memory and vLLM's groups; the job's
+        process group stays), then Megatron's groups."""
         if self.rewards is not None:
             self.rewards.close()
         self.logger.close()
-        del self.engine
+        self.engine.close()
         destroy_model_parallel()
 
     # ---- the loop -------------------------------------------------------------------------------------------

@@ -527,3 +527,16 @@ def test_routing_records_per_position_with_a_failed_response():
     assert r.shape == (2, 5, 1, 2) and r.dtype == torch.int16
     assert r[0, :3, 0].tolist() == [[1, 2], [3, 4], [5, 6]] and bool((r[0, 3:] == -1).all()) and bool((r[1] == -1).all())
     assert batch([None, None]).per_position_routing(5) is None and batch(None).per_position_routing(5) is None
+
+
+def test_routing_replay_refuses_routers_it_cannot_hook():
+    """Routers fused with a shared-expert gate (num_experts + 1 outputs), or MoE layers without an
+    `mlp.gate` of their own, are refused at engine start with the reason (the real Qwen3-MoE engine
+    passes the same check in the routing-replay test above)."""
+    from megatron_hapo.rollout.routing import router_problem
+
+    ok = {"model.layers.0.mlp.gate": 8, "model.layers.1.mlp.gate": 8}
+    assert router_problem(ok, 2, 8) == ""
+    fused = {"model.layers.0.mlp.gate": 9, "model.layers.1.mlp.gate": 9}
+    assert "9 outputs for 8 experts" in router_problem(fused, 2, 8)
+    assert "2 MoE layers but 1" in router_problem({"model.layers.0.mlp.gate": 8}, 2, 8)

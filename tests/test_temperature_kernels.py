@@ -81,3 +81,30 @@ def test_fused_build_failure_falls_back_once(capsys, monkeypatch):
     finally:
         tp._FUSED.clear()
         tp._FUSED.update(saved)
+
+
+def test_fused_recompile_failure_after_a_success_falls_back(capsys, monkeypatch):
+    """A kernel that built for one shape and fails to recompile for another (a single row, say) must
+    hand over to the eager path, not raise mid-generation."""
+    saved = dict(tp._FUSED)
+    try:
+        tp._FUSED.update(wanted=True, kernel=None, failed=None, proven=set())
+
+        def first_shape_only(fn, **kw):
+            def run(x, params):
+                if x.shape[0] == 1:
+                    raise RuntimeError("InductorError: recompile failed")
+                return fn(x, params)
+            return run
+        monkeypatch.setattr(torch, "compile", first_shape_only)
+        params = torch.tensor([[1.0, 0.5, 2.0, 3.0, 1.0, 0.1]])
+        assert tp._fused(torch.randn(3, 50), params.expand(3, 6).contiguous()) is not None
+        assert "cpu" in tp._FUSED["proven"]
+        x = torch.randn(1, 50)
+        before = x.clone()
+        assert tp._fused(x, params) is None  # the eager path takes over
+        assert torch.equal(x, before), "a failed recompile wrote into the logits"
+        assert "recompile failed" in capsys.readouterr().out and "recompile failed" in tp.fused_failure()
+    finally:
+        tp._FUSED.clear()
+        tp._FUSED.update(saved)

@@ -5,12 +5,13 @@
 
 Rank 0 prints the stack (torch and its CUDA, the driver, megatron-core, Transformer Engine, vLLM).
 On a GPU node it also imports the compiled parts that a plain `import vllm` does not load
-(`vllm._C`, `vllm.cumem_allocator`, `transformer_engine.pytorch`), compares CUDA versions (torch's
-build vs the driver, vLLM's torch pin vs the installed torch, TE's CUDA major vs torch's) and
-builds a tiny vLLM engine that generates a few tokens (skip with --no-engine, e.g. at image build
-time). Every rank then all-reduces its rank id over the mixed backend, once on the CPU (gloo) and
-once on its GPU (NCCL), so a broken fabric fails here and not mid-training. Exit status 1 on any
-failure, naming it.
+(`vllm._C`, `vllm.cumem_allocator`, `transformer_engine.pytorch`) and compares CUDA versions (torch's
+build vs the driver, vLLM's torch pin vs the installed torch, TE's CUDA major vs torch's). Every rank
+then all-reduces its rank id over the mixed backend, once on the CPU (gloo) and once on its GPU
+(NCCL), so a broken fabric fails here and not mid-training; last, every rank builds a tiny vLLM
+engine on its GPU that generates a few tokens (skip with --no-engine, e.g. at image build time).
+The engine comes after the collectives: built first, it would make vLLM create a world of its own.
+Exit status 1 on any failure, naming it.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def tiny_engine() -> str:
         engine = RolloutEngine(tmp, max_model_len=64, gpu_memory_utilization=0.1, dtype="float32")
         out = engine.generate([[1, 5, 6, 7]], 1, SamplingConfig(max_tokens=4))
         n = out[0][0].length
-        del engine
+        engine.close()
     return f"tiny vLLM engine generated {n} tokens"
 
 
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     failed = False
+    problems = []
     if rank == 0:
         info = versions()
         for k, v in info.items():
@@ -111,12 +113,9 @@ def main(argv=None) -> int:
             for problem in problems:
                 print(f"PROBLEM: {problem}")
             failed = bool(problems)
-            if not failed and not a.no_engine:
-                try:
-                    print(tiny_engine())
-                except Exception as exc:
-                    print(f"PROBLEM: the tiny vLLM engine failed: {type(exc).__name__}: {exc}")
-                    failed = True
+    # Collectives first, the engine last: an engine built before the job's group exists would make
+    # vLLM create a world of its own (one rank, NCCL only), and the CPU all-reduce would then fail
+    # while the other ranks wait out the timeout.
     if world > 1:
         from megatron_hapo import device as dev
         from megatron_hapo.training.parallel import init_distributed
@@ -130,6 +129,19 @@ def main(argv=None) -> int:
             failed = failed or not ok
             print(f"rank {rank}/{world} on {os.uname().nodename}: {where} all_reduce over {dist.get_backend()} "
                   f"{'ok' if ok else f'WRONG ({x.item()} != {expected})'}")
+    if torch.cuda.is_available() and not a.no_engine:
+        # every rank builds its engine (under torch.distributed vLLM's groups are collective), unless
+        # rank 0 already found the stack broken
+        skip = [bool(problems)]
+        if world > 1:
+            dist.broadcast_object_list(skip, src=0)
+        if not skip[0]:
+            try:
+                print(f"rank {rank}: {tiny_engine()}")
+            except Exception as exc:
+                print(f"PROBLEM: rank {rank}: the tiny vLLM engine failed: {type(exc).__name__}: {exc}")
+                failed = True
+    if world > 1 and dist.is_initialized():
         dist.destroy_process_group()
     return 1 if failed else 0
 

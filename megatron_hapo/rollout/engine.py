@@ -26,6 +26,7 @@ import itertools
 import logging
 import math
 import os
+import weakref
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -42,6 +43,63 @@ def _vllm_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its per-engine INFO lines drown the training log
+
+
+def _import_vllm() -> None:
+    """The first `import vllm` of the process, from a thread of its own: vLLM's import keeps the
+    importing stack's frames alive for the life of the process (measured with vLLM 0.32 on CPU), so an
+    engine whose constructor imported it could never be collected, nor its GPU memory freed."""
+    import sys
+    import threading
+
+    if "vllm" in sys.modules:
+        return
+    failure = []
+
+    def run():
+        try:
+            import vllm  # noqa: F401
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            failure.append(exc)
+
+    t = threading.Thread(target=run, name="import-vllm")
+    t.start()
+    t.join()
+    if failure:
+        raise failure[0]
+
+
+def _shutdown_engine(client) -> None:
+    """Ordered shutdown of an in-process engine, in place of vLLM's own finalizer: the workers release
+    the model, the KV cache and sleep mode's memory pools, the scheduler stops, and vLLM's process groups
+    are destroyed, but the job's torch.distributed process group stays (vLLM 0.32's own teardown ends
+    in `destroy_process_group()`, which would take the trainer's world with it). A later engine in the
+    process creates vLLM's groups anew over the same world."""
+    import gc
+
+    from vllm.distributed import parallel_state as vps
+
+    core = getattr(client, "engine_core", None)
+    if core is None:
+        return
+    client.engine_core = None
+    try:
+        if getattr(core, "structured_output_manager", None) is not None:
+            core.structured_output_manager.clear_backend()
+        if getattr(core, "model_executor", None) is not None:
+            core.model_executor.shutdown()
+        if getattr(core, "scheduler", None) is not None:
+            core.scheduler.shutdown()
+    finally:
+        gc.unfreeze()  # vLLM froze the objects of the engine's start-up
+        vps.destroy_model_parallel()
+        if vps._WORLD is not None:
+            vps._WORLD.destroy()
+            vps._WORLD = None
+        vps._NODE_COUNT = None
+        gc.collect()
+        if dev.is_gpu():
+            torch.cuda.empty_cache()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +211,7 @@ class RolloutEngine:
         record_routing: bool = False,
     ):
         _vllm_env()
+        _import_vllm()
         from vllm import LLM
 
         # every in-place reload warns that rotary embeddings (a buffer, not a checkpoint weight) got no weights
@@ -174,6 +233,9 @@ class RolloutEngine:
             # routing replay records each position when it is computed: no prefix cache, no CUDA graphs
             max_num_seqs=max_num_seqs, enforce_eager=enforce_eager or not dev.is_gpu() or record_routing,
             logits_processors=[HapoTemperatureProcessor], enable_prefix_caching=not record_routing,
+            # vLLM turns async scheduling on on GPU; with a custom logits processor it then synchronises every
+            # step. Off until the GPU self-test shows the processor correct and sync-free with it on.
+            async_scheduling=False,
             **engine_placement(tensor_parallel_size, dist.is_initialized(), dev.is_gpu()),
         )
         if dev.is_gpu():
@@ -183,6 +245,10 @@ class RolloutEngine:
         self.sleep_enabled = enable_sleep_mode and dev.is_gpu()
         self.llm = LLM(**kwargs)
         dev.set_current()  # whatever vLLM did to the current device, the rank's own is current again
+        client = self.llm.llm_engine.engine_core
+        if getattr(client, "_finalizer", None) is not None and client._finalizer.detach() is not None:
+            # ours instead of vLLM's: the same release of memory, without destroying the job's process group
+            self._finalizer = weakref.finalize(self, _shutdown_engine, client)
         self.max_model_len = max_model_len
         self.record_routing = record_routing
         if record_routing:
@@ -192,6 +258,14 @@ class RolloutEngine:
                 raise ValueError("rollout.routing_replay: the model has no MoE layers to record")
         self._counter = itertools.count()
         self.weight_version = 0
+
+    def close(self) -> None:
+        """Releases the engine (workers, KV cache, sleep-mode pools, vLLM's process groups) now, keeping
+        the job's torch.distributed world; also what happens when the engine is collected. Idempotent."""
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
+        self.llm = None
 
     # ---- generation ---------------------------------------------------------------------------
 

@@ -59,6 +59,12 @@ def install(worker) -> int:
     model = runner.model
     cfg = runner.model_config.hf_config
     gates = {name: module for name, module in model.named_modules() if name.endswith(".mlp.gate")}
+    moe_layers = sum(1 for m in model.modules() if type(m).__name__ == "FusedMoE")
+    problem = router_problem({n: getattr(m, "output_size", None) for n, m in gates.items()}, moe_layers,
+                             int(cfg.num_experts))
+    if problem:
+        arch = ",".join(getattr(cfg, "architectures", None) or [type(model).__name__])
+        raise ValueError(f"rollout.routing_replay: not supported for {arch}: {problem}")
     layers = {name: int(name.split(".layers.")[1].split(".")[0]) for name in gates}
     recorder = RoutingRecorder(runner, layers, int(cfg.num_experts_per_tok), int(cfg.num_experts))
     for name, module in gates.items():
@@ -67,6 +73,21 @@ def install(worker) -> int:
             layer, output[0] if isinstance(output, tuple) else output))
     _RECORDERS[id(runner)] = recorder
     return len(gates)
+
+
+def router_problem(gate_outputs: Dict[str, object], moe_layers: int, num_experts: int) -> str:
+    """Why the hooks cannot record this model's routing, or "": every MoE layer must have its own
+    `mlp.gate` that vLLM calls with the routed experts' logits alone. Families whose router is fused
+    with a shared-expert gate (one linear of num_experts + 1 outputs) or called inside the fused MoE
+    kernel never run such a module, and a hook there would record nothing or the wrong columns."""
+    if len(gate_outputs) != moe_layers:
+        return (f"{moe_layers} MoE layers but {len(gate_outputs)} `mlp.gate` routers that vLLM calls on its own "
+                "(the router is fused into another module)")
+    wrong = {n: o for n, o in gate_outputs.items() if o is not None and o != num_experts}
+    if wrong:
+        name, out = next(iter(wrong.items()))
+        return (f"router {name} has {out} outputs for {num_experts} experts (a gate fused with a shared-expert gate)")
+    return ""
 
 
 def set_enabled(worker, enabled: bool) -> None:

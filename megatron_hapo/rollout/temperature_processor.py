@@ -264,15 +264,15 @@ def fused_failure() -> Optional[str]:
 
 
 def _fused(x: torch.Tensor, params: torch.Tensor) -> Optional[torch.Tensor]:
-    """`fused_step` compiled on first use, or None for the eager path: switched off, or the build
-    failed on this device (said once, with the reason; the eager path serves from then on). A build
-    failure raises before the kernel writes anything."""
+    """`fused_step` compiled on first use, or None for the eager path: switched off, or a build failed
+    on this device (said once, with the reason; the eager path serves from then on). Every call stays
+    inside the fallback, not only the first: a later shape can recompile (a single row is specialised
+    even with dynamic shapes), and a recompile that fails must not raise mid-generation. A build failure
+    raises before the kernel writes anything."""
     if not _FUSED["wanted"] or _FUSED["failed"] is not None:
         return None
     if _FUSED["kernel"] is None:
         _FUSED["kernel"] = torch.compile(fused_step, dynamic=True)
-    if x.device.type in _FUSED["proven"]:
-        return _FUSED["kernel"](x, params)
     try:
         out = _FUSED["kernel"](x, params)
     except Exception as exc:  # noqa: BLE001 - no compiler, unsupported backend: the eager path is exact too
