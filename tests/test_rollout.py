@@ -120,6 +120,50 @@ def engine_worker(rank, world, tmp):
             errors[label] = None
         except Exception as exc:  # noqa: BLE001 - vLLM wraps validation errors in its own type
             errors[label] = f"{exc} {exc.__cause__ or ''}"
+    out["lifecycle"] = engine_lifecycle(engine, tmp)
+    return out
+
+
+def engine_lifecycle(engine, tmp):
+    """Engines released one after another in a process (the demo's trainers): close() and garbage
+    collection both free the engine and keep the job's torch.distributed world (vLLM 0.32's own
+    teardown destroys it), and the next engine builds its vLLM groups anew."""
+    import gc
+    import types
+    import weakref
+
+    import torch.distributed as dist
+
+    from megatron_hapo.rollout.engine import RolloutEngine, SamplingConfig
+    from megatron_hapo.training.parallel import control_group, init_distributed
+
+    init_distributed()  # the control group (gloo) beside the world run_ranks made
+
+    def alive_after(drop):
+        ref = weakref.ref(engine.llm)
+        drop()
+        gc.collect()
+        return ref() is not None
+
+    out = {"closed_llm_alive": alive_after(engine.close), "world_after_close": dist.is_initialized()}
+    second = RolloutEngine(tmp, max_model_len=48, kv_cache_memory_bytes=64 * 2**20, seed=0)
+    out["second_tokens"] = second.generate([[1, 2, 3]], 1, SamplingConfig(max_tokens=3))[0][0].length
+    ref = weakref.ref(second)
+    del second
+    gc.collect()
+    out["dropped_alive"], out["world_after_drop"] = ref() is not None, dist.is_initialized()
+    x = torch.ones(1)
+    dist.all_reduce(x)
+    dist.all_reduce(x, group=control_group())
+    out["collectives"] = x.item()
+    third = RolloutEngine(tmp, max_model_len=48, kv_cache_memory_bytes=64 * 2**20, seed=0)
+    out["third_tokens"] = third.generate([[1, 2, 3]], 1, SamplingConfig(max_tokens=3))[0][0].length
+    third.close()
+    third.close()  # idempotent
+    # vLLM's first import keeps the importing stack alive for good: an engine constructor that imported it
+    # would keep its engine (and the trainer above it) from ever being freed
+    out["constructor_frames_alive"] = sum(1 for o in gc.get_objects() if isinstance(o, types.FrameType)
+                                          and o.f_code is RolloutEngine.__init__.__code__)
     return out
 
 
@@ -174,3 +218,11 @@ def test_bad_weights_rejected_and_engine_keeps_serving(results):
     assert results["still_serving"] < 1e-4
     assert "tau" in e["tau"] and "EntropyStats.q" in e["stats_nan"] and "stats" in e["stats_type"]
     assert "temperature" in e["vllm_temperature"] and "tag" in e["tag"]
+
+
+def test_engines_release_in_order_and_keep_the_world(results):
+    r = results["lifecycle"]
+    assert not r["closed_llm_alive"] and not r["dropped_alive"], r  # nothing keeps a dropped engine alive
+    assert r["world_after_close"] and r["world_after_drop"] and r["collectives"] == 1.0, r
+    assert r["second_tokens"] == 3 and r["third_tokens"] == 3, r
+    assert r["constructor_frames_alive"] == 0, r

@@ -52,13 +52,15 @@ def _import_vllm() -> None:
     import sys
     import threading
 
-    if "vllm" in sys.modules:
+    if "vllm.entrypoints.llm" in sys.modules:
         return
     failure = []
 
     def run():
-        try:
-            import vllm  # noqa: F401
+        try:  # vLLM's top level imports lazily: what the engine uses, the temperature processor's modules too
+            from vllm import LLM, SamplingParams, TokensPrompt  # noqa: F401
+
+            from . import temperature_processor  # noqa: F401
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             failure.append(exc)
 
