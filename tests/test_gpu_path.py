@@ -286,24 +286,60 @@ def test_sigusr1_saves_and_exits_then_resumes(tmp_path):
 
 # ---- the self-test on a machine without a GPU ---------------------------------------------------
 
-def test_gpu_selftest_on_cpu(tmp_path):
-    out = tmp_path / "selftest.json"
-    res = subprocess.run([sys.executable, "tools/gpu_selftest.py", "--out", str(out), "--skip", "trainer",
-                          "--multi-on-cpu"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+def test_gpu_selftest_on_cpu_through_the_device_script(tmp_path):
+    """tools/device_check.sh, the one command a bare GPU machine runs, here on the CPU: it runs the
+    self-test with the 2-rank check over gloo, every check that needs CUDA or a missing library says
+    why it skipped, every other one measured its figure, and the table and JSON land in the folder."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, BUDGET="800")
+    res = subprocess.run(["bash", "tools/device_check.sh", str(out), "--skip", "trainer", "--multi-on-cpu"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    results = {r["check"]: r for r in json.loads(out.read_text())["results"]}
+    doc = json.loads((out / "gpu_selftest.json").read_text())
+    results = {r["check"]: r for r in doc["results"]}
     by_status = {}
     for r in results.values():
         by_status.setdefault(r["status"], []).append(r["check"])
     assert "FAIL" not in by_status, by_status
     # the checks that need CUDA say so; every other one ran on the CPU and measured its figure
-    gpu_only = [c for c in results if "sleep/wake" in c or "local-spec" in c]
-    assert all(results[c]["figure"] == "skipped: no GPU" for c in gpu_only)
+    gpu_only = [c for c in results if "sleep/wake" in c or "MFU" in c or "CUDA graphs" in c]
+    assert len(gpu_only) == 3 and all(results[c]["figure"].startswith("skipped: no GPU") for c in gpu_only), gpu_only
+    te_only = [c for c in results if "local-spec (CPU-converted)" in c]
+    assert results[te_only[0]]["figure"] == "skipped: not installed (transformer_engine)"
     ran = [c for c, r in results.items() if r["status"] == "pass"]
-    assert len(ran) >= 9, by_status
+    assert len(ran) >= 14, by_status
+    assert doc["layer_spec"] == "local"
     assert "native GPU modules skipped: no GPU" in results[next(c for c in results if c.startswith("stack"))]["figure"]
     assert "(CPU, gloo)" in results[next(c for c in results if c.startswith("2 GPUs"))]["figure"]
-    assert "| check" in res.stdout  # the table
+    assert "(own process)" in results[next(c for c in results if c.startswith("MoE engine"))]["figure"]
+    # tiers: the stack first, Transformer Engine next, the engines after the training path, measurements last
+    order = [r["check"] for r in doc["results"]]
+    first = {key: next(i for i, c in enumerate(order) if key in c) for key in
+             ("stack", "TE spec", "parameters, gradients", "engine built after", "MFU", "2 GPUs")}
+    assert first["stack"] < first["TE spec"] < first["parameters, gradients"] < first["engine built after"] \
+        < first["MFU"] < first["2 GPUs"], order
+    table = (out / "gpu_selftest.txt").read_text()
+    assert "| check" in table and "peak GiB" in table and len(table.splitlines()) == len(order) + 2
+    assert "| check" in (out / "gpu_selftest.log").read_text()
+
+
+def test_gpu_selftest_budget_and_missing_stack(tmp_path):
+    """Checks not started within --budget are skipped (never a failure), and a machine where the stack
+    does not import gets exit 2 with the way out, not a traceback."""
+    out = tmp_path / "selftest.json"
+    res = subprocess.run([sys.executable, "tools/gpu_selftest.py", "--out", str(out), "--budget", "0.5",
+                          "--only", "stack,vocab-parallel"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert results[0]["status"] == "pass"  # started at once
+    assert any(r["figure"] == "skipped: over the --budget of 0.5 s" for r in results if "vocab" in r["check"])
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "python3").write_text("#!/bin/sh\nexec " + sys.executable + " -c 'import megatron_not_here' \"$@\"\n")
+    os.chmod(bare / "python3", 0o755)
+    res = subprocess.run(["bash", "tools/device_check.sh", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, PYTHON=str(bare / "python3")))
+    assert res.returncode == 2 and "does not import" in res.stdout and "megatron_not_here" in res.stdout, res.stdout
 
 
 def test_te_spec_gets_no_explicit_mask():

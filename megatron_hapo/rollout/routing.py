@@ -59,7 +59,7 @@ def install(worker) -> int:
     model = runner.model
     cfg = runner.model_config.hf_config
     gates = {name: module for name, module in model.named_modules() if name.endswith(".mlp.gate")}
-    moe_layers = sum(1 for m in model.modules() if type(m).__name__ == "FusedMoE")
+    moe_layers = sum(1 for name, _ in model.named_modules() if name.endswith(".mlp.experts"))
     problem = router_problem({n: getattr(m, "output_size", None) for n, m in gates.items()}, moe_layers,
                              int(cfg.num_experts))
     if problem:
@@ -119,5 +119,6 @@ def resolve(steps: List[dict], lengths: Dict[str, int], num_layers: int, top_k: 
         if (experts < 0).any():
             missing = int((experts[0, :, 0] < 0).sum())
             raise RuntimeError(f"routing replay: request {rid} has {missing} positions without recorded experts "
-                               "(was prefix caching on, or did a CUDA graph run the forward?)")
+                               "(was prefix caching on, did a CUDA graph run the forward, or does this model route inside a module "
+                               "other than its `mlp.gate`?)")
     return out
