@@ -19,7 +19,7 @@ def batch_for(step):
     return ids, mask, adv
 
 
-def build(tp=1, pp=1):
+def build(tp=1, pp=1, dist_opt=False):
     from megatron_hapo.algorithms import AlgorithmConfig
     from megatron_hapo.models.hf_config import ModelSpec
     from megatron_hapo.training.parallel import init_model_parallel
@@ -31,7 +31,8 @@ def build(tp=1, pp=1):
     hf = hf_model("qwen2")
     policy = MegatronPolicy(ModelSpec.from_hf(hf.config),
                             PolicyConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=2,
-                                         lr=1e-3, adam_eps=1e-2, lr_warmup_steps=3), AlgorithmConfig.preset("dapo"))
+                                         lr=1e-3, adam_eps=1e-2, lr_warmup_steps=3, use_distributed_optimizer=dist_opt),
+                            AlgorithmConfig.preset("dapo"))
     policy.load_hf_state_dict(hf.state_dict())
     return policy
 
@@ -60,6 +61,20 @@ def worker(rank, world, tp, pp, root, start, stop, resume):
         state = load_checkpoint(find_latest(root), policy)
         start = state["data_position"]
     metrics = run(policy, root, start, stop)
+    return {"metrics": metrics, "weights": policy.hf_state_dict(), "state": state}
+
+
+def dist_opt_worker(rank, world, root, stop, resume, save_at):
+    """DP = world with the distributed optimizer: a straight run saving at `save_at`, or a resume from
+    the latest checkpoint in `root`."""
+    from megatron_hapo.training.checkpoint import find_latest, load_checkpoint
+
+    policy = build(dist_opt=True)
+    start, state = 0, None
+    if resume:
+        state = load_checkpoint(find_latest(root), policy)
+        start = state["data_position"]
+    metrics = run(policy, root, start, stop, save_at=save_at)
     return {"metrics": metrics, "weights": policy.hf_state_dict(), "state": state}
 
 

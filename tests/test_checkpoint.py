@@ -83,6 +83,28 @@ def test_resume_at_another_layout(straight, killed_run):
                 assert torch.allclose(r["weights"][k], w, atol=2e-5), (tp, pp, k)
 
 
+def test_distributed_optimizer_state_saved_from_dp_rank0_resumes_at_any_dp(tmp_path):
+    """The distributed optimizer at DP 2 saves its state gathered onto data-parallel rank 0 only (the
+    memory-efficient form); the checkpoint resumes bit-identically at DP 2 and to rounding at DP 1."""
+    from .ckpt_job import dist_opt_worker
+
+    root = str(tmp_path / "dp2")
+    straight = run_ranks(2, dist_opt_worker, root, N, False, [N // 2], timeout=600)
+    assert straight[0]["metrics"] == straight[1]["metrics"]
+    for resumed_at in (2, 1):
+        results = run_ranks(resumed_at, dist_opt_worker, root, N, True, [], timeout=600)
+        for r in results:
+            assert r["state"]["data_position"] == N // 2
+            if resumed_at == 2:
+                assert r["metrics"] == straight[0]["metrics"][N // 2:]
+                assert all(torch.equal(r["weights"][k], w) for k, w in straight[0]["weights"].items())
+            else:
+                for a, b in zip(r["metrics"], straight[0]["metrics"][N // 2:]):
+                    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7) and a["lr"] == b["lr"]
+                for k, w in straight[0]["weights"].items():
+                    assert torch.allclose(r["weights"][k], w, atol=1e-6), k
+
+
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     from megatron_hapo.training.checkpoint import complete_checkpoints, find_latest
 

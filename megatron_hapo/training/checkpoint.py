@@ -131,14 +131,27 @@ def _load_model_state(policy, loaded_model: dict) -> None:
                           "checkpoint")
 
 
-def _sharded(policy, is_loading: bool = False):
+# fully_reshardable: the distributed optimizer's state in the canonical per-parameter layout, so a
+# checkpoint resumes at any TP/PP/DP (Megatron's default for it, fully_sharded_model_space, relies on
+# flattened ranges that its torch_dist writer no longer accepts). mem_efficient: a save gathers each
+# TP/PP shard's optimizer state onto its data-parallel rank 0 only, over gloo, instead of onto every
+# data-parallel rank (about 23 GB of host memory per rank for the 7B recipe; bench/bench_checkpoint.py).
+# Megatron reads either form with either setting. Plain optimizers ignore both keys.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                      "distrib_optim_fully_reshardable_mem_efficient": True}
+
+
+def _sharded(policy, is_loading: bool = False, metadata: Optional[dict] = None):
     model_sd = _model_sharded(policy)
     sd = {"model": model_sd}
-    # fully_reshardable: the distributed optimizer's state in the canonical per-parameter layout, so a
-    # checkpoint resumes at any TP/PP/DP (Megatron's default for it, fully_sharded_model_space, relies on
-    # flattened ranges that its torch_dist writer no longer accepts). Plain optimizers ignore the key.
-    sd["optimizer"] = policy.optimizer.sharded_state_dict(
-        model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+    sd["optimizer"] = policy.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                          metadata=dict(metadata or OPTIMIZER_METADATA))
+    if not is_loading:
+        # the memory-efficient form leaves `param_state` None on data-parallel ranks > 0 (rank 0 writes it):
+        # dropped there, so Megatron's check of the common state finds every rank alike instead of warning
+        for part in sd["optimizer"].get("chained_optimizers", [sd["optimizer"]]) if isinstance(sd["optimizer"], dict) else []:
+            if isinstance(part, dict) and "param_state" in part and part["param_state"] is None:
+                del part["param_state"]
     return sd
 
 
