@@ -16,6 +16,9 @@ def _demo(args) -> int:
                 print(f"{algo}: no improvement from reward; something is wrong", file=sys.stderr)
                 return 1
         return 0
+    from . import quiet
+
+    quiet.install(args.verbose)  # before Megatron and vLLM load
     from .demo import run_demo
 
     print("megatron-hapo demo: supervised warm-up, then HAPO and DAPO from the same warm-up, with Megatron-Core "
@@ -32,7 +35,29 @@ def _convert(args) -> int:
     return fn(args.rest)
 
 
-PASSTHROUGH = {"train": "trainer", "plot": "plot", "compare": "compare"}
+def _config(args) -> int:
+    if not args.doc:
+        from .config import Config
+
+        print(Config.load(args.config, args.overrides).dump(), end="")
+        return 0
+    from .config_doc import reference, undocumented
+
+    missing = undocumented()
+    if missing:
+        print(f"megatron-hapo config --doc: settings without a doc comment: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    text = reference()
+    if args.out == "-":
+        print(text, end="")
+    else:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out}")
+    return 0
+
+
+PASSTHROUGH = {"train": "train", "plot": "plot", "compare": "compare"}
 
 
 def main(argv=None) -> int:
@@ -45,10 +70,11 @@ def main(argv=None) -> int:
     demo.add_argument("--run-dir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--toy", action="store_true", help="the pre-trainer toy (pure PyTorch, seconds)")
+    demo.add_argument("--verbose", action="store_true", help="also the third-party warnings known to be harmless")
     demo.set_defaults(func=_demo)
     train = sub.add_parser("train", help="the RL loop: megatron-hapo train [--config FILE] [key.sub=value ...]")
     train.add_argument("rest", nargs=argparse.REMAINDER)
-    train.set_defaults(func=lambda a: __import__("megatron_hapo.trainer", fromlist=["main"]).main(a.rest))
+    train.set_defaults(func=lambda a: __import__("megatron_hapo.train", fromlist=["main"]).main(a.rest))
     plot = sub.add_parser("plot", help="PNG charts of one or more runs: megatron-hapo plot RUN_DIR [RUN_DIR ...] [--out DIR]")
     plot.add_argument("rest", nargs=argparse.REMAINDER)
     plot.set_defaults(func=lambda a: __import__("megatron_hapo.plot", fromlist=["main"]).main(a.rest))
@@ -59,6 +85,12 @@ def main(argv=None) -> int:
     convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
     convert.add_argument("rest", nargs=argparse.REMAINDER)
     convert.set_defaults(func=_convert)
+    config = sub.add_parser("config", help="the effective config of a run, or (--doc) the configuration reference")
+    config.add_argument("--doc", action="store_true", help="write the reference generated from the typed config")
+    config.add_argument("--out", default="docs/CONFIG.md", help="where --doc writes (- for standard output)")
+    config.add_argument("--config", default=None, help="YAML config (without --doc: print it with every effective value)")
+    config.add_argument("overrides", nargs="*", help="key.sub=value")
+    config.set_defaults(func=_config)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in PASSTHROUGH:  # their own parsers read everything after the command, options included
         module = __import__(f"megatron_hapo.{PASSTHROUGH[argv[0]]}", fromlist=["main"])

@@ -242,8 +242,12 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true",
                    help="keep the warm-ups and finished arm runs an earlier compare left in --out (same task and "
                         "steps): add arms or seeds to a study without rerunning what it has")
+    p.add_argument("--verbose", action="store_true", help="also the third-party warnings known to be harmless")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, key.sub=value")
     a = p.parse_args(argv)
+    from . import quiet
+
+    quiet.install(a.verbose or "log.verbose=true" in a.overrides)  # before Megatron and vLLM load
     arms = [x for x in a.arms.split(",") if x] + ([f"hapo-no-{c}" for c in COMPONENTS] if a.ablations else [])
     extra = dict(item.split("=", 1) for item in a.overrides)
     run_compare(a.out, a.task, arms, [int(s) for s in a.seeds.split(",")], a.warmup_steps, a.steps, a.lr, a.eval_interval,

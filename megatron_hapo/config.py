@@ -33,7 +33,7 @@ def _need(ok: bool, name: str, message: str) -> None:
 class ModelConfig:
     hf_path: Optional[str] = None  # an HF folder (config, tokenizer, weights); None: the built-in addition model (demo)
     load: Optional[str] = None  # a Megatron checkpoint (tools/convert_hf_to_megatron.py) to start from instead of hf_path's weights
-    dtype: str = "float32"  # bfloat16 on GPU
+    dtype: str = "float32"  # float32 | bfloat16 (the usual choice on GPU): parameters, engine and activations
     layer_spec: str = "auto"  # te (Transformer Engine, GPU) | local (torch modules) | auto: te on GPU, local on CPU
 
     def check(self) -> None:
@@ -43,14 +43,14 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = 1  # Megatron TP: each layer's matrices split over this many ranks
+    pipeline_model_parallel_size: int = 1  # Megatron PP: the layers split into this many stages (1F1B schedule)
     virtual_pipeline_model_parallel_size: Optional[int] = None  # refused: see training/policy.py
-    use_distributed_optimizer: bool = False
-    sequence_parallel: bool = False  # with TP > 1 (either spec); required by MoE with TP > 1
+    use_distributed_optimizer: bool = False  # shard the optimizer state over data-parallel ranks (Megatron's distributed optimizer)
+    sequence_parallel: bool = False  # Megatron SP: activations outside attention/MLP split over TP (TP > 1, either spec; MoE with TP > 1 needs it)
     expert_model_parallel_size: int = 1  # MoE: experts split over EP ranks (EP divides the experts)
     expert_tensor_parallel_size: Optional[int] = None  # MoE: each expert split over ETP ranks; None = TP
-    inference_tensor_parallel_size: int = 1
+    inference_tensor_parallel_size: int = 1  # TP of each vLLM engine (one engine per group of this many ranks); may differ from training TP
     timeout_s: int = 1800  # training collectives (NCCL watchdog); a hung collective fails after this
     control_timeout_s: int = 14400  # control-plane exchanges over gloo that wait for the slowest rollout
 
@@ -70,11 +70,11 @@ class ParallelConfig:
 
 @dataclasses.dataclass
 class RolloutConfig:
-    prompts_per_step: int = 8
-    samples_per_prompt: int = 4
-    max_response_tokens: int = 8
-    base_temperature: float = 1.0
-    top_p: float = 1.0
+    prompts_per_step: int = 8  # prompts per RL step (kept ones, after dynamic sampling)
+    samples_per_prompt: int = 4  # responses per prompt: the group size of the advantages
+    max_response_tokens: int = 8  # generation cap per response
+    base_temperature: float = 1.0  # T_base: the sampling temperature (HAPO A scales it per token)
+    top_p: float = 1.0  # nucleus sampling at rollout
     kv_cache_memory_bytes: int = 64 * 2**20  # CPU
     gpu_memory_utilization: float = 0.5  # GPU: the engine's share, colocated with training
     enable_sleep_mode: bool = False  # GPU: release the engine's memory while training
@@ -89,10 +89,10 @@ class RolloutConfig:
     # the update (Megatron's routing replay): train/rollout routing mismatch cannot change which experts
     # a token trains. The engine then runs without prefix caching and (GPU) without CUDA graphs.
     routing_replay: bool = False
-    dynamic_sampling: bool = True
+    dynamic_sampling: bool = True  # DAPO's dynamic sampling: drop groups whose rewards are all equal, generate more until the step is full
     max_num_gen_batches: int = 10  # 0 = unlimited
     overlong_buffer: int = 0  # 0 = no overlong shaping
-    overlong_penalty_factor: float = 1.0
+    overlong_penalty_factor: float = 1.0  # DAPO's overlong shaping: the penalty reached at the cap
 
     def check(self) -> None:
         for f in ("prompts_per_step", "samples_per_prompt", "max_response_tokens", "kv_cache_memory_bytes"):
@@ -114,14 +114,14 @@ class RolloutConfig:
 class DataConfig:
     train: Any = "addition"  # a source or a list: file.jsonl|.json|.parquet, reasoning_gym:NAME, addition
     eval: Any = None  # the same kinds; None: the training source's held-out split where it has one
-    prompt_key: str = "prompt"
+    prompt_key: str = "prompt"  # the row field holding the prompt (text or chat messages)
     answer_key: str = "auto"  # dotted path; auto: reward_model.ground_truth, answer, ground_truth, solution
-    apply_chat_template: bool = True
-    max_prompt_tokens: int = 1024
+    apply_chat_template: bool = True  # render prompts with the tokenizer's chat template where it has one
+    max_prompt_tokens: int = 1024  # longer prompts are skipped and counted (or fail the run with strict)
     strict: bool = False  # a malformed row fails the run instead of being skipped and counted
-    shuffle: bool = True
-    reasoning_gym_size: int = 1000
-    reasoning_gym_config: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    shuffle: bool = True  # a new permutation of the training rows every epoch (seeded)
+    reasoning_gym_size: int = 1000  # rows generated per reasoning_gym source
+    reasoning_gym_config: Dict[str, Any] = dataclasses.field(default_factory=dict)  # the generators' own settings, passed through
 
     def check(self) -> None:
         from .data.datasets import as_sources
@@ -140,7 +140,7 @@ class RewardConfig:
     workers: int = 2  # scoring processes; 0 = in the trainer's process (no hang protection)
     timeout_s: float = 10.0  # per response; a verifier past it gets the failure reward, counted
     correct: Optional[float] = None  # reward values; None: the verifier's (math: ±1, others 1/0)
-    wrong: Optional[float] = None
+    wrong: Optional[float] = None  # the reward of a wrong response; None: the verifier's
     max_error_fraction: float = 1.0  # stop when the verifier errors on this share of a batch's responses (1.0: all)
     sandbox: Dict[str, Any] = dataclasses.field(default_factory=dict)  # code: SandboxLimits fields (disk_mb, wall_s, ...)
 
@@ -167,12 +167,12 @@ class RewardConfig:
 @dataclasses.dataclass
 class EvalConfig:
     interval: int = 0  # every K steps (0: never during training)
-    before_train: bool = False
-    at_end: bool = True
+    before_train: bool = False  # evaluate at step 0
+    at_end: bool = True  # evaluate after the last step
     num_prompts: int = 0  # 0: the whole eval set
     n: int = 1  # samples per prompt: mean@n and pass@n
     temperature: float = 0.0  # 0: greedy; the paper evaluates at 0.5 with top-p 0.7; adaptation is always off
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling at evaluation
     max_response_tokens: int = 0  # 0: rollout.max_response_tokens
 
     def check(self) -> None:
@@ -189,6 +189,7 @@ class LogConfig:
     tensorboard: bool = True  # event files in run_dir/tensorboard
     progress: str = "auto"  # auto (on a terminal) | on | off
     token_samples: int = 2048  # (entropy, temperature) pairs kept per step for `megatron-hapo plot`
+    verbose: bool = False  # show the third-party warnings known to be harmless (megatron_hapo/quiet.py), filtered by default
 
     def check(self) -> None:
         _need(self.progress in ("auto", "on", "off"), "log.progress", f"expected auto | on | off, got {self.progress!r}")
@@ -200,18 +201,18 @@ class OptimConfig:
     """The optimizer and LR schedule: one definition, read from `train.*` by the run and used as
     is by `training.policy.PolicyConfig` (which extends it)."""
 
-    lr: float = 1e-5
+    lr: float = 1e-5  # the peak learning rate (Adam)
     min_lr: Optional[float] = None  # None: lr (a constant schedule after the warm-up)
     lr_warmup_steps: int = 0  # in lr_warmup_unit
     # optimizer_steps: the LR schedule advances every optimizer step (mini-batch), the first at lr/W;
     # rollout_steps: once per rollout step, as the authors' verl trainer did (10 rollout steps = 160
     # optimizer steps at 16 mini-batches; every update of the first rollout step at lr 0)
     lr_warmup_unit: str = "optimizer_steps"
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    weight_decay: float = 0.1  # decoupled weight decay (AdamW)
+    adam_beta1: float = 0.9  # Adam β1
+    adam_beta2: float = 0.999  # Adam β2
+    adam_eps: float = 1e-8  # Adam ε
+    clip_grad: float = 1.0  # gradient-norm clipping (0: none)
 
     def check_optim(self, section: str) -> None:
         _need(self.lr > 0, f"{section}.lr", f"must be positive, got {self.lr}")
@@ -229,9 +230,9 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class TrainConfig(OptimConfig):
-    steps: int = 10
-    mini_batch_prompts: int = 4
-    micro_batch_size: int = 4
+    steps: int = 10  # RL steps to train to (a resumed run continues to this step)
+    mini_batch_prompts: int = 4  # prompts per optimizer step: a step's rollout gives prompts_per_step / this updates
+    micro_batch_size: int = 4  # sequences per micro-batch (padded rows; unused with max_tokens_per_micro_batch)
     # > 0: token-budget micro-batches (verl's dynamic batch size) of packed whole sequences, at most
     # this many tokens each (a longer sequence alone); micro_batch_size is then unused
     max_tokens_per_micro_batch: int = 0
@@ -239,11 +240,11 @@ class TrainConfig(OptimConfig):
     # MoE: the load-balancing loss coefficient (null = the model config's router_aux_loss_coef) and
     # the router z-loss coefficient (0 = off), added to the objective by Megatron's MoE layers
     moe_aux_loss_coef: Optional[float] = None
-    moe_z_loss_coef: float = 0.0
-    seed: int = 0
-    run_dir: str = "runs/default"
+    moe_z_loss_coef: float = 0.0  # MoE: the router z-loss coefficient (0: off)
+    seed: int = 0  # data order, sampling seeds and Megatron's initialisation
+    run_dir: str = "runs/default"  # where metrics, checkpoints, TensorBoard events and config.yaml go
     save_interval: int = 0  # 0 = only at the end
-    keep_last: Optional[int] = 3
+    keep_last: Optional[int] = 3  # checkpoints kept (null: all)
     resume: str = "auto"  # auto | none | a checkpoint folder
 
     def check(self) -> None:

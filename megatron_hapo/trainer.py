@@ -16,7 +16,6 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
@@ -43,12 +42,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         import transformers
 
-        from .rollout.engine import (  # vLLM: imported once the process is set up
-            RolloutEngine,
-            SamplingConfig,
-            kv_cache_advice,
-            run_context_length,
-        )
+        from .rollout.engine import SamplingConfig, engine_for_run  # vLLM: imported once the process is set up
 
         self.cfg = cfg
         p, t, r, d = cfg.parallel, cfg.train, cfg.rollout, cfg.data
@@ -84,24 +78,12 @@ class Trainer:
         self.rewards = start_reward_pool(verifier, rw.workers, rw.timeout_s, layout.engine_leader, self.control)
         self.policy = MegatronPolicy(self.spec, PolicyConfig.from_config(cfg), self.algo)
         self._load_initial_weights()
-        context = run_context_length(cfg, self.spec.max_position_embeddings)
-        try:
-            self.engine = RolloutEngine(self.model_dir, max_model_len=context, kv_cache_memory_bytes=r.kv_cache_memory_bytes,
-                                        seed=t.seed, tensor_parallel_size=itp, dtype=cfg.model.dtype,
-                                        gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=r.enable_sleep_mode,
-                                        enforce_eager=r.enforce_eager, fused_processor=r.fused_processor,
-                                        record_routing=r.routing_replay)
-        except ValueError as exc:
-            if "KV cache" not in str(exc) and "cache blocks" not in str(exc):
-                raise
-            raise ValueError(kv_cache_advice(cfg, self.spec, context)) from exc
+        self.engine = engine_for_run(cfg, self.model_dir, self.spec)
         self.collector = RolloutCollector(
             self.engine, self.rewards, verifier.failure_reward,
             lambda ids: self.tokenizer.batch_decode(ids, skip_special_tokens=True), layout, self.control, t.seed,
             cfg.reward.max_error_fraction, cfg.reward.type)
-        self.sampling = SamplingConfig(max_tokens=r.max_response_tokens, base_temperature=r.base_temperature, top_p=r.top_p,
-                                       adaptive=self.algo.adaptive_temperature, tau=self.algo.tau,
-                                       sign_mode=self.algo.sign_mode, stop_token_ids=self.stop_ids)
+        self.sampling = SamplingConfig.for_rollout(r, self.algo, self.stop_ids)
         self.stats: Optional[A.EntropyStats] = None
         self.step = 0
         self.logger = RunLogger(t.run_dir, cfg.log.tensorboard, cfg.log.token_samples, enabled=self.rank == 0)
@@ -157,20 +139,42 @@ class Trainer:
     # ---- one step ---------------------------------------------------------------------------------------
 
     def train_step(self) -> Dict[str, Any]:
-        t0, algo, memory = time.perf_counter(), self.algo, {}
+        t0, memory = time.perf_counter(), {}
         phases.set_step(self.step + 1)
         phases.mark("rollout")
         batch = self._collect()
-        ids, mask = batch.padded(self.device)
         t1 = self._phase("rollout", t0, memory)
         self.engine.sleep()  # with rollout.enable_sleep_mode on GPU; a no-op otherwise
-
         phases.mark("old_pass")
+        train, step_stats, old_metrics = self._old_pass(batch)
+        t2 = self._phase("old_pass", t1, memory)
+        phases.mark("update")
+        parts = self._update(train)
+        t3 = self._phase("update", t2, memory, "time_train")
+        phases.mark("weight_sync")
+        self.engine.wake_up_weights()  # staged: weights, the sync, then the KV cache
+        sync = self.sync_weights()
+        self.engine.wake_up_kv_cache()
+        self._phase("weight_sync", t3, memory)  # its time: the sync's own, below
+        self.stats, self.step = step_stats, self.step + 1  # the next step's rollout samples with these statistics
+        m: Dict[str, Any] = {"step": self.step, **mean_over_micro_batches(parts),
+                             **rollout_metrics(batch.kept, batch.seen, batch.gen_batches), **old_metrics,
+                             **step_stats.metrics(), **memory, **self._data_metrics(), **self.policy.take_padding_factor(),
+                             "time_weight_sync": sync["weight_sync_s"], "weight_sync_bytes": sync["weight_sync_bytes"],
+                             "time_step": time.perf_counter() - t0}
+        m["rollout_tokens_per_s"] = m["response_tokens"] / max(m["time_rollout"], 1e-9)
+        return m
+
+    def _old_pass(self, batch):
+        """The old policy's log-probs and entropies (and at the engine's recorded T), the step's
+        entropy statistics, h-hat and advantages: the update's batch, the statistics, and the pass's
+        metrics (trainer-vs-engine mismatch, GRPO fallback, MoE routing mismatch under replay)."""
+        algo = self.algo
+        ids, mask = batch.padded(self.device)
         width, temps = ids.shape[1], batch.per_position("temperatures", ids.shape[1], self.device)
         engine_logp = batch.per_position("logprobs", width, self.device)  # at the recorded T: TIS's behaviour too
         routing = batch.per_position_routing(width, self.device)  # rollout.routing_replay: the engine's experts
         old_logp, old_ent, logp_at_t = self.policy.compute_logprobs(PolicyBatch(ids, mask, routing=routing), also_at=temps)
-        routing_mismatch = self.policy.take_routing_mismatch()
         mismatch = A.logprob_mismatch_sums(batch.per_position("logprobs_t1", width, self.device), old_logp, mask)
         mismatch_at_t = A.logprob_mismatch_sums(engine_logp, logp_at_t, mask)
         step_stats = distributed_entropy_stats(old_ent, mask, group=self.dp_group, pivot=algo.pivot)
@@ -179,38 +183,27 @@ class Trainer:
                                              batch.group_ids)
         train = PolicyBatch(ids, mask, advantages=adv, old_logp=old_logp, h_hat=h_hat, routing=routing,
                             behaviour_logp=engine_logp if algo.rollout_correction == "tis" else None)
-        t2 = self._phase("old_pass", t1, memory)
+        metrics = reduce_step_sums(mismatch, mismatch_at_t, fallback, self.dp_group)
+        routing_mismatch = self.policy.take_routing_mismatch()
+        if routing_mismatch is not None:
+            metrics["moe_routing_mismatch"] = routing_mismatch  # the old pass's own routing vs the rollout's, replayed
+        if self.logger.enabled:  # rank 0: the other ranks would copy these to the host for nothing
+            self.logger.log_distributions(self.step + 1, {
+                "h_hat": None if h_hat is None else h_hat[mask].cpu(), "entropy": old_ent[mask].cpu(),
+                "temperature": temps[mask].cpu()}, batch.per_token["entropies"], batch.per_token["temperatures"])
+        return train, step_stats, metrics
 
-        phases.mark("update")
+    def _update(self, train: PolicyBatch) -> List[Dict[str, float]]:
+        """The mini-batch updates of the step (train.mini_batch_prompts prompts each); their metrics."""
         per_mb = self.cfg.train.mini_batch_prompts // self.collector.layout.dp * self.cfg.rollout.samples_per_prompt
-        bar, parts = self._bar(f"step {self.step + 1} update", -(-len(batch) // per_mb)), []
-        for sl in (slice(i, i + per_mb) for i in range(0, len(batch), per_mb)):
+        n = train.size
+        bar, parts = self._bar(f"step {self.step + 1} update", -(-n // per_mb)), []
+        for sl in (slice(i, i + per_mb) for i in range(0, n, per_mb)):
             parts.append(self.policy.train_step(train.select(sl)))
             bar.update(1)
         bar.close()
         self.policy.end_rollout_step()
-        t3 = self._phase("update", t2, memory, "time_train")
-        phases.mark("weight_sync")
-        self.engine.wake_up_weights()  # staged: weights, the sync, then the KV cache
-        sync = self.sync_weights()
-        self.engine.wake_up_kv_cache()
-        self._phase("weight_sync", t3, memory)  # its time: the sync's own, below
-        self.stats, self.step = step_stats, self.step + 1  # the next step's rollout samples with these statistics
-
-        m: Dict[str, Any] = {"step": self.step, **mean_over_micro_batches(parts),
-                             **rollout_metrics(batch.kept, batch.seen, batch.gen_batches),
-                             **reduce_step_sums(mismatch, mismatch_at_t, fallback, self.dp_group), **step_stats.metrics(), **memory,
-                             **self._data_metrics(), **self._padding_metrics(), "time_weight_sync": sync["weight_sync_s"],
-                             "weight_sync_bytes": sync["weight_sync_bytes"], "time_step": time.perf_counter() - t0}
-        m["rollout_tokens_per_s"] = m["response_tokens"] / max(m["time_rollout"], 1e-9)
-        if routing_mismatch is not None:
-            m["moe_routing_mismatch"] = routing_mismatch  # the old pass's own routing vs the rollout's, replayed
-        if self.logger.enabled:  # rank 0: the other ranks would copy these to the host for nothing
-            self.logger.log_distributions(self.step, {
-                "h_hat": None if h_hat is None else h_hat[mask].cpu(), "entropy": old_ent[mask].cpu(),
-                "temperature": temps[mask].cpu()},
-                batch.per_token["entropies"], batch.per_token["temperatures"])
-        return m
+        return parts
 
     def _collect(self):
         bar = self._bar(f"step {self.step + 1} rollout", self.cfg.rollout.prompts_per_step)
@@ -229,14 +222,6 @@ class Trainer:
         memory.update({f"mem_{name}_{k}": v for k, v in dev.memory_report().items()})
         return now
 
-    def _padding_metrics(self) -> Dict[str, float]:
-        """Tokens the step's passes computed (padding included) over real tokens, summed over the
-        data-parallel group: 1.0 is no waste (train.max_tokens_per_micro_batch packs to ~1)."""
-        counts = self.policy.take_token_counts()
-        sums = torch.tensor([counts["tokens_computed"], counts["tokens_real"]], dtype=torch.float64)
-        dist.all_reduce(sums, group=self.dp_group)  # host tensors: gloo, on GPU nodes too
-        return {"padding_factor": sums[0].item() / max(sums[1].item(), 1.0)}
-
     def _data_metrics(self) -> Dict[str, float]:
         return {"data_position": self.data_position, "data_epoch": self.data_position / len(self.train_data),
                 "data_skipped_rows": self.train_data.skipped}
@@ -244,8 +229,7 @@ class Trainer:
     # ---- evaluation, export ---------------------------------------------------------------------------------
 
     def evaluate(self, num_prompts: Optional[int] = None) -> Dict[str, float]:
-        """mean@n and pass@n on the eval set with adaptation off (greedy at temperature 0); every
-        prompt is evaluated (engines take slices that differ by at most one)."""
+        """mean@n and pass@n on the eval set with adaptation off (greedy at temperature 0)."""
         from .rollout.engine import SamplingConfig
 
         e = self.cfg.eval
@@ -253,15 +237,9 @@ class Trainer:
             raise ValueError("evaluation needs data.eval (no held-out split for these training sources)")
         count = min(num_prompts or e.num_prompts or len(self.eval_data), len(self.eval_data))
         t0 = time.perf_counter()
-        sampling = SamplingConfig(max_tokens=e.max_response_tokens or self.cfg.rollout.max_response_tokens,
-                                  base_temperature=e.temperature or 1.0, top_p=e.top_p, top_k=1 if e.temperature == 0 else 0,
-                                  adaptive=False, stop_token_ids=self.stop_ids)
-        chunk, groups = 256 * self.collector.layout.num_engines, []
-        bar = self._bar("eval", -(-count // chunk))
-        for start in range(0, count, chunk):
-            positions = list(range(start, min(start + chunk, count)))
-            groups += self.collector.generate(positions, positions, self.eval_data, sampling, e.n, None)[0]
-            bar.update(1)
+        sampling = SamplingConfig.for_eval(e, self.cfg.rollout.max_response_tokens, self.stop_ids)
+        bar = self._bar("eval", -(-count // (256 * self.collector.layout.num_engines)))
+        groups = self.collector.evaluate(self.eval_data, count, sampling, e.n, bar)
         bar.close()
         sources = [self.eval_data[g.position].source for g in groups]
         return {**eval_metrics(groups, e.n, sources), "time_eval": time.perf_counter() - t0}
@@ -311,24 +289,3 @@ class Trainer:
                           f"train.resume=auto", flush=True)
                 break
         return history
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="megatron-hapo train", description="The RL loop: HAPO, DAPO or GRPO.")
-    p.add_argument("--config", default=None, help="YAML config (optional)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. algorithm.name=dapo train.steps=100")
-    a = p.parse_args(argv)
-    cfg = Config.load(a.config, a.overrides)
-    trainer = Trainer(cfg)
-    if trainer.rank == 0:
-        print("effective config:\n" + cfg.dump(), flush=True)
-    try:
-        trainer.fit()
-    except ckpt.CheckpointWriteError as exc:  # the disk, not a bug: the message says what to do, no traceback
-        print(f"megatron-hapo train: stopped: {exc}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        trainer.close()
-    return 0

@@ -83,3 +83,19 @@ def test_sandbox_limits_come_from_the_reward_section():
     assert Config.from_dict(yaml.safe_load(cfg.dump())).reward.sandbox_limits() == limits
     if sandbox_status()[0]:  # the code verifier refuses to start without its sandbox
         assert build_verifier("code", sandbox=limits).limits == limits
+
+
+def test_config_reference_is_current_and_complete():
+    """docs/CONFIG.md is what `megatron-hapo config --doc` generates from the typed config, and every
+    setting has a doc comment (a new field without one fails here)."""
+    import pathlib
+
+    from megatron_hapo.config_doc import field_docs, reference, undocumented
+
+    assert undocumented() == []
+    path = pathlib.Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"
+    assert path.read_text() == reference(), "docs/CONFIG.md is stale: run `megatron-hapo config --doc`"
+    from megatron_hapo.config import RolloutConfig
+
+    docs = field_docs(RolloutConfig)  # a comment block above a field is its doc, a trailing one too
+    assert docs["enforce_eager"].startswith("GPU: false = CUDA graphs") and "generation cap" in docs["max_response_tokens"]

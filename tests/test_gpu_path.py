@@ -346,7 +346,7 @@ def test_te_spec_gets_no_explicit_mask():
     """TE's causal attention implies the mask: the policy builds none for it (a [b, 1, s, s] bool
     tensor per micro-batch otherwise), with the same positions and labels as the local spec's."""
     from megatron_hapo.models.hf_config import attention_mask_for
-    from megatron_hapo.training.policy import model_inputs
+    from megatron_hapo.training.batch import model_inputs
 
     ids = torch.randint(0, 100, (3, 17))
     pos, mask, labels = model_inputs(ids)

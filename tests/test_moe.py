@@ -72,7 +72,8 @@ def aux_gradient(rank, world, ep, algo, coef=0.1, tp=1):
     from megatron_hapo.algorithms import AlgorithmConfig
     from megatron_hapo.models.hf_config import ModelSpec
     from megatron_hapo.training.parallel import init_model_parallel
-    from megatron_hapo.training.policy import MegatronPolicy, PolicyBatch, PolicyConfig, sequence_lengths
+    from megatron_hapo.training.batch import sequence_lengths
+    from megatron_hapo.training.policy import MegatronPolicy, PolicyBatch, PolicyConfig
 
     from .tiny_models import hf_model
 

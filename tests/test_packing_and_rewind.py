@@ -6,7 +6,7 @@ import random
 import torch
 
 from megatron_hapo.metrics import RunLogger
-from megatron_hapo.training.policy import pack_sequences, packed_layout, sequence_lengths
+from megatron_hapo.training.batch import pack_sequences, packed_layout, sequence_lengths
 
 
 def rows_of(path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_hapo.models.hf_config import ModelSpec, check_layout
-from megatron_hapo.training.policy import PolicyBatch, num_micro_batches
+from megatron_hapo.training.batch import PolicyBatch, num_micro_batches
 
 from .distributed import run_ranks
 from .tiny_models import hf_config

@@ -65,7 +65,7 @@ def test_engine_matches_trainer_after_sync(tp, pp, tmp_path):
 def test_pipeline_buckets_keep_one_dtype_and_a_size_cap():
     """PP stages stream their tensors in buckets: each bucket has one dtype (a mixed bucket would be
     cast to its first tensor's dtype) and at most bucket_bytes, a larger tensor travelling alone."""
-    from megatron_hapo.training.policy import _buckets
+    from megatron_hapo.training.weights import _buckets
 
     f32, bf16 = torch.float32, torch.bfloat16
     sizes = [(40, f32), (40, f32), (40, f32), (200, f32), (10, bf16), (10, bf16), (10, f32)]

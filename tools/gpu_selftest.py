@@ -25,7 +25,6 @@ says "skipped: ..." for the rest: a check never reports a pass it did not measur
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -231,21 +230,19 @@ def c_placement(ctx):
     want = dev.device()
     tb = ctx.train_batch(policy)
     seen = {}
-    from megatron_hapo.training import policy as pol
+    original = policy.batcher.split
 
-    original = pol.MegatronPolicy._micro_batches
-
-    def spy(self, batch):
-        out = original(self, batch)
+    def spy(batch):  # what the micro-batches hold, as the schedule receives them
+        out = original(batch)
         seen.update({k: v.device for k, v in out[0].items() if isinstance(v, torch.Tensor)})
         seen["input_ids"] = out[0]["batch"].input_ids.device
         return out
 
-    pol.MegatronPolicy._micro_batches = spy
+    policy.batcher.split = spy
     try:
         m = policy.train_step(tb)
     finally:
-        pol.MegatronPolicy._micro_batches = original
+        policy.batcher.split = original
     wrong = [n for c in policy.chunks for n, p in c.module.named_parameters() if p.device != want]
     wrong += [f"grad {n}" for c in policy.chunks for n, p in c.module.named_parameters()
               if getattr(p, "main_grad", None) is not None and p.main_grad.device != want]
@@ -274,7 +271,7 @@ def _hf_gpt_model(ctx, layer_spec, dtype=torch.float32):
 def _logits(ctx, layer_spec, dtype=torch.float32):
     """Megatron GPTModel logits (single rank) for the HF weights, and the token ids used."""
     from megatron_hapo.models.hf_config import attention_mask_for
-    from megatron_hapo.training.policy import model_inputs
+    from megatron_hapo.training.batch import model_inputs
 
     model = _hf_gpt_model(ctx, layer_spec, dtype)
     ids = ctx.batch(rows=2, width=32, seed=3).input_ids

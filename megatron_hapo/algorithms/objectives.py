@@ -24,26 +24,26 @@ ROLLOUT_CORRECTIONS = (None, "tis")
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
-    name: str = "hapo"
+    name: str = "hapo"  # hapo | dapo | grpo: the preset the other fields start from
     # HAPO's four components (HAPO.md §A–§D).
-    adaptive_temperature: bool = True
-    token_level_advantage: bool = True
-    redistribute: bool = True
-    adaptive_clip: bool = True
-    tau: float = 0.05  # the released code; the paper's text says 0.1
-    beta: float = 1.0
-    alpha: float = 1.0
-    pivot: float = 0.8
-    sign_mode: str = "signed"
-    fallback_threshold: Optional[float] = 5.0
-    loss_stats: str = "step_old"
+    adaptive_temperature: bool = True  # A: a per-token sampling temperature from the token's entropy
+    token_level_advantage: bool = True  # B: token-weighted group-average advantages
+    redistribute: bool = True  # C: differential advantage redistribution by h̃
+    adaptive_clip: bool = True  # D: asymmetric entropy-adaptive clip bounds
+    tau: float = 0.05  # A's strength: T = T_base·(1 + τ·h̃); 0.05 as the released code (the paper's text: 0.1)
+    beta: float = 1.0  # C's strength: A·(1 + β·h̃)
+    alpha: float = 1.0  # D's strength: the bounds widen by α·|h̃|
+    pivot: float = 0.8  # the entropy quantile that splits confident from uncertain tokens
+    sign_mode: str = "signed"  # signed (the paper's intent) | released (the authors' code: low-entropy tokens heated too)
+    fallback_threshold: Optional[float] = 5.0  # B: a group with |A| at or above this uses the GRPO advantage (null: never)
+    loss_stats: str = "step_old"  # which h̃ the loss uses: step_old (old pass, step-wide statistics) | micro_batch_current (released)
     # PPO loss shared by all algorithms.
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    clip_ratio_c: Optional[float] = 10.0
-    agg: str = "token-mean"
-    rollout_correction: Optional[str] = None
-    tis_cap: float = 2.0
+    eps_low: float = 0.2  # PPO clip, lower: 1 − eps_low
+    eps_high: float = 0.28  # PPO clip, upper: 1 + eps_high (DAPO's clip-higher)
+    clip_ratio_c: Optional[float] = 10.0  # dual-clip bound for negative advantages (null: off)
+    agg: str = "token-mean"  # loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum
+    rollout_correction: Optional[str] = None  # tis: truncated importance weights against the engine's recorded log-probs (null: off)
+    tis_cap: float = 2.0  # the truncation of TIS weights
 
     def __post_init__(self):
         one_of("algorithm.name", self.name, ALGORITHMS)

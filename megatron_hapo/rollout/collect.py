@@ -195,6 +195,16 @@ class RolloutCollector:
 
     # ---- one generation batch on every engine -----------------------------------------------------
 
+    def evaluate(self, dataset, count: int, sampling, n: int, bar) -> List[GroupSummary]:
+        """The first `count` prompts of an evaluation set, n responses each, in chunks of 256 prompts
+        per engine (every prompt evaluated; engines take slices that differ by at most one)."""
+        chunk, groups = 256 * self.layout.num_engines, []
+        for start in range(0, count, chunk):
+            positions = list(range(start, min(start + chunk, count)))
+            groups += self.generate(positions, positions, dataset, sampling, n, None)[0]
+            bar.update(1)
+        return groups
+
     def generate(self, positions: List[int], indices: List[int], dataset, sampling, n: int, stats,
                  ) -> Tuple[List[GroupSummary], Dict[int, Group]]:
         """Every engine generates its slice of the prompts and its first rank scores it. Returns the

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .. import device as dev
+from .. import quiet
 from ..algorithms import EntropyStats
 from ..algorithms.entropy import SIGN_MODES
 
@@ -43,6 +44,8 @@ def _vllm_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its per-engine INFO lines drown the training log
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # our handler, with the known-harmless lines filtered
+    quiet.vllm_handler()
 
 
 def _import_vllm() -> None:
@@ -52,14 +55,16 @@ def _import_vllm() -> None:
     import sys
     import threading
 
+    _vllm_env()
     if "vllm.entrypoints.llm" in sys.modules:
         return
     failure = []
 
     def run():
         try:  # vLLM's top level imports lazily: what the engine uses, the temperature processor's modules too
-            from vllm import LLM, SamplingParams, TokensPrompt  # noqa: F401
+            import vllm
 
+            vllm.LLM, vllm.SamplingParams, vllm.TokensPrompt  # noqa: B018 - resolving them runs the lazy imports
             from . import temperature_processor  # noqa: F401
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             failure.append(exc)
@@ -126,6 +131,20 @@ class SamplingConfig:
             raise ValueError(f"sampling.tau: must lie in [0, 1), got {self.tau}")
         if self.sign_mode not in SIGN_MODES:
             raise ValueError(f"sampling.sign_mode: unknown value {self.sign_mode!r}")
+
+    @classmethod
+    def for_rollout(cls, rollout, algo, stop_token_ids) -> "SamplingConfig":
+        """Training rollouts: rollout.* settings, HAPO's temperature adaptation as the algorithm says."""
+        return cls(max_tokens=rollout.max_response_tokens, base_temperature=rollout.base_temperature, top_p=rollout.top_p,
+                   adaptive=algo.adaptive_temperature, tau=algo.tau, sign_mode=algo.sign_mode,
+                   stop_token_ids=tuple(stop_token_ids))
+
+    @classmethod
+    def for_eval(cls, ev, rollout_max_tokens: int, stop_token_ids) -> "SamplingConfig":
+        """Evaluation: eval.* settings, no adaptation; temperature 0 means greedy (top-k 1)."""
+        return cls(max_tokens=ev.max_response_tokens or rollout_max_tokens, base_temperature=ev.temperature or 1.0,
+                   top_p=ev.top_p, top_k=1 if ev.temperature == 0 else 0, adaptive=False,
+                   stop_token_ids=tuple(stop_token_ids))
 
 
 @dataclasses.dataclass
@@ -195,6 +214,24 @@ def kv_cache_advice(cfg, spec, max_model_len: int, block: int = 16) -> str:
             f"decoded at once), or lower data.max_prompt_tokens or rollout.max_response_tokens")
 
 
+def engine_for_run(cfg, model_dir: str, spec) -> "RolloutEngine":
+    """The run's engine (rollout.* and parallel.inference_tensor_parallel_size), its context from the
+    run (`run_context_length`); a KV cache too small for one sequence is refused with the settings
+    to change (`kv_cache_advice`)."""
+    r = cfg.rollout
+    context = run_context_length(cfg, spec.max_position_embeddings)
+    try:
+        return RolloutEngine(model_dir, max_model_len=context, kv_cache_memory_bytes=r.kv_cache_memory_bytes,
+                             seed=cfg.train.seed, tensor_parallel_size=cfg.parallel.inference_tensor_parallel_size,
+                             dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
+                             enable_sleep_mode=r.enable_sleep_mode, enforce_eager=r.enforce_eager,
+                             fused_processor=r.fused_processor, record_routing=r.routing_replay)
+    except ValueError as exc:
+        if "KV cache" not in str(exc) and "cache blocks" not in str(exc):
+            raise
+        raise ValueError(kv_cache_advice(cfg, spec, context)) from exc
+
+
 class RolloutEngine:
     def __init__(
         self,
@@ -212,8 +249,7 @@ class RolloutEngine:
         fused_processor: bool = True,
         record_routing: bool = False,
     ):
-        _vllm_env()
-        _import_vllm()
+        _import_vllm()  # the environment vLLM reads first (_vllm_env)
         from vllm import LLM
 
         # every in-place reload warns that rotary embeddings (a buffer, not a checkpoint weight) got no weights

@@ -1,6 +1,12 @@
 """The policy as a Megatron-Core GPTModel: old-policy pass and HAPO/DAPO/GRPO updates inside
 Megatron's own forward-backward schedules (no pipelining, or 1F1B with PP > 1) and optimizer.
 
+Contract: `MegatronPolicy` owns the model chunks, the optimizer and the LR schedule, and runs the
+passes: `compute_logprobs` (no grad; log-probs and entropies per label position, at T = 1 or a
+per-token T) and `train_step` (one optimizer step on this rank's share of a mini-batch). The batch
+type and micro-batching live in `batch.py`, the HF-named weights (load, and the one walk out) in
+`weights.py`, what MoE adds (routing replay, aux-loss weight, expert load) in `moe.py`.
+
 Per-token tensors are aligned with label positions: entry t of a row scores token t+1, so a
 response token at position p is scored at p − 1 (`loss_mask` marks those positions). Prompt
 positions and padding never enter the loss.
@@ -13,7 +19,6 @@ mini-batch whatever the split (HAPO.md, "Policy loss").
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import time
 from functools import partial
@@ -26,17 +31,10 @@ from .. import device as dev
 from ..algorithms import AlgorithmConfig, PolicyLoss
 from ..config import OptimConfig
 from ..models.hf_config import ModelSpec, build_gpt_model, transformer_config
-from ..models.mapping import (
-    hf_to_megatron,
-    expert_index,
-    layer_offset,
-    megatron_state_to_hf,
-    merge_tp,
-    param_kind,
-    unfuse_hf_experts,
-    with_expert_index,
-)
 from ..parallel import vocab_parallel_logprobs_and_entropy
+from . import weights
+from .batch import MicroBatcher, PolicyBatch
+from .moe import MoEPolicyState
 
 
 @dataclasses.dataclass
@@ -77,170 +75,6 @@ class PolicyConfig(OptimConfig):
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"policy.dtype: {self.dtype!r}; expected 'float32' or 'bfloat16'")
         return getattr(torch, self.dtype)
-
-
-class PolicyBatch:
-    """One data-parallel rank's share of a (mini-)batch: what the model reads, and the loss's
-    inputs by name (whatever `algorithms.PolicyLoss.inputs` declares; none for a forward pass).
-
-    input_ids [B, S]: prompt + response tokens, right-padded. loss_mask [B, S]: True at positions t
-    whose next token t+1 is a response token. segment_ids [B, S]: for packed rows, the sequence
-    each token belongs to (attention stays within a segment, positions restart). Each input is
-    per position [B, S] (aligned like loss_mask) or per sequence [B]; None values are dropped.
-    """
-
-    def __init__(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
-                 **inputs: Optional[torch.Tensor]):
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected [batch, seq], got shape {tuple(input_ids.shape)}")
-        shape = tuple(input_ids.shape)
-        self.input_ids, self.segment_ids = input_ids, segment_ids
-        self.inputs = {k: v for k, v in inputs.items() if v is not None}
-        for name, t in (("loss_mask", loss_mask), ("segment_ids", segment_ids)):
-            if t is not None and tuple(t.shape) != shape:
-                raise ValueError(f"{name}: shape {tuple(t.shape)} does not match input_ids {shape}")
-        for name, t in self.inputs.items():
-            if tuple(t.shape) != (shape[0],) and tuple(t.shape[:2]) != shape:
-                raise ValueError(f"{name}: shape {tuple(t.shape)}; expected per sequence ({shape[0]},) or per position "
-                                 f"{shape} (and trailing dimensions)")
-        self.loss_mask = loss_mask.bool()
-        if bool(self.loss_mask[:, -1].any()):
-            raise ValueError("loss_mask: the last position has no next token to score")
-
-    def __getattr__(self, name):  # batch.old_logp: an input, or None when the batch does not carry it
-        if name.startswith("__") or name == "inputs":
-            raise AttributeError(name)
-        return self.inputs.get(name)
-
-    @property
-    def size(self) -> int:
-        return self.input_ids.shape[0]
-
-    def select(self, idx) -> "PolicyBatch":
-        return self._map(lambda t: t[idx])
-
-    def to(self, device) -> "PolicyBatch":
-        return self._map(lambda t: t.to(device, non_blocking=True))
-
-    def pad_width(self, width: int) -> "PolicyBatch":
-        """Right-pads every row to `width` positions (nothing scored there)."""
-        extra = width - self.input_ids.shape[1]
-        if extra <= 0:
-            return self
-        def pad(t):
-            if t.dim() == 1:
-                return t
-            # routing records pad with −1 (no expert recorded); everything else with 0
-            fill = -1 if t.dtype in (torch.int16, torch.uint8, torch.int32, torch.int64) and t.dim() > 2 else 0
-            return torch.cat([t, t.new_full((t.shape[0], extra) + tuple(t.shape[2:]), fill)], dim=1)
-
-        return self._map(pad)
-
-    def cat(self, other: "PolicyBatch") -> "PolicyBatch":
-        return self._map(lambda t, o: torch.cat([t, o]), other)
-
-    def _map(self, fn, other: Optional["PolicyBatch"] = None) -> "PolicyBatch":
-        def f(name, t):
-            if t is None:
-                return None
-            return fn(t) if other is None else fn(t, getattr(other, name) if name in ("input_ids", "loss_mask", "segment_ids")
-                                                   else other.inputs[name])
-
-        return PolicyBatch(f("input_ids", self.input_ids), f("loss_mask", self.loss_mask), f("segment_ids", self.segment_ids),
-                           **{k: f(k, v) for k, v in self.inputs.items()})
-
-
-def num_micro_batches(batch_size: int, micro_batch_size: int) -> int:
-    if micro_batch_size < 1 or batch_size % micro_batch_size:
-        raise ValueError(f"micro_batch_size={micro_batch_size} does not divide the batch of {batch_size} sequences "
-                         "on this data-parallel rank")
-    return batch_size // micro_batch_size
-
-
-def model_inputs(input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None, with_mask: bool = True):
-    """(position_ids, attention_mask, labels): causal mask (True = masked), block-diagonal when packed;
-    mask None when with_mask=False (TE: its causal attention implies it, THD parameters carry the
-    segments)."""
-    b, s = input_ids.shape
-    causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).triu(1) if with_mask else None
-    if segment_ids is None:
-        position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-        mask = None if causal is None else causal[None, None].expand(b, 1, s, s)
-    else:
-        mask = None
-        if with_mask:
-            mask = (causal[None] | (segment_ids[:, :, None] != segment_ids[:, None, :]))[:, None]
-        starts = torch.ones_like(segment_ids, dtype=torch.bool)
-        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-        idx = torch.arange(s, device=input_ids.device).expand(b, s)
-        seg_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
-        position_ids = idx - seg_start
-    labels = torch.zeros_like(input_ids)
-    labels[:, :-1] = input_ids[:, 1:]
-    return position_ids.contiguous(), None if mask is None else mask.contiguous(), labels
-
-
-def sequence_lengths(loss_mask: torch.Tensor) -> torch.Tensor:
-    """Real tokens per row of a right-padded batch: through the last scored token (position of the
-    last loss position + 2); 1 for a row with nothing scored (its tokens never reach the loss)."""
-    s = loss_mask.shape[1]
-    last = torch.where(loss_mask, torch.arange(s, device=loss_mask.device), -1).amax(dim=1)
-    return torch.where(last >= 0, last + 2, torch.ones_like(last))
-
-
-def pack_sequences(lengths: List[int], max_tokens: int) -> List[List[int]]:
-    """Sequence indices grouped into micro-batches of at most `max_tokens` tokens (a longer
-    sequence alone): first-fit over the lengths in decreasing order, deterministic, so the
-    micro-batches of a step are the same on every launch and every rank of a replica."""
-    bins: List[List[int]] = []
-    room: List[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        n = lengths[i]
-        k = next((k for k, r in enumerate(room) if r >= n), None)
-        if k is None:
-            bins.append([i])
-            room.append(max_tokens - n)
-        else:
-            bins[k].append(i)
-            room[k] -= n
-    return [sorted(b) for b in bins]
-
-
-def packed_layout(rows: List[List[int]], width: int, device=None):
-    """Sequences of the given lengths laid end to end in rows of `width` positions (each row's tail
-    is a padding segment of its own): (segment ids [R, width], gather [n, S]: for sequence k (in row
-    order) and position t < its length, its place in the flattened rows; R·width (a spare slot) past
-    its end; S = the longest, cu_seqlens [n + 1] int32 of the first row's sequences (THD, one row))."""
-    lengths = [n for row in rows for n in row]
-    seg = torch.empty(len(rows), width, dtype=torch.long)
-    starts, k = [], 0
-    for r, row in enumerate(rows):
-        off = 0
-        for n in row:
-            seg[r, off:off + n] = k
-            starts.append(r * width + off)
-            off, k = off + n, k + 1
-        seg[r, off:] = len(lengths) + r  # padding: a segment of its own, attending only to itself
-    lens = torch.tensor(lengths, dtype=torch.long)
-    pos = torch.arange(max(lengths))
-    gather = torch.where(pos[None] < lens[:, None], torch.tensor(starts)[:, None] + pos[None],
-                         torch.full_like(pos[None], len(rows) * width))
-    cu = torch.tensor([0] + list(itertools.accumulate(rows[0])), dtype=torch.int32)
-    return seg.to(device), gather.to(device), cu.to(device)
-
-
-def _buckets(sizes, bucket_bytes: int) -> List[List[int]]:
-    """Consecutive indices grouped into buckets of at most bucket_bytes (a larger item alone) and
-    one dtype each; sizes: [(nbytes, dtype)]."""
-    buckets: List[List[int]] = []
-    size = 0
-    for i, (nbytes, dtype) in enumerate(sizes):
-        if not buckets or size + nbytes > bucket_bytes or sizes[buckets[-1][0]][1] != dtype:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(i)
-        size += nbytes
-    return buckets
 
 
 class MegatronPolicy:
@@ -300,11 +134,11 @@ class MegatronPolicy:
             self.etp_group, self.etp_rank = ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_rank()
         with dev.megatron_scope():
             self._build(vpp, dtype)
-        if spec.is_moe:
-            self._moe_setup()
+        self.moe = MoEPolicyState(self) if spec.is_moe else None
+        self.batcher = MicroBatcher(cfg.micro_batch_size, cfg.max_tokens_per_micro_batch, self.layer_spec, self.device,
+                                    self.width_multiple, spec.is_moe)
         self.steps_done = 0
         self.skipped_steps = 0
-        self._computed = self._real = 0
         if self.packing and pp > 1:
             self.config.variable_seq_lengths = True  # packed rows differ in width: pipeline p2p sends shapes
 
@@ -349,231 +183,43 @@ class MegatronPolicy:
 
     # ---- weights ------------------------------------------------------------------------------
 
-    def _chunk_layer_base(self, i: int) -> int:
-        vpp = self.cfg.virtual_pipeline_model_parallel_size
-        return layer_offset(self.spec, self.pp_rank, self.pp_size, i if vpp else None, vpp)
+    # ---- weights (training/weights.py) ---------------------------------------------------------
 
     def load_hf_state_dict(self, hf: Dict[str, torch.Tensor]) -> None:
-        """Loads full HF-named tensors (every rank holds them; small models and tests). Experts in
-        checkpoint names or fused as transformers keeps them in memory."""
-        vpp = self.cfg.virtual_pipeline_model_parallel_size
-        hf = unfuse_hf_experts(hf)
-        moe = dict(ep_rank=self.ep_rank, ep=self.ep, etp_rank=self.etp_rank, etp=self.etp) if self.spec.is_moe else {}
-        for i, chunk in enumerate(self.chunks):
-            sd = hf_to_megatron(hf, self.spec, self.tp_rank, self.cfg.tensor_model_parallel_size, self.pp_rank,
-                                self.pp_size, i if vpp else None, vpp, layer_spec=self.layer_spec, **moe)
-            own = chunk.module.state_dict()
-            missing = [k for k in own if not k.endswith("_extra_state") and k not in sd]
-            if missing:
-                raise KeyError(f"HF state dict lacks tensors for {missing[:5]}")
-            with torch.no_grad():
-                for k, v in sd.items():
-                    if k not in own:
-                        raise KeyError(f"unexpected parameter {k}")
-                    if tuple(own[k].shape) != tuple(v.shape):
-                        raise ValueError(f"{k}: shape {tuple(v.shape)} from HF, {tuple(own[k].shape)} in the model")
-                    own[k].copy_(v)
-        with dev.megatron_scope():
-            self.optimizer.reload_model_params()
-
-    def _named_tp_merged_parameters(self, bucket_bytes: int = 64 * 2**20):
-        """(chunk layer base, Megatron name, TP-merged tensor) for this PP stage's parameters; the
-        experts' weights are merged over the expert-TP group and gathered over the EP group in
-        buckets of up to `bucket_bytes` per rank (one all-gather each): every EP rank yields every
-        expert, under its global index."""
-        tp = self.cfg.tensor_model_parallel_size
-        pending: List[tuple] = []  # (chunk layer base, name, local index, tensor) of experts not yet gathered
-
-        def flush():
-            yield from self._gather_experts(pending)
-            pending.clear()
-
-        for i, chunk in enumerate(self.chunks):
-            for name, p in chunk.module.state_dict().items():
-                if name.endswith("_extra_state"):
-                    continue
-                t = p.detach()
-                local = expert_index(name) if self.spec.is_moe else None
-                size, group = (self.etp, self.etp_group) if local is not None else (tp, self.tp_group)
-                if size > 1 and param_kind(name) != "replicated":
-                    parts = [torch.empty_like(t) for _ in range(size)]
-                    dist.all_gather(parts, t.contiguous(), group=group)
-                    t = merge_tp(name, parts)
-                if local is None:
-                    yield self._chunk_layer_base(i), name, t
-                    continue
-                if pending and (sum(x[3].numel() * x[3].element_size() for x in pending) + t.numel() * t.element_size()
-                                > bucket_bytes or pending[0][3].dtype != t.dtype):
-                    yield from flush()
-                pending.append((self._chunk_layer_base(i), name, local, t))
-        yield from flush()
-
-    def _gather_experts(self, items: List[tuple]):
-        """One flat all-gather over the EP group for a bucket of expert tensors (the same names on
-        every EP rank: local numbering), then each expert under its global index."""
-        if not items:
-            return
-        per = self.spec.num_experts // self.ep
-        if self.ep == 1:
-            for base, name, local, t in items:
-                yield base, name, t
-            return
-        flat = torch.cat([t.reshape(-1) for *_, t in items]).contiguous()
-        parts = [torch.empty_like(flat) for _ in range(self.ep)]
-        dist.all_gather(parts, flat, group=self.ep_group)
-        numels = [t.numel() for *_, t in items]
-        pieces = [part.split(numels) for part in parts]
-        for k, (base, name, local, t) in enumerate(items):
-            for r in range(self.ep):
-                yield base, with_expert_index(name, r * per + local), pieces[r][k].view(t.shape)
-
-    def _stage_hf_tensors(self, bucket_bytes: int = 64 * 2**20):
-        """(HF name, tensor) of this PP stage's parameters, TP-merged, on the device."""
-        for base, name, t in self._named_tp_merged_parameters(bucket_bytes):
-            yield from megatron_state_to_hf([(name, t)], self.spec, base)
+        weights.load_hf_state_dict(self, hf)
 
     def hf_weights(self, bucket_bytes: int = 64 * 2**20):
-        """The one walk of the weights: every rank yields the complete HF-named set in a fixed order,
-        one tensor at a time, on the device. TP shards are all-gathered and merged (fused QKV per KV
-        group, [gate; up], row/column splits, vocabulary padding removed); MoE experts are merged over
-        expert-TP and all-gathered over EP in buckets of at most `bucket_bytes`; with PP each stage
-        broadcasts its tensors to the others in buckets of at most `bucket_bytes`, so the peak extra
-        memory is one bucket plus one merged parameter. Used by the weight sync and the export."""
-        if self.pp_size == 1:
-            yield from self._stage_hf_tensors(bucket_bytes)
-            return
-        for stage in range(self.pp_size):
-            src = dist.get_global_rank(self.pp_group, stage)
-            local = list(self._stage_hf_tensors(bucket_bytes)) if self.pp_rank == stage else None
-            meta = [[(n, tuple(t.shape), t.dtype) for n, t in local] if local is not None else None]
-            dist.broadcast_object_list(meta, src=src, group=self.pp_group)
-            for bucket in _buckets([(torch.Size(s).numel() * torch.empty((), dtype=d).element_size(), d)
-                                    for _, s, d in meta[0]], bucket_bytes):
-                dtype = meta[0][bucket[0]][2]
-                numels = [torch.Size(meta[0][i][1]).numel() for i in bucket]
-                if local is not None:
-                    flat = torch.cat([local[i][1].reshape(-1).to(dtype) for i in bucket]).contiguous()
-                else:
-                    flat = torch.empty(sum(numels), dtype=dtype, device=self.device)
-                dist.broadcast(flat, src=src, group=self.pp_group)
-                for i, part in zip(bucket, flat.split(numels)):
-                    name, shape, _ = meta[0][i]
-                    yield name, part.view(shape)
-                del flat
-
-    def check_finite(self) -> None:
-        """Raises on every rank if any rank's parameters hold inf/NaN. One device-side flag and one
-        host sync, whatever the number of parameters."""
-        bad = torch.zeros(1, device=self.device)
-        for chunk in self.chunks:
-            for p in chunk.module.parameters():
-                bad = torch.maximum(bad, (~torch.isfinite(p.detach())).any().float().reshape(1))
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            raise ValueError("policy weights hold non-finite values; the engine keeps its previous weights")
+        """The one walk of the weights (`weights.hf_weights`): HF names, complete on every rank, on the device."""
+        return weights.hf_weights(self, bucket_bytes)
 
     def hf_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The full model under HF names on every rank, as host copies (tests, export)."""
-        return {name: t.cpu().clone() for name, t in self.hf_weights()}
+        return weights.hf_state_dict(self)
+
+    def check_finite(self) -> None:
+        weights.check_finite(self)
 
     # ---- passes -------------------------------------------------------------------------------
+
+    def take_token_counts(self) -> Dict[str, float]:
+        """Tokens the passes computed (padding included) and real tokens, since the last call."""
+        return self.batcher.take_token_counts()
+
+    def take_padding_factor(self) -> Dict[str, float]:
+        """Tokens computed (padding included) over real tokens since the last call, summed over the
+        data-parallel group: 1.0 is no waste (max_tokens_per_micro_batch packs to ~1)."""
+        counts = self.take_token_counts()
+        sums = torch.tensor([counts["tokens_computed"], counts["tokens_real"]], dtype=torch.float64)
+        dist.all_reduce(sums, group=self.dp_group)  # host tensors: gloo, on GPU nodes too
+        return {"padding_factor": sums[0].item() / max(sums[1].item(), 1.0)}
+
+    def take_routing_mismatch(self) -> Optional[float]:
+        """Routing replay (`moe.MoEPolicyState`): the share of (token, layer) pairs routed apart; None
+        for a dense model or without replayed passes."""
+        return self.moe.take_routing_mismatch() if self.moe is not None else None
 
     @property
     def packing(self) -> bool:
         return self.cfg.max_tokens_per_micro_batch > 0
-
-    def take_routing_mismatch(self) -> Optional[float]:
-        """Routing replay: the share of (real token, MoE layer) pairs whose experts the trainer's own
-        router would have chosen differently from the rollout's (over all ranks) since the last call;
-        None without replayed passes."""
-        if not self.spec.is_moe or not self.cfg.routing_replay:
-            return None
-        d = self._replay_diff.clone()
-        dist.all_reduce(d)  # a ratio: replicas (TP without SP) count both parts alike
-        self._replay_diff.zero_()
-        return float(d[0] / d[1]) if d[1] > 0 else None
-
-    def take_token_counts(self) -> Dict[str, float]:
-        """Tokens the passes computed (padding included) and real tokens, since the last call."""
-        out = {"tokens_computed": float(self._computed), "tokens_real": float(self._real)}
-        self._computed = self._real = 0
-        return out
-
-    def _micro_batches(self, batch: PolicyBatch) -> List[dict]:
-        """Micro-batches of `micro_batch_size` padded rows, or with `max_tokens_per_micro_batch`
-        packed rows of whole sequences end to end, attention within each: with the local spec rows
-        as wide as the longest sequence and a block-diagonal mask, as many rows as the budget holds;
-        with TE one row of up to the budget and THD packed-sequence parameters. Every micro-batch keeps
-        its sequences' loss inputs in the per-sequence layout (`batch`, cut to their longest) and
-        the rows they came from; `_logprobs` hands the loss per-sequence tensors either way."""
-        if batch.segment_ids is not None and self.layer_spec == "te":
-            # TE's attention with the causal mask type ignores an explicit mask: caller-packed rows
-            # would attend across segments (the policy's own packing passes THD parameters instead).
-            raise NotImplementedError("caller-packed rows (segment_ids) with model.layer_spec=te: not supported; use "
-                                      "train.max_tokens_per_micro_batch (the policy packs) or the local spec")
-        lengths = sequence_lengths(batch.loss_mask).tolist()
-        self._real += sum(lengths)
-        if self.packing and batch.segment_ids is None:
-            budget = self.cfg.max_tokens_per_micro_batch
-            if self.layer_spec == "te":  # one row of up to `budget` tokens: THD attention costs Σ L²
-                groups = [[row] for row in pack_sequences(lengths, budget)]
-            else:  # rows as wide as the longest sequence (attention costs rows × width², as padded)
-                width = max(lengths)
-                rows = pack_sequences(lengths, width)
-                per = max(1, budget // width)
-                groups = [rows[i:i + per] for i in range(0, len(rows), per)]
-            return [self._packed(batch, group, lengths) for group in groups]
-        mbs, out = self.cfg.micro_batch_size, []
-        for start in range(0, num_micro_batches(batch.size, mbs) * mbs, mbs):
-            part = batch.select(slice(start, start + mbs)).to(self.device)
-            # TE's causal attention implies the mask: no [b, 1, s, s] tensor per micro-batch (150 MB at 12k tokens)
-            position_ids, mask, labels = model_inputs(part.input_ids, part.segment_ids,
-                                                      with_mask=self.layer_spec == "local")
-            self._computed += part.input_ids.numel()
-            padding = None
-            if self.spec.is_moe:  # the router's padding mask, from the lengths computed above
-                ends = torch.tensor(lengths[start:start + mbs], device=self.device)
-                padding = torch.arange(part.input_ids.shape[1], device=self.device)[None] >= ends[:, None]
-            out.append(dict(batch=part, input_ids=part.input_ids, position_ids=position_ids, attention_mask=mask,
-                            labels=labels, rows=torch.arange(start, start + mbs), gather=None, padding=padding,
-                            routing=part.routing))
-        return out
-
-    def _packed(self, batch: PolicyBatch, group: List[List[int]], lengths: List[int]) -> dict:
-        """One micro-batch of packed rows; `group` lists each row's sequence indices."""
-        order = [i for row in group for i in row]
-        row_lengths = [[lengths[i] for i in row] for row in group]
-        width = max(sum(r) for r in row_lengths)
-        width = -(-width // self.width_multiple) * self.width_multiple
-        idx = torch.tensor(order, dtype=torch.long)
-        part = batch.select(idx).to(self.device)
-        part = part._map(lambda t: t if t.dim() == 1 else t[:, :max(lengths[i] for i in order)])
-        seg, gather, cu = packed_layout(row_lengths, width, self.device)
-        ids = torch.zeros(len(group) * width, dtype=part.input_ids.dtype, device=self.device)
-        valid = gather < ids.numel()
-        ids[gather[valid]] = part.input_ids[:, :gather.shape[1]][valid]
-        ids = ids.view(len(group), width)
-        self._computed += ids.numel()
-        mb = dict(batch=part, input_ids=ids, rows=idx, gather=gather, padding=seg >= len(order))
-        if part.routing is not None:  # the rollout's experts, laid out like the tokens
-            r = part.routing
-            flat = r.new_full((len(group) * width + 1,) + tuple(r.shape[2:]), -1)
-            flat[gather[valid]] = r[:, :gather.shape[1]][valid]
-            mb["routing"] = flat[:-1].view(len(group), width, *r.shape[2:])
-        if self.layer_spec == "te":  # GPU: THD, no mask tensor (tools/gpu_selftest.py checks it against padded rows)
-            from megatron.core.packed_seq_params import PackedSeqParams
-
-            if width > cu[-1]:  # the padding tail: a segment of its own
-                cu = torch.cat([cu, torch.tensor([width], dtype=torch.int32, device=self.device)])
-            longest = int((cu[1:] - cu[:-1]).max())
-            position_ids, _, labels = model_inputs(ids, seg, with_mask=False)
-            mb.update(position_ids=position_ids, attention_mask=None, labels=labels,
-                      packed_seq_params=PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                                        max_seqlen_q=longest, max_seqlen_kv=longest))
-        else:
-            position_ids, mask, labels = model_inputs(ids, seg)
-            mb.update(position_ids=position_ids, attention_mask=mask, labels=labels)
-        return mb
 
     def _run(self, micro: List[dict], loss_fn, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -584,7 +230,7 @@ class MegatronPolicy:
             if self.spec.is_moe:  # padding is neither routed into the load statistics nor the aux losses
                 extra["padding_mask"] = mb["padding"]
             if self.cfg.routing_replay:
-                self._replay(model, mb.get("routing"))
+                self.moe.replay(model, mb.get("routing"))
             output = model(mb["input_ids"], mb["position_ids"], mb["attention_mask"], **extra)
             return output, partial(loss_fn, mb)
 
@@ -639,7 +285,7 @@ class MegatronPolicy:
         if batch.routing is not None:
             temps["routing"] = batch.routing
         batch = PolicyBatch(batch.input_ids, batch.loss_mask, batch.segment_ids, **temps)
-        batch = self._fit_width(batch).to(self.device)
+        batch = self.batcher.fit_width(batch).to(self.device)
         n_rows, mbs = batch.size, self.cfg.micro_batch_size
         if n_rows % mbs and not self.packing:  # forward-only: pad with empty rows to whole micro-batches, drop them after
             pad = batch.select(torch.zeros(mbs - n_rows % mbs, dtype=torch.long))
@@ -659,7 +305,7 @@ class MegatronPolicy:
                 out["also_at"] = self._logprobs(mb, logits, per_token(b, "also_at"))[0].float()
             return torch.zeros((), dtype=torch.float32), out
 
-        micro = self._micro_batches(batch)
+        micro = self.batcher.split(batch)
         store = self._run(micro, loss_fn, forward_only=True)
         for c in self.chunks:
             c.train()
@@ -681,122 +327,11 @@ class MegatronPolicy:
             with dev.megatron_scope():
                 self.scheduler.step(increment=1)
 
-    def _fit_width(self, batch: PolicyBatch) -> PolicyBatch:
-        width = batch.input_ids.shape[1]
-        return batch.pad_width(-(-width // self.width_multiple) * self.width_multiple)
-
-    # ---- MoE: routing replay -----------------------------------------------------------------
-
-    def _replay(self, model, routing: Optional[torch.Tensor]) -> None:
-        """Before a micro-batch's forward: each router of this model chunk replays the rollout's
-        experts for its layer (Megatron's RouterReplay, REPLAY_FORWARD), or routes itself when the
-        micro-batch carries none. routing [b, s, layers, k], −1 where nothing was recorded (the last
-        token, padding): those positions take experts 0..k−1, which only shape outputs no loss reads.
-        Megatron's token order is [s, b] flattened; under sequence parallelism a TP rank routes
-        its slice of s."""
-        from megatron.core.transformer.moe.router import Router
-        from megatron.core.transformer.moe.router_replay import RouterReplayAction
-
-        routers = [m for m in model.modules() if isinstance(m, Router)]
-        if routing is None:
-            for router in routers:
-                router.router_replay.clear_router_replay_action()
-            return
-        k = self.spec.moe_top_k
-        idx = routing.to(self.device, torch.long).transpose(0, 1)  # [s, b, layers, k]
-        if self.config.sequence_parallel:
-            idx = idx.chunk(self.cfg.tensor_model_parallel_size, dim=0)[self.tp_rank]
-        recorded = (idx >= 0).all(-1)  # [s, b, layers]
-        idx = torch.where(idx < 0, torch.arange(k, device=self.device), idx)
-        for router in routers:
-            replay = router.router_replay
-            replay.clear_indices()
-            layer = router.layer_number - 1
-            replay.set_target_indices(idx[:, :, layer].reshape(-1, k).contiguous())
-            replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
-            replay.recorded = recorded[:, :, layer].reshape(-1)  # for the mismatch metric
-
-    # ---- MoE: the auxiliary losses' weight, their values per layer, the expert load -------------
-
-    def _moe_setup(self) -> None:
-        """Counts tokens per expert in training passes (a hook on each router; padding excluded)."""
-        self._aux_coef = self.config.moe_aux_loss_coeff
-        self._z_coef = self.config.moe_z_loss_coeff
-        self._load = torch.zeros(self.spec.num_layers, self.spec.num_experts, dtype=torch.float64, device=self.device)
-
-        self._replay_diff = torch.zeros(2, dtype=torch.float64, device=self.device)  # (tokens routed apart, tokens)
-
-        def count(router, inputs, output):
-            padding = inputs[1] if len(inputs) > 1 and inputs[1] is not None else None
-            real = None if padding is None else ~padding.transpose(0, 1).reshape(-1).bool()
-            if router.training:
-                routing_map = output[1] if real is None else output[1] & real[:, None]
-                self._load[router.layer_number - 1] += routing_map.sum(0).double()
-            replay = getattr(router, "router_replay", None)
-            if replay is not None and replay.router_replay_action is not None and replay.target_topk_idx is not None:
-                with torch.no_grad():  # what the router would have chosen: the mismatch replay removed
-                    own = router.gating(inputs[0].reshape(-1, inputs[0].shape[-1])).topk(self.spec.moe_top_k, -1).indices
-                    apart = (own.sort(-1).values != replay.target_topk_idx.sort(-1).values).any(-1)
-                    apart = apart[replay.recorded if real is None else replay.recorded & real]
-                    self._replay_diff += torch.stack([apart.sum(), torch.tensor(apart.numel(), device=apart.device)]).double()
-
-        from megatron.core.transformer.moe.router import Router
-
-        for chunk in self.chunks:
-            for module in chunk.module.modules():
-                if isinstance(module, Router):
-                    module.register_forward_hook(count)
-
-    def _moe_begin(self, batch: PolicyBatch) -> None:
-        """Megatron scales each micro-batch's aux/z loss by its routed tokens, and the step divides
-        every gradient by the loss's count (calculate_per_token_loss: response tokens for
-        token-mean, sequences for seq-mean): the coefficient would weigh the aux loss by (real
-        tokens / count), which varies with prompt lengths and the aggregation. Scaled here by count
-        / real tokens (global), the objective is: the policy loss + coefficient × the
-        real-token-weighted mean of the micro-batches' aux losses, under every TP/PP/EP layout,
-        aggregation and prompt share. (Megatron's load-balancing loss is a per-micro-batch
-        statistic: a different split into micro-batches changes its value, not its weight.)"""
-        counts = torch.stack([self.loss.normalizer(batch.loss_mask), sequence_lengths(batch.loss_mask).sum()])
-        counts = counts.double().to(self.device)
-        dist.all_reduce(counts, group=self.dp_group)
-        scale = float(counts[0] / counts[1].clamp(min=1))
-        self.config.moe_aux_loss_coeff = self._aux_coef * scale
-        if self._z_coef:
-            self.config.moe_z_loss_coeff = self._z_coef * scale
-        self._load.zero_()
-
-    def _moe_end(self, n_micro: int) -> Dict[str, float]:
-        """moe_<loss> (mean over layers and micro-batches, every rank) and moe_<loss>_layer<i>;
-        tokens per expert over the step (min, max, and max / mean)."""
-        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
-
-        # each layer lives on one stage; every DP replica computed it; under sequence parallelism each
-        # TP rank computed its slice's share (the tokens per expert are reduced over TP), else all of it
-        world, tp = dist.get_world_size(), self.cfg.tensor_model_parallel_size
-        replicas = world // self.pp_size // (tp if self.config.sequence_parallel else 1)
-        out: Dict[str, float] = {}
-        for name, entry in sorted(get_moe_layer_wise_logging_tracker().items()):
-            values = entry["values"].detach().double().clone()
-            dist.all_reduce(values)
-            values /= replicas * n_micro
-            short = {"load_balancing_loss": "moe_aux_loss", "z_loss": "moe_z_loss"}.get(name, f"moe_{name}")
-            out[short] = float(values.mean())
-            out.update({f"{short}_layer{i}": float(v) for i, v in enumerate(values.tolist())})
-        clear_aux_losses_tracker()
-        load = self._load.clone()
-        dist.all_reduce(load)  # sum over replicas; tokens are replicated over TP without SP
-        if self.cfg.tensor_model_parallel_size > 1 and not self.config.sequence_parallel:
-            load /= self.cfg.tensor_model_parallel_size
-        mean = load.mean().clamp(min=1e-9)
-        out.update(moe_tokens_per_expert_min=float(load.min()), moe_tokens_per_expert_max=float(load.max()),
-                   moe_load_imbalance=float(load.max() / mean))
-        return out
-
     def train_step(self, batch: PolicyBatch) -> Dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch (split into micro-batches)."""
         self.loss.check(batch.inputs)
         t0 = time.perf_counter()
-        batch = self._fit_width(batch)
+        batch = self.batcher.fit_width(batch)
 
         def loss_fn(mb, logits):
             b: PolicyBatch = mb["batch"]
@@ -808,9 +343,9 @@ class MegatronPolicy:
             for c in self.chunks:
                 c.zero_grad_buffer()
             self.optimizer.zero_grad()
-        if self.spec.is_moe:
-            self._moe_begin(batch)
-        micro = self._micro_batches(batch)
+        if self.moe is not None:
+            self.moe.begin(batch)
+        micro = self.batcher.split(batch)
         store = self._run(micro, loss_fn, forward_only=False)
 
         keys = PolicyLoss.SUMS
@@ -837,8 +372,8 @@ class MegatronPolicy:
                 ok, grad_norm, _ = self.optimizer.step()
                 skipped = not ok
         self.steps_done += 1
-        if self.spec.is_moe:
-            metrics.update(self._moe_end(len(micro)))
+        if self.moe is not None:
+            metrics.update(self.moe.end(len(micro)))
         metrics.update(grad_norm=float("nan") if grad_norm is None else float(grad_norm), skipped=float(skipped),
                        lr=self.optimizer.param_groups[0]["lr"],
                        tokens_per_s=metrics["tokens"] / max(time.perf_counter() - t0, 1e-9))
