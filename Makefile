@@ -30,7 +30,7 @@ test: $(STAMP)
 # On a GPU node, inside the image (its Python, not .venv): the one-script GPU self-test.
 GPU_PY ?= python3
 gpu-check:
-	$(GPU_PY) tools/gpu_selftest.py --out gpu_selftest.json
+	$(GPU_PY) tools/gpu_selftest.py --out gpu_selftest.json --table gpu_selftest.txt
 
 clean:
 	rm -rf $(VENV)

@@ -99,10 +99,11 @@ def _shutdown_engine(client) -> None:
             core.scheduler.shutdown()
     finally:
         gc.unfreeze()  # vLLM froze the objects of the engine's start-up
-        vps.destroy_model_parallel()
-        if vps._WORLD is not None:
-            vps._WORLD.destroy()
-            vps._WORLD = None
+        if dist.is_initialized():  # at interpreter exit the world may be gone already: nothing left to destroy
+            vps.destroy_model_parallel()
+            if vps._WORLD is not None:
+                vps._WORLD.destroy()
+        vps._WORLD = None
         vps._NODE_COUNT = None
         gc.collect()
         if dev.is_gpu():
