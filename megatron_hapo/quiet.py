@@ -38,6 +38,15 @@ KNOWN = [
      "the CPU backend's Triton kernels are optional"),
     ("vllm", r"Reset SSM cache type to float32",
      "a setting for state-space models; none is used"),
+    ("vllm", r"Triton is installed, but doesn't include CPU backend",
+     "CPU: vLLM uses its torch kernels (the GPU image's Triton is a CUDA build)"),
+    ("vllm", r"is already registered\. Overwriting",
+     "a second engine in the process (the demo's trainers) registers vLLM's kernels again"),
+    ("vllm", r"Unknown vLLM environment variable detected: VLLM_DIST_IDENT",
+     "vLLM sets that variable itself when an engine starts, and its own check does not know it"),
+    ("vllm", r"The global random seed is set to",
+     "an in-process engine seeds the process's RNGs; every draw of ours is seeded explicitly and "
+     "the RNG states are checkpointed and restored on resume"),
 ]
 
 _STATE = {"verbose": False, "vllm_filter": None}
