@@ -77,9 +77,9 @@ def vllm_handler() -> None:
     """The `vllm` logger's one handler (idempotent); the engine module calls it before importing vLLM."""
     import os
 
-    logger = logging.getLogger("vllm")
     if _STATE["vllm_filter"] is not None:
         return
+    logger = logging.getLogger("vllm")
     _STATE["vllm_filter"] = _VllmFilter([m for where, m, _ in KNOWN if where == "vllm"])
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s",

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -322,18 +323,8 @@ def c_vocab(ctx):
     ref_logp = ref.gather(-1, labels[:, None]).squeeze(-1)
     ref_ent = -(ref.exp() * ref).sum(-1)
     d = max((logp.double() - ref_logp).abs().max().item(), (ent.double() - ref_ent).abs().max().item())
-    reps = 5
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        vocab_parallel_logprobs_and_entropy(logits, labels, temps, chunk_size=1024)
-    _sync()
-    t_ours = (time.perf_counter() - t0) / reps
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        logits.clone()
-    _sync()
-    t_copy = (time.perf_counter() - t0) / reps
+    t_ours = _timed(lambda: vocab_parallel_logprobs_and_entropy(logits, labels, temps, chunk_size=1024), reps=5)
+    t_copy = _timed(logits.clone, reps=5)
     nbytes = logits.numel() * logits.element_size()
     return (f"{tokens} tokens {str(dtype)[6:]}: max|Δ| {d:.2e} vs fp64 (tol 1e-3); {t_ours * 1e3:.1f} ms = "
             f"{t_ours / t_copy:.1f}× a device copy of the {nbytes / 2**20:.0f} MiB logits; reads the logits at "
@@ -343,6 +334,25 @@ def c_vocab(ctx):
 def _sync():
     if dev.is_gpu():
         torch.cuda.synchronize()
+
+
+def _timed(fn, reps: int = 1) -> float:
+    """Mean seconds of fn() over reps, with the device synchronised before and after."""
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync()
+    return (time.perf_counter() - t0) / reps
+
+
+def _processor(tp, device, requests):
+    """A HapoTemperatureProcessor called directly (no vLLM), holding one row per `_Request` args tuple."""
+    proc = tp.HapoTemperatureProcessor(None, device, False)
+    for i, args in enumerate(requests):
+        proc.requests[i] = tp._Request(*args)
+    proc._rebuild()
+    return proc
 
 
 @check("HAPO train step, bf16, distributed optimizer", TRAINING)
@@ -600,10 +610,9 @@ def c_processor_sync(ctx):
     try:
         for path in ("fused", "eager"):
             tp.use_fused(path == "fused")
-            proc = tp.HapoTemperatureProcessor(None, device, False)
-            for i in range(6):  # two groups of settings: the per-group path as well
-                proc.requests[i] = tp._Request(f"sync-{path}-{i}", stats, 1.0, 0.1 if i % 2 else 0.2, "signed", [0] * i)
-            proc._rebuild()
+            # two groups of settings: the per-group path as well
+            proc = _processor(tp, device, [(f"sync-{path}-{i}", stats, 1.0, 0.1 if i % 2 else 0.2, "signed", [0] * i)
+                                           for i in range(6)])
             proc.apply(logits.clone())  # warm-up (the fused kernel compiles here)
             if dev.is_gpu():
                 torch.cuda.synchronize()
@@ -640,12 +649,7 @@ def c_weight_sync(ctx):
     off_device = [n for n, t in policy.hf_weights() if t.device != dev.device()]
     sync = sync_policy_to_engine(policy, ctx.engine)
     flat = [t for _, t in policy.hf_weights()]
-    _sync()
-    t0 = time.perf_counter()
-    copies = [t.clone() for t in flat]
-    _sync()
-    t_copy = time.perf_counter() - t0
-    del copies
+    t_copy = _timed(lambda: [t.clone() for t in flat])
     b = ctx.batch(seed=9)
     trainer, _ = policy.compute_logprobs(b)
     eng = torch.tensor(ctx.engine.score(b.input_ids.tolist()), device=trainer.device)
@@ -776,18 +780,11 @@ def c_multi(ctx):
 @check("weights walk (hf_weights, what sync and export stream) stays on the device; GB/s vs a device copy", TRAINING)
 def c_weights_walk(ctx):
     policy = ctx.new_policy()  # the HF folder's weights, untrained: the walk must give them back exactly
-    _sync()
-    t0 = time.perf_counter()
-    walked = [(n, t) for n, t in policy.hf_weights()]
-    _sync()
-    t_walk = time.perf_counter() - t0
+    walked = []
+    t_walk = _timed(lambda: walked.extend(policy.hf_weights()))
     off_device = [n for n, t in walked if t.device != dev.device()]
     nbytes = sum(t.numel() * t.element_size() for _, t in walked)
-    t0 = time.perf_counter()
-    copies = [t.clone() for _, t in walked]
-    _sync()
-    t_copy = time.perf_counter() - t0
-    del copies
+    t_copy = _timed(lambda: [t.clone() for _, t in walked])
     exact = all(torch.equal(t.cpu(), ctx.hf[n]) for n, t in walked if n in ctx.hf) and {n for n, _ in walked} <= set(ctx.hf)
     figure = (f"{len(walked)} tensors, {nbytes / 2**20:.1f} MiB on {dev.device()}: walk {t_walk * 1e3:.1f} ms "
               f"({nbytes / t_walk / 1e9:.2f} GB/s) vs a device copy {t_copy * 1e3:.2f} ms; equal to the HF weights "
@@ -818,19 +815,12 @@ def c_temperature_kernel(ctx):
     try:
         for path in ("fused", "eager"):
             tp.use_fused(path == "fused")
-            proc = tp.HapoTemperatureProcessor(None, device, False)
-            for i in range(rows):
-                proc.requests[i] = tp._Request(f"k-{path}-{i}", stats, 1.0, 0.2, "signed", [])  # position 0
-            proc._rebuild()
+            # one request per row, each at its first response position
+            proc = _processor(tp, device, [(f"k-{path}-{i}", stats, 1.0, 0.2, "signed", []) for i in range(rows)])
             proc.apply(logits.clone())  # warm-up (compiles the fused kernel)
             tp.RECORDER.pop({f"k-{path}-{i}" for i in range(rows)})
-            work = [logits.clone() for _ in range(5)]
-            _sync()
-            t0 = time.perf_counter()
-            for w in work:
-                proc.apply(w)
-            _sync()
-            t = (time.perf_counter() - t0) / len(work)
+            work = iter([logits.clone() for _ in range(5)])
+            t = _timed(lambda: proc.apply(next(work)), reps=5)
             rec = tp.RECORDER.pop({f"k-{path}-{i}" for i in range(rows)})
             got = torch.tensor([rec[f"k-{path}-{i}"][0] for i in range(rows)], dtype=torch.float64)
             err = ((got - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
@@ -841,12 +831,7 @@ def c_temperature_kernel(ctx):
                            f"max rel err {err:.1e}")
     finally:
         tp.use_fused(saved)
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        logits.clone()
-    _sync()
-    t_copy = (time.perf_counter() - t0) / 5
+    t_copy = _timed(logits.clone, reps=5)
     return (f"{rows} × {vocab:,} fp32 logits: " + "; ".join(figures) + f"; device copy {t_copy * 1e3:.2f} ms "
             f"({2 * nbytes / t_copy / 1e9:.0f} GB/s); tol 1e-4"), ok
 
@@ -903,11 +888,15 @@ def c_mfu(ctx):
 
 # ---- driver ----------------------------------------------------------------------------------------
 
+def _not_installed(c: Check) -> Optional[str]:
+    missing = [m for m in c.needs if not installed(m)]
+    return f"skipped: not installed ({', '.join(missing)})" if missing else None
+
+
 def run_check(c: Check, ctx: Ctx) -> tuple:
     """(status, figure) of one check in this process."""
-    missing = [m for m in c.needs if not installed(m)]
-    if missing:
-        return "skipped", f"skipped: not installed ({', '.join(missing)})"
+    if _not_installed(c):
+        return "skipped", _not_installed(c)
     try:
         figure, ok = c.fn(ctx)
         return ("pass" if ok else "FAIL"), figure
@@ -920,9 +909,8 @@ def run_check(c: Check, ctx: Ctx) -> tuple:
 
 def run_isolated(c: Check, layer_spec: str, work: str, timeout: float) -> tuple:
     """One check in a child process of its own (a fresh vLLM state); its result comes back as JSON."""
-    missing = [m for m in c.needs if not installed(m)]
-    if missing:
-        return "skipped", f"skipped: not installed ({', '.join(missing)})"
+    if _not_installed(c):
+        return "skipped", _not_installed(c)
     out = os.path.join(work, f"child-{CHECKS.index(c)}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", c.name, "--out", out, "--layer-spec", layer_spec]
     # a world of its own: not the rendezvous this process's single-rank world took

@@ -198,7 +198,7 @@ class MicroBatcher:
         as wide as the longest sequence and a block-diagonal mask, as many rows as the budget holds;
         with TE one row of up to the budget and THD packed-sequence parameters. Every micro-batch keeps
         its sequences' loss inputs in the per-sequence layout (`batch`, cut to their longest) and
-        the rows they came from; ``MegatronPolicy._logprobs` hands the loss per-sequence tensors either way."""
+        the rows they came from; `MegatronPolicy._logprobs` hands the loss per-sequence tensors either way."""
         if batch.segment_ids is not None and self.layer_spec == "te":
             # TE's attention with the causal mask type ignores an explicit mask: caller-packed rows
             # would attend across segments (the policy's own packing passes THD parameters instead).

@@ -219,7 +219,7 @@ class MegatronPolicy:
 
     @property
     def packing(self) -> bool:
-        return self.cfg.max_tokens_per_micro_batch > 0
+        return self.batcher.packing
 
     def _run(self, micro: List[dict], loss_fn, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
