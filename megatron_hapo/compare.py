@@ -39,17 +39,25 @@ TASKS = {
               "rollout.max_num_gen_batches": 20},
     "addition": {"rollout.max_response_tokens": 4, "rollout.prompts_per_step": 64, "rollout.samples_per_prompt": 8,
                  "train.mini_batch_prompts": 32, "train.micro_batch_size": 64, "rollout.kv_cache_memory_bytes": 128 * 2**20},
+    # the tool task (rollout/tools.py): one call, its result, the answer; the arm without tools is the floor
+    "multiply": {"rollout.max_response_tokens": 24, "rollout.prompts_per_step": 16, "rollout.samples_per_prompt": 8,
+                 "train.mini_batch_prompts": 8, "train.micro_batch_size": 64, "rollout.kv_cache_memory_bytes": 128 * 2**20,
+                 "rollout.max_num_gen_batches": 20, "rollout.tools": "[python]", "rollout.max_turns": 2,
+                 "rollout.max_tool_output_tokens": 16, "data.max_prompt_tokens": 16},
 }
-WARMUP = {"chain": (400, 2e-3), "addition": (300, 1e-3)}
+WARMUP = {"chain": (400, 2e-3), "addition": (300, 1e-3), "multiply": (300, 2e-3)}
 
 
 def arm_overrides(arm: str) -> Dict[str, str]:
-    """hapo | dapo | grpo, or hapo-no-X (HAPO with component X of A-D off: the paper's ablation)."""
+    """hapo | dapo | grpo, or hapo-no-X (HAPO with component X of A-D off: the paper's ablation), or
+    <algorithm>-no-tools (the tool task without tools: the floor)."""
     if arm in ("hapo", "dapo", "grpo"):
         return {"algorithm.name": arm}
+    if arm.endswith("-no-tools") and arm[:-9] in ("hapo", "dapo", "grpo"):
+        return {"algorithm.name": arm[:-9], "rollout.tools": "[]"}
     if arm.startswith("hapo-no-") and arm[8:] in COMPONENTS:
         return {"algorithm.name": "hapo", f"algorithm.{COMPONENTS[arm[8:]]}": "false"}
-    raise ValueError(f"arm {arm!r}: expected hapo, dapo, grpo or hapo-no-A|B|C|D")
+    raise ValueError(f"arm {arm!r}: expected hapo, dapo, grpo, hapo-no-A|B|C|D or <algorithm>-no-tools")
 
 
 def mean_ci(values: Sequence[float]):

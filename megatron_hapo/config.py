@@ -93,6 +93,19 @@ class RolloutConfig:
     max_num_gen_batches: int = 10  # 0 = unlimited
     overlong_buffer: int = 0  # 0 = no overlong shaping
     overlong_penalty_factor: float = 1.0  # DAPO's overlong shaping: the penalty reached at the cap
+    # multi-turn tool use (rollout/tools.py): the tools the model may call mid-response ([] = single-turn);
+    # `python` runs the call's program in the code sandbox (reward.sandbox's limits, tool_timeout_s wall clock)
+    tools: List[str] = dataclasses.field(default_factory=list)
+    max_turns: int = 4  # model turns per response at most (a call that closes the last turn is not run)
+    max_tool_output_tokens: int = 64  # a tool result longer than this is cut (and marked), in tokens
+    tool_timeout_s: float = 5.0  # wall clock of one tool call; past it the call is killed and reported as timed out
+    tool_workers: int = 4  # tool calls of one generation round run in parallel in this many sandboxes
+    # chat_template: the Qwen <tool_call>{"name": ..., "arguments": {"code": ...}}</tool_call> form of the
+    # tokenizer's template (rendered with tools=); tags: tool_tags; auto: chat_template where the template
+    # and tokenizer define <tool_call> … </tool_call>, tags otherwise
+    tool_format: str = "auto"
+    # tags form: call open, call close, result open, result close; the call's close must be one token
+    tool_tags: List[str] = dataclasses.field(default_factory=lambda: ["<python>", "</python>", "<output>", "</output>"])
 
     def check(self) -> None:
         for f in ("prompts_per_step", "samples_per_prompt", "max_response_tokens", "kv_cache_memory_bytes"):
@@ -108,6 +121,19 @@ class RolloutConfig:
               if self.overlong_buffer > 0 else f"must be ≥ 0, got {self.overlong_buffer}")
         _need(self.overlong_penalty_factor >= 0, "rollout.overlong_penalty_factor",
               f"must be ≥ 0, got {self.overlong_penalty_factor}")
+        unknown = sorted(set(self.tools) - {"python"})
+        _need(not unknown, "rollout.tools", f"unknown tools {unknown}; available: ['python']")
+        _need(self.max_turns >= 1 and self.max_tool_output_tokens >= 1 and self.tool_workers >= 1, "rollout.max_turns",
+              f"rollout.max_turns, max_tool_output_tokens and tool_workers must be ≥ 1, got {self.max_turns}, "
+              f"{self.max_tool_output_tokens}, {self.tool_workers}")
+        _need(self.tool_timeout_s > 0, "rollout.tool_timeout_s", f"must be positive, got {self.tool_timeout_s}")
+        _need(self.tool_format in ("auto", "chat_template", "tags"), "rollout.tool_format",
+              f"expected auto | chat_template | tags, got {self.tool_format!r}")
+        _need(len(self.tool_tags) == 4 and all(isinstance(t, str) and t for t in self.tool_tags), "rollout.tool_tags",
+              f"expected four non-empty strings (call open, call close, result open, result close), got {self.tool_tags!r}")
+        _need(not (self.tools and self.routing_replay), "rollout.tools",
+              "not supported with rollout.routing_replay (the engine records routing per request, a multi-turn "
+              "response is several requests)")
 
 
 @dataclasses.dataclass
@@ -401,6 +427,14 @@ def _coerce(value: Any, hint: Any, name: str, raw: Optional[str] = None) -> Any:
             return None
         hint = next(a for a in args if a is not type(None))
         origin = typing.get_origin(hint)
+    if origin in (list, List):  # a YAML list, or one comma-separated string on the command line
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if value is None:
+            value = []
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], name) for v in value] if args else value
     if origin in (dict, Dict) or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")

@@ -29,15 +29,29 @@ ACC = "eval_mean@1"  # greedy accuracy on the 810 held-out pairs
 def supervised_warmup(trainer, steps: int, batch_size: int = 64, seed: int = 777) -> List[float]:
     """Teacher-forced warm-up on the gold answers through the trainer's Megatron update: with a
     fresh old-policy pass each step the ratio is 1 and the loss with A = 1 has the gradient of the
-    token-mean negative log-likelihood. Returns the NLL per step; the engine gets the weights."""
+    token-mean negative log-likelihood. An embedded task with a `warmup_target` (multiply: some
+    examples call the tool) gives its own responses, a tool's tokens unscored. Returns the NLL per
+    step; the engine gets the weights."""
+    from .data.datasets import as_sources, embedded_task, source_kind
+
     sampler = PromptSampler(len(trainer.train_data), seed=seed)
     eos, device = trainer.stop_ids[0], trainer.device
+    kind = source_kind(as_sources(trainer.cfg.data.train)[0])
+    target = getattr(embedded_task(kind), "warmup_target", None) if kind != "file" and kind != "reasoning_gym" else None
+    fmt = getattr(trainer.engine, "fmt", None)  # the run's tool-call format (rollout.tools), else None
     losses = []
     for k in range(steps):
-        items = [trainer.train_data[i] for i in sampler.indices(k * batch_size, batch_size)]
-        answers = [trainer.tokenizer(str(x.ground_truth), add_special_tokens=False)["input_ids"] + [eos] for x in items]
-        ids, mask = pad_rows([x.prompt_ids + a for x, a in zip(items, answers)], [len(x.prompt_ids) for x in items],
-                             [len(a) for a in answers], device)
+        positions = sampler.indices(k * batch_size, batch_size)
+        items = [trainer.train_data[i] for i in positions]
+        if target is None:
+            answers = [trainer.tokenizer(str(x.ground_truth), add_special_tokens=False)["input_ids"] + [eos] for x in items]
+            masks = None
+        else:
+            prompts = trainer.tokenizer.batch_decode([x.prompt_ids for x in items], skip_special_tokens=True)
+            answers, masks = zip(*(target(p, str(x.ground_truth), k * batch_size + n, trainer.tokenizer, fmt)
+                                   for n, (p, x) in enumerate(zip(prompts, items))))
+        ids, mask = pad_rows([x.prompt_ids + list(a) for x, a in zip(items, answers)], [len(x.prompt_ids) for x in items],
+                             [len(a) for a in answers], device, masks)
         old, _ = trainer.policy.compute_logprobs(PolicyBatch(ids, mask))
         h_hat = torch.zeros(ids.shape, device=device) if trainer.algo.uses_entropy else None
         trainer.policy.train_step(PolicyBatch(ids, mask, advantages=torch.ones(len(items), device=device), old_logp=old,

@@ -73,7 +73,7 @@ def rollout_metrics(kept, seen, gen_batches: int) -> Dict[str, float]:
     temps = [g.temps for g in kept if g.temps is not None] or [(1.0, 1.0, 1.0, 1)]
     statuses = flat(seen, "statuses")
     all_correct, kept_correct = flat(seen, "correct"), flat(kept, "correct")
-    return {
+    return {**tool_metrics(seen),
         "reward": kept_rewards.mean().item(), "reward_std": kept_rewards.std().item() if kept_rewards.numel() > 1 else 0.0,
         "accuracy": sum(kept_correct) / max(len(kept_correct), 1),
         "rollout_accuracy": sum(all_correct) / max(len(all_correct), 1),
@@ -86,6 +86,20 @@ def rollout_metrics(kept, seen, gen_batches: int) -> Dict[str, float]:
         "temperature_min": min(t[0] for t in temps), "temperature_max": max(t[1] for t in temps),
         "temperature_mean": sum(t[2] for t in temps) / max(sum(t[3] for t in temps), 1),
     }
+
+
+def tool_metrics(groups, prefix: str = "") -> Dict[str, float]:
+    """Multi-turn rollouts (rollout.tools): tool calls, errors and timeouts summed over the responses
+    generated, turns and calls per response, the share of responses that called a tool and the accuracy
+    of those that did; empty without tools."""
+    rows = [(t, c) for g in groups if g.tools for t, c in zip(g.tools, g.correct)]
+    if not rows:
+        return {}
+    n = len(rows)
+    used = [c for t, c in rows if t[0]]
+    return {f"{prefix}tool_calls": float(sum(t[0] for t, _ in rows)), f"{prefix}tool_errors": float(sum(t[1] for t, _ in rows)),
+            f"{prefix}tool_timeouts": float(sum(t[2] for t, _ in rows)), f"{prefix}turns_per_sample": sum(t[3] for t, _ in rows) / n,
+            f"{prefix}tool_use_rate": len(used) / n, f"{prefix}tool_use_accuracy": sum(used) / max(len(used), 1)}
 
 
 def eval_metrics(groups, n: int, sources: List[str]) -> Dict[str, float]:
@@ -103,7 +117,8 @@ def eval_metrics(groups, n: int, sources: List[str]) -> Dict[str, float]:
     if len(scores) > 1:
         for s, (mean, pass_) in scores.items():
             out.update({f"eval/{s}/mean@{n}": mean, f"eval/{s}/pass@{n}": pass_, f"eval/{s}/prompts": float(len(by_source[s]))})
-    return {**out, "eval_response_length": sum(lengths) / max(len(lengths), 1), "eval_prompts": float(len(groups)),
+    return {**out, **tool_metrics(groups, "eval_"), "eval_response_length": sum(lengths) / max(len(lengths), 1),
+            "eval_prompts": float(len(groups)),
             "eval_reward_timeouts": float(sum(g.statuses.count("timeout") for g in groups)),
             "eval_reward_errors": float(sum(g.statuses.count("error") for g in groups))}
 

@@ -43,6 +43,7 @@ class Trainer:
         import transformers
 
         from .rollout.engine import SamplingConfig, engine_for_run  # vLLM: imported once the process is set up
+        from .rollout.tools import tools_for_run
 
         self.cfg = cfg
         p, t, r, d = cfg.parallel, cfg.train, cfg.rollout, cfg.data
@@ -78,7 +79,7 @@ class Trainer:
         self.rewards = start_reward_pool(verifier, rw.workers, rw.timeout_s, layout.engine_leader, self.control)
         self.policy = MegatronPolicy(self.spec, PolicyConfig.from_config(cfg), self.algo)
         self._load_initial_weights()
-        self.engine = engine_for_run(cfg, self.model_dir, self.spec)
+        self.engine = tools_for_run(cfg, engine_for_run(cfg, self.model_dir, self.spec), self.tokenizer, rw.sandbox_limits())
         self.collector = RolloutCollector(
             self.engine, self.rewards, verifier.failure_reward,
             lambda ids: self.tokenizer.batch_decode(ids, skip_special_tokens=True), layout, self.control, t.seed,
@@ -190,7 +191,7 @@ class Trainer:
         if self.logger.enabled:  # rank 0: the other ranks would copy these to the host for nothing
             self.logger.log_distributions(self.step + 1, {
                 "h_hat": None if h_hat is None else h_hat[mask].cpu(), "entropy": old_ent[mask].cpu(),
-                "temperature": temps[mask].cpu()}, batch.per_token["entropies"], batch.per_token["temperatures"])
+                "temperature": temps[mask].cpu()}, batch.model_values("entropies"), batch.model_values("temperatures"))
         return train, step_stats, metrics
 
     def _update(self, train: PolicyBatch) -> List[Dict[str, float]]:

@@ -69,6 +69,7 @@ class DataOptions:
     strict: bool = False
     reasoning_gym_size: int = 1000
     reasoning_gym_config: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    tools: Optional[List[dict]] = None  # multi-turn, chat-template calls: the tools the template renders (tools=)
 
 
 def _dig(row: dict, path: str):
@@ -131,7 +132,8 @@ class Renderer:
         if not isinstance(answer, (str, dict, list)):
             raise BadRow(f"answer of type {type(answer).__name__}")
         if self.opts.apply_chat_template:
-            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            extra = {"tools": self.opts.tools} if self.opts.tools else {}
+            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
             ids = self.tok(text, add_special_tokens=False)["input_ids"]
         else:
             if len(messages) != 1 or not isinstance(row[self.opts.prompt_key], str):
@@ -188,8 +190,8 @@ def _reasoning_gym_rows(name: str, size: int, seed: int, config: dict) -> Iterat
         yield f"{name}#{n}", {"prompt": entry["question"] + RG_INSTRUCTION, "answer": dict(entry)}
 
 
-EMBEDDED_TASKS = ("addition", "chain")  # modules of megatron_hapo.data: rows, build_model_dir
-SOURCE_REWARDS = {"addition": "exact", "chain": "exact", "reasoning_gym": "reasoning_gym", "file": "math"}
+EMBEDDED_TASKS = ("addition", "chain", "multiply")  # modules of megatron_hapo.data: rows, build_model_dir
+SOURCE_REWARDS = {"addition": "exact", "chain": "exact", "multiply": "exact", "reasoning_gym": "reasoning_gym", "file": "math"}
 
 
 def as_sources(sources) -> List[str]:
@@ -327,6 +329,10 @@ def load_run_data(cfg, tokenizer, max_positions: int):
     opts = DataOptions(prompt_key=d.prompt_key, answer_key=d.answer_key, apply_chat_template=d.apply_chat_template,
                        max_prompt_tokens=max_prompt, strict=d.strict, reasoning_gym_size=d.reasoning_gym_size,
                        reasoning_gym_config=dict(d.reasoning_gym_config))
+    if r.tools:
+        from ..rollout.tools import ToolCallFormat
+
+        opts.tools = ToolCallFormat(tokenizer, r.tool_format, r.tool_tags).render_prompt_tools()
     train = load_prompts(d.train, tokenizer, opts, "train", seed=cfg.train.seed)
     eval_sources = d.eval if d.eval is not None else held_out_sources(d.train)
     evals = load_prompts(eval_sources, tokenizer, opts, "eval", seed=cfg.train.seed) if eval_sources else None

@@ -30,7 +30,7 @@ PER_TOKEN = ("temperatures", "entropies", "logprobs", "logprobs_t1")  # what the
 class Sample:
     """One response, compact for the exchange (float32 arrays, not Python lists)."""
 
-    __slots__ = ("token_ids", "truncated", "error", "routing") + PER_TOKEN
+    __slots__ = ("token_ids", "truncated", "error", "routing", "model_mask", "tools") + PER_TOKEN
 
     def __init__(self, response):
         self.token_ids = list(response.token_ids)
@@ -39,10 +39,20 @@ class Sample:
         self.routing = getattr(response, "routing", None)  # routing replay: int16 [layers, positions fed, k]
         self.truncated = response.finish_reason == "length"
         self.error = response.error
+        # multi-turn: per token, True for the model's own (None: all are, single-turn); tool counts
+        mask = getattr(response, "model_mask", None)
+        self.model_mask = None if mask is None or all(mask) else np.asarray(mask, dtype=bool)
+        self.tools = getattr(response, "tools", None)
 
     @property
     def length(self) -> int:
-        return len(self.token_ids)
+        """Model tokens: what the response caps, overlong shaping and the length metrics count."""
+        return len(self.token_ids) if self.model_mask is None else int(self.model_mask.sum())
+
+    def model_values(self, name: str) -> np.ndarray:
+        """A per-token record at the model's tokens only."""
+        v = getattr(self, name)
+        return v if self.model_mask is None else v[self.model_mask]
 
 
 @dataclasses.dataclass
@@ -58,6 +68,7 @@ class GroupSummary:
     truncated: int
     temps: Optional[Tuple[float, float, float, int]]  # min, max, sum, count of the sampled temperatures
     first_error: Optional[str] = None  # the first verifier error's reason in this group
+    tools: Optional[List[Tuple[int, int, int, int]]] = None  # multi-turn: per response (calls, errors, timeouts, turns)
 
 
 @dataclasses.dataclass
@@ -73,11 +84,12 @@ class Group:
     first_error: Optional[str] = None
 
     def summary(self) -> GroupSummary:
-        temps = np.concatenate([s.temperatures for s in self.samples] or [np.zeros(0, np.float32)])
+        temps = np.concatenate([s.model_values("temperatures") for s in self.samples] or [np.zeros(0, np.float32)])
+        tools = [s.tools for s in self.samples if s.tools is not None]
         return GroupSummary(self.position, list(self.rewards), list(self.correct), list(self.statuses),
                             [s.length for s in self.samples], sum(s.truncated for s in self.samples),
                             (float(temps.min()), float(temps.max()), float(temps.sum()), int(temps.size)) if temps.size else None,
-                            self.first_error)
+                            self.first_error, tools or None)
 
 
 def describe_groups(groups: Sequence[GroupSummary]) -> str:
@@ -111,6 +123,7 @@ class RolloutBatch:
     seen: List[GroupSummary]
     gen_batches: int
     routing: Optional[List[object]] = None  # routing replay: per response, int16 [layers, prompt + response − 1, k]
+    model_masks: Optional[List[Optional[np.ndarray]]] = None  # multi-turn: per response, True at the model's tokens
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -125,13 +138,21 @@ class RolloutBatch:
 
     @property
     def lengths(self) -> torch.Tensor:
-        return torch.tensor(self.response_lens)
+        """Model tokens per response (tool tokens are context, not the response's length)."""
+        masks = self.model_masks or [None] * len(self)
+        return torch.tensor([n if m is None else int(m.sum()) for n, m in zip(self.response_lens, masks)])
 
     def padded(self, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, loss_mask), right-padded to the longest row plus one spare column so the
-        last position scores nothing; built on the host, moved in one copy each."""
+        last position scores nothing; built on the host, moved in one copy each. A tool's tokens
+        (multi-turn) are not scored."""
         return pad_rows([p + r for p, r in zip(self.prompt_ids, self.response_ids)], self.prompt_lens,
-                        self.response_lens, device)
+                        self.response_lens, device, self.model_masks)
+
+    def model_values(self, name: str) -> List[np.ndarray]:
+        """A per-token record (PER_TOKEN) per response, at the model's tokens only."""
+        masks = self.model_masks or [None] * len(self)
+        return [v if m is None else v[m] for v, m in zip(self.per_token[name], masks)]
 
     def per_position(self, name: str, width: int, device=None) -> torch.Tensor:
         """A per-token record (PER_TOKEN) aligned with the loss mask: [N, width], zero elsewhere."""
@@ -156,14 +177,17 @@ class RolloutBatch:
         return out.to(device or "cpu")
 
 
-def pad_rows(rows: List[List[int]], prompt_lens: List[int], resp_lens: List[int], device=None):
-    """(input_ids, loss_mask) for prompt+response rows: position t scores token t+1."""
+def pad_rows(rows: List[List[int]], prompt_lens: List[int], resp_lens: List[int], device=None, model_masks=None):
+    """(input_ids, loss_mask) for prompt+response rows: position t scores token t+1. model_masks:
+    per row None (every response token scored) or a bool array over its response tokens (multi-turn:
+    False at a tool's tokens, never scored)."""
     width = max(len(r) for r in rows) + 1
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
     for i, (r, p, n) in enumerate(zip(rows, prompt_lens, resp_lens)):
         ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, p - 1: p - 1 + n] = True
+        m = None if model_masks is None else model_masks[i]
+        mask[i, p - 1: p - 1 + n] = True if m is None else torch.as_tensor(np.asarray(m, dtype=bool))
     return ids.to(device or "cpu"), mask.to(device or "cpu")
 
 
@@ -227,7 +251,7 @@ class RolloutCollector:
         if not self.layout.engine_leader:
             return []
         flat = [x for responses in outs for x in responses]
-        texts = self.decode([x.token_ids for x in flat])
+        texts = self.decode([x.token_ids[getattr(x, 'answer_start', 0):] for x in flat])  # multi-turn: the model's last turn
         stop.mark("scoring")
         try:
             results = self.rewards.score(texts, [g for g, responses in zip(truths, outs) for _ in responses])
@@ -307,7 +331,9 @@ class RolloutCollector:
                              per_token={name: [getattr(s, name) for _, _, s, _ in rows] for name in PER_TOKEN},
                              kept=kept, seen=seen, gen_batches=gen_batches,
                              routing=[s.routing for _, _, s, _ in rows] if any(s.routing is not None for _, _, s, _ in rows)
-                             else None)
+                             else None,
+                             model_masks=[s.model_mask for _, _, s, _ in rows]
+                             if any(s.model_mask is not None for _, _, s, _ in rows) else None)
         return batch, data_position
 
     def exchange(self, wanted_by_dp_rank: List[List[int]], local: Dict[int, Group]) -> List[Group]:

@@ -110,6 +110,9 @@ def _shutdown_engine(client) -> None:
             torch.cuda.empty_cache()
 
 
+TOOL_TURN_OVERHEAD = 32  # a tool turn's tokens around its output (the chat template's tool message, the tags)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     max_tokens: int
@@ -162,6 +165,11 @@ class Response:
     finish_reason: Optional[str]
     error: Optional[str] = None
     routing: Optional[object] = None  # routing replay: experts [layers, prompt + response − 1, top-k] (numpy)
+    # multi-turn (rollout/tools.py): per token, True where the model sampled it (False: a tool's result);
+    # where the model's last turn starts (what the verifier scores); (tool calls, errors, timeouts, turns)
+    model_mask: Optional[List[bool]] = None
+    answer_start: int = 0
+    tools: Optional[Tuple[int, int, int, int]] = None
 
     @property
     def length(self) -> int:
@@ -186,9 +194,12 @@ def engine_placement(tensor_parallel_size: int, distributed: bool, gpu: bool) ->
 
 def run_context_length(cfg, max_positions: int) -> int:
     """The engine's max_model_len from the run, not the model: the longest prompt plus the longest
-    response it will be asked for (training or evaluation), capped by the model's positions."""
-    response = max(cfg.rollout.max_response_tokens, cfg.eval.max_response_tokens)
-    return min(max_positions, cfg.data.max_prompt_tokens + response)
+    response it will be asked for (training or evaluation), with tools the tool turns too (each at
+    most rollout.max_tool_output_tokens + TOOL_TURN_OVERHEAD tokens), capped by the model's positions."""
+    r = cfg.rollout
+    response = max(r.max_response_tokens, cfg.eval.max_response_tokens)
+    tools = (r.max_turns - 1) * (r.max_tool_output_tokens + TOOL_TURN_OVERHEAD) if r.tools else 0
+    return min(max_positions, cfg.data.max_prompt_tokens + response + tools)
 
 
 def kv_bytes_per_token(spec, dtype: str) -> int:
@@ -315,9 +326,11 @@ class RolloutEngine:
         sampling: SamplingConfig,
         stats: Optional[EntropyStats] = None,
         seeds: Optional[Sequence[int]] = None,
+        max_tokens: Optional[Sequence[int]] = None,
     ) -> List[List[Response]]:
         """n responses per prompt (token-id prompts). seeds: one per prompt; sample j of prompt i
-        uses seeds[i] + j, so results do not depend on batch composition."""
+        uses seeds[i] + j, so results do not depend on batch composition. max_tokens: per prompt, a
+        cap below sampling.max_tokens (a multi-turn response's remaining budget)."""
         from vllm import SamplingParams, TokensPrompt
 
         from .temperature_processor import RECORDER
@@ -347,7 +360,8 @@ class RolloutEngine:
                         "base_temperature": sampling.base_temperature, "tau": sampling.tau, "sign_mode": sampling.sign_mode}
                 params.append(SamplingParams(
                     n=1, temperature=1.0, top_p=sampling.top_p, top_k=sampling.top_k,
-                    max_tokens=min(sampling.max_tokens, self.max_model_len - len(prompt)), logprobs=0,
+                    max_tokens=min(sampling.max_tokens if max_tokens is None else max_tokens[i], self.max_model_len - len(prompt)),
+                    logprobs=0,
                     seed=None if seeds is None else int(seeds[i]) + j, stop_token_ids=list(sampling.stop_token_ids),
                     detokenize=False, extra_args={"hapo": hapo},
                 ))

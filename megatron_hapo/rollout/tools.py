@@ -1,0 +1,270 @@
+"""Multi-turn rollouts with tools: the model writes a call, the sandbox runs it, the result is appended
+as a tool turn and generation continues from the whole context (`rollout.tools`).
+
+One response is the whole trajectory: model turns and tool turns, in order. Per token it carries a
+model mask: the engine's records (temperature, entropy, log-probs) exist for model tokens only;
+tool tokens are context (loss mask 0), so they never enter the entropy statistics, h-hat, the
+advantages, redistribution, clipping, TIS or the mismatch metrics (docs/HAPO.md, "Tools").
+
+A round: every live trajectory of the batch generates until its call closes (the close is a stop
+token, so it must be one token), EOS, or its budget; the calls of every paused trajectory run in
+parallel in sandboxes (`rollout.tool_workers` at once, each bounded by `rollout.tool_timeout_s`);
+each result, cut to `rollout.max_tool_output_tokens`, is appended and the trajectory goes on in the
+next round with prefix caching. Caps: `rollout.max_response_tokens` counts model tokens; the
+context (prompt + model + tool tokens) is bounded by the engine's max_model_len; `rollout.max_turns`
+bounds the model turns (a call that closes the last one is not run).
+
+Failure is data: a malformed call, a program that errors, times out, floods its output or hits a
+sandbox limit becomes a short tool message saying so, counted per response (tool_calls,
+tool_errors, tool_timeouts, turns). Two call syntaxes (`ToolCallFormat`): the chat template's
+Qwen `<tool_call>{"name": "python", "arguments": {"code": ...}}</tool_call>` form, and a tag pair
+for base models (`<python>print(3*4)</python>` → `<output>12</output>`).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+from typing import List, Optional, Sequence, Tuple
+
+from ..rewards.sandbox import SandboxLimits, run_python, sandbox_status
+
+PYTHON_TOOL = {"type": "function", "function": {
+    "name": "python", "description": "Runs a Python program and returns what it prints (stdout).",
+    "parameters": {"type": "object", "properties": {"code": {"type": "string", "description": "the program"}},
+                   "required": ["code"]}}}
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+TRUNCATED = "…"  # appended to a result cut to max_tool_output_tokens
+
+
+def _single_token(tokenizer, text: str, setting: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"{setting}: {text!r} is {len(ids)} tokens in this tokenizer; generation stops on the call's "
+                         f"close, which must be one token (add it as a special token, or choose another)")
+    return ids[0]
+
+
+class ToolCallFormat:
+    """How calls are written and results rendered, for one tokenizer: `kind` chat_template | tags."""
+
+    def __init__(self, tokenizer, kind: str = "auto", tags: Sequence[str] = ("<python>", "</python>", "<output>", "</output>")):
+        self.tok = tokenizer
+        template = getattr(tokenizer, "chat_template", None) or ""
+        if kind == "auto":
+            kind = "chat_template" if CALL_CLOSE in template and len(
+                tokenizer(CALL_CLOSE, add_special_tokens=False)["input_ids"]) == 1 else "tags"
+        if kind == "chat_template" and CALL_OPEN not in template:
+            raise ValueError("rollout.tool_format=chat_template: the tokenizer's chat template defines no "
+                             f"{CALL_OPEN} … {CALL_CLOSE} calls; use rollout.tool_format=tags")
+        self.kind = kind
+        if kind == "chat_template":
+            self.open, self.close = CALL_OPEN, CALL_CLOSE
+            self.close_id = _single_token(tokenizer, CALL_CLOSE, "rollout.tool_format=chat_template")
+            self._probe = [{"role": "user", "content": "x"}]
+            self._user_prefix = tokenizer.apply_chat_template(self._probe, tokenize=False, add_generation_prompt=True,
+                                                              tools=[PYTHON_TOOL])
+        else:
+            self.open, self.close, self.result_open, self.result_close = tags
+            self.close_id = _single_token(tokenizer, self.close, "rollout.tool_tags[1]")
+
+    def render_prompt_tools(self) -> Optional[list]:
+        """What a prompt's chat template gets as tools= (chat_template form), else None."""
+        return [PYTHON_TOOL] if self.kind == "chat_template" else None
+
+    def parse(self, turn_text: str) -> Tuple[Optional[str], Optional[str]]:
+        """(program, None) from the text of a model turn that ended with the call's close, or (None,
+        what is wrong with the call)."""
+        body = turn_text[:turn_text.rfind(self.close)] if self.close in turn_text else turn_text
+        start = body.rfind(self.open)
+        if start < 0:
+            return None, f"malformed call: no {self.open} before {self.close}"
+        body = body[start + len(self.open):]
+        if self.kind == "tags":
+            return (body, None) if body.strip() else (None, "malformed call: empty program")
+        try:
+            call = json.loads(body)
+        except ValueError as exc:
+            return None, f"malformed call: not JSON ({exc.msg})"
+        if not isinstance(call, dict) or call.get("name") != "python":
+            return None, f"unknown tool {call.get('name') if isinstance(call, dict) else call!r}; available: python"
+        args = call.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                return None, "malformed call: arguments are not JSON"
+        code = args.get("code") if isinstance(args, dict) else None
+        if not isinstance(code, str) or not code.strip():
+            return None, "malformed call: arguments.code must be a non-empty string"
+        return code, None
+
+    def result_ids(self, output: str, max_tokens: int) -> List[int]:
+        """The tokens of a tool turn holding `output`, cut to max_tokens tokens of output (marked)."""
+        ids = self.tok(output, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_tokens:
+            output = self.tok.decode(ids[:max_tokens]) + TRUNCATED
+        if self.kind == "tags":
+            return self.tok(self.result_open + output + self.result_close, add_special_tokens=False)["input_ids"]
+        # the chat template's own tool turn: render [user, assistant with a call, tool] and keep what
+        # follows the call's close (the assistant's end, the tool message, the next assistant header)
+        call = {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "python", "arguments": {"code": "x"}}}]}
+        text = self.tok.apply_chat_template(self._probe + [call, {"role": "tool", "content": output}], tokenize=False,
+                                            add_generation_prompt=True, tools=[PYTHON_TOOL])
+        end = text.index(self.close, len(self._user_prefix) if text.startswith(self._user_prefix) else 0) + len(self.close)
+        return self.tok(text[end:], add_special_tokens=False)["input_ids"]
+
+
+@dataclasses.dataclass
+class ToolResult:
+    text: str  # what the model sees
+    status: str  # ok | error | timeout | malformed
+
+
+class PythonTool:
+    """Runs programs in the code sandbox, `workers` at once, each within `timeout_s` of wall clock."""
+
+    def __init__(self, limits: SandboxLimits, timeout_s: float, workers: int):
+        usable, why = sandbox_status()
+        if not usable:
+            raise RuntimeError(f"rollout.tools=[python]: the code sandbox is unavailable ({why}); tools run untrusted "
+                               "model output and never run outside it")
+        self.limits = dataclasses.replace(limits, wall_s=timeout_s, cpu_s=max(1, min(limits.cpu_s, int(timeout_s + 1))))
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tool")
+
+    def run(self, programs: Sequence[str]) -> List[ToolResult]:
+        return list(self.pool.map(self._one, programs))
+
+    def _one(self, program: str) -> ToolResult:
+        res = run_python(program, limits=self.limits)
+        if res.status == "ok":
+            return ToolResult(res.stdout.rstrip(), "ok")
+        if res.status == "timeout":
+            return ToolResult(f"Error: timed out after {self.limits.wall_s:g} s", "timeout")
+        last = next((line for line in reversed(res.stderr.strip().splitlines()) if line.strip()), "")
+        reason = {"output_limit": "output limit reached", "disk_limit": "disk limit reached", "memory": "out of memory",
+                  "killed": "killed", "unavailable": "sandbox unavailable"}.get(res.status, last or f"exit code {res.returncode}")
+        return ToolResult((res.stdout.rstrip() + "\n" if res.stdout.strip() else "") + f"Error: {reason}", "error")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class MultiTurnEngine:
+    """The rollout engine with tools: the same `generate` as `RolloutEngine` (the collector does not
+    know the difference), each response a whole trajectory with its model mask and tool counts."""
+
+    def __init__(self, engine, fmt: ToolCallFormat, tool: PythonTool, max_turns: int, max_tool_output_tokens: int):
+        self.engine, self.fmt, self.tool = engine, fmt, tool
+        self.max_turns, self.max_tool_output_tokens = max_turns, max_tool_output_tokens
+        self.tool_seconds = 0.0  # wall time spent in tools (bench)
+
+    def __getattr__(self, name):  # weights, sleep, greedy, score: the engine's own
+        return getattr(self.engine, name)
+
+    def close(self) -> None:
+        self.tool.close()
+        self.engine.close()
+
+    def generate(self, prompts, n: int, sampling, stats=None, seeds=None):
+        import time
+
+        from .engine import Response
+
+        sampling = dataclasses.replace(sampling, stop_token_ids=tuple(sampling.stop_token_ids) + (self.fmt.close_id,))
+        max_len = self.engine.max_model_len
+        first = self.engine.generate(prompts, n, sampling, stats, seeds=seeds)
+        out = [[_Trajectory(list(p), r) for r in rs] for p, rs in zip(prompts, first)]
+        live = [t for rs in out for t in rs]
+        for turn in range(1, self.max_turns + 1):
+            calls = [t for t in live if t.wants_tool(self.fmt.close_id)]
+            if turn == self.max_turns or not calls:
+                break
+            programs, errors = zip(*(self.fmt.parse(self._decode(t.last_turn)) for t in calls))
+            t0 = time.perf_counter()
+            ran = iter(self.tool.run([p for p in programs if p is not None]))
+            self.tool_seconds += time.perf_counter() - t0
+            live = []
+            for t, program, error in zip(calls, programs, errors):
+                res = next(ran) if program is not None else ToolResult(f"Error: {error}", "malformed")
+                t.add_tool(self.fmt.result_ids(res.text, self.max_tool_output_tokens), res.status)
+                t.budget = min(sampling.max_tokens - t.model_tokens, max_len - t.context_len)
+                if t.budget < 1:  # the model-token cap or the context is used up: the response ends here
+                    t.finish_reason = "length"
+                else:
+                    live.append(t)
+            if not live:
+                break
+            conts = self.engine.generate(
+                [t.context for t in live], 1, sampling, stats,
+                seeds=None if seeds is None else [(seeds[t.i] + t.j + 1_000_003 * turn) % (2**31 - 1) for t in live],
+                max_tokens=[t.budget for t in live])
+            for t, rs in zip(live, conts):
+                t.add_model(rs[0])
+        return [[t.response(Response) for t in rs] for rs in out]
+
+    def _decode(self, ids) -> str:
+        return self.fmt.tok.decode(ids, skip_special_tokens=False)
+
+
+class _Trajectory:
+    """One response being built, turn by turn."""
+
+    def __init__(self, prompt: List[int], first):
+        self.i, self.j, self.prompt = first.prompt_index, first.sample_index, prompt
+        self.ids, self.mask = [], []
+        self.records = {k: [] for k in ("temperatures", "entropies", "logprobs", "logprobs_t1")}
+        self.calls = self.errors = self.timeouts = self.turns = 0
+        self.answer_start, self.error, self.last_turn = 0, first.error, []
+        self.add_model(first)
+
+    @property
+    def model_tokens(self) -> int:
+        return sum(self.mask)
+
+    @property
+    def context(self) -> List[int]:
+        return self.prompt + self.ids
+
+    @property
+    def context_len(self) -> int:
+        return len(self.prompt) + len(self.ids)
+
+    def add_model(self, r) -> None:
+        self.turns += 1
+        self.answer_start = len(self.ids)
+        self.ids += r.token_ids
+        self.mask += [True] * len(r.token_ids)
+        for k, v in self.records.items():
+            v += list(getattr(r, k))
+        self.last_turn, self.finish_reason = list(r.token_ids), r.finish_reason
+        self.error = self.error or r.error
+
+    def wants_tool(self, close_id: int) -> bool:
+        return not self.error and self.finish_reason == "stop" and bool(self.last_turn) and self.last_turn[-1] == close_id
+
+    def add_tool(self, ids: List[int], status: str) -> None:
+        self.calls += 1
+        self.errors += status in ("error", "malformed")
+        self.timeouts += status == "timeout"
+        self.ids += ids
+        self.mask += [False] * len(ids)
+        fill = {"temperatures": 1.0, "entropies": 0.0, "logprobs": 0.0, "logprobs_t1": 0.0}  # not sampled: masked out
+        for k, v in self.records.items():
+            v += [fill[k]] * len(ids)
+
+    def response(self, cls):
+        return cls(self.i, self.j, self.ids, *(self.records[k] for k in ("temperatures", "entropies", "logprobs", "logprobs_t1")),
+                   self.finish_reason, error=self.error, model_mask=list(self.mask), answer_start=self.answer_start,
+                   tools=(self.calls, self.errors, self.timeouts, self.turns))
+
+
+def tools_for_run(cfg, engine, tokenizer, limits: SandboxLimits):
+    """The run's engine with tools (rollout.tools), or the engine itself when there are none."""
+    r = cfg.rollout
+    if not r.tools:
+        return engine
+    fmt = ToolCallFormat(tokenizer, r.tool_format, r.tool_tags)
+    return MultiTurnEngine(engine, fmt, PythonTool(limits, r.tool_timeout_s, r.tool_workers), r.max_turns,
+                           r.max_tool_output_tokens)
