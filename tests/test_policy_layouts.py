@@ -2,6 +2,7 @@
 
 Reference: TP = PP = DP = 1, one micro-batch. Compared: 4 micro-batches, TP = 2, PP = 2, DP = 2,
 and TP = 2 × PP = 2, for HAPO (Qwen3-shaped), DAPO (Qwen2, tied embeddings) and GRPO (Llama).
+Three rows are multi-turn samples: a tool's tokens sit between model tokens, unscored.
 Real gloo processes, real megatron-core schedules and optimizer.
 """
 import pytest
@@ -12,6 +13,7 @@ from .distributed import run_ranks
 ALGOS = {"hapo": "qwen3", "dapo": "qwen2", "grpo": "llama"}
 B, S = 8, 14
 PACK = 24  # tokens per packed micro-batch: one or two of the 8..14-token sequences
+TOOL_TOKENS = {0: (5, 7), 2: (3, 5), 7: (4, 7)}  # row: label positions of a tool's tokens
 
 
 def global_batch():
@@ -22,6 +24,9 @@ def global_batch():
     pos = torch.arange(S)
     # position t scores token t+1: response tokens are prompt..total-1
     mask = (pos[None] >= prompt[:, None] - 1) & (pos[None] < total[:, None] - 1)
+    # multi-turn samples: rows 0, 2 and 7 hold a tool's result between model tokens, never scored
+    for row, (start, end) in TOOL_TOKENS.items():
+        mask[row, start:end] = False
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
     groups = [0, 0, 0, 0, 1, 1, 1, 1]
     return ids, mask, rewards, groups
@@ -96,6 +101,14 @@ def assert_same(ref, got, label):
     assert ref["weights"].keys() == got["weights"].keys()
     for k, w in ref["weights"].items():
         assert torch.allclose(got["weights"][k], w, rtol=1e-4, atol=2e-6), (label, k, (got["weights"][k] - w).abs().max())
+
+
+def test_batch_holds_tool_tokens_between_model_tokens():
+    _, mask, _, _ = global_batch()
+    for row in TOOL_TOKENS:
+        scored = mask[row].nonzero().squeeze(-1)
+        gaps = (scored[1:] - scored[:-1]) > 1
+        assert int(gaps.sum()) == 1 and int(scored.numel()) >= 4, (row, mask[row])
 
 
 def test_ratios_stay_away_from_hapo_band_edges(reference):

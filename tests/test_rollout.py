@@ -58,6 +58,14 @@ def engine_worker(rank, world, tmp):
                            min(r.temperatures), max(r.temperatures), r.finish_reason, r.length))
     out["checks"] = checks
 
+    # a seeded batch of more prefill tokens than a step takes (120 × 40 > 4096): on CPU the engine must not
+    # split a prompt over steps (vLLM's CPU runner cannot rewind a split request's generator); the samples
+    # do not depend on the batch they came in
+    long = [[(7 * i + t) % (VOCAB - 3) + 3 for t in range(40)] for i in range(120)]
+    big = engine.generate(long, n=1, sampling=SamplingConfig(max_tokens=4), stats=stats, seeds=list(range(120)))
+    small = engine.generate(long[-2:], n=1, sampling=SamplingConfig(max_tokens=4), stats=stats, seeds=[118, 119])
+    out["big_batch"] = ([r[0].token_ids for r in big[-2:]], [r[0].token_ids for r in small], sum(r[0].length for r in big))
+
     # adaptation off = plain vLLM sampling at the same temperature and seed
     from vllm import SamplingParams, TokensPrompt
 
@@ -170,6 +178,11 @@ def engine_lifecycle(engine, tmp):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     return run_ranks(1, engine_worker, str(tmp_path_factory.mktemp("engine") / "tiny"), timeout=600)[0]
+
+
+def test_a_batch_larger_than_one_prefill_step(results):
+    big, small, tokens = results["big_batch"]
+    assert big == small and tokens == 120 * 4
 
 
 def test_first_step_samples_at_base_temperature(results):

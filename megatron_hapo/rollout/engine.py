@@ -291,7 +291,12 @@ class RolloutEngine:
         if dev.is_gpu():
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization or 0.5, enable_sleep_mode=enable_sleep_mode)
         else:
-            kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes)
+            # vLLM 0.32's CPU runner fails on a seeded request whose prefill is split over steps (it rewinds the
+            # request's generator by an offset, which CPU generators do not have): a multi-turn round or a batch
+            # of long prompts over max_num_batched_tokens. Without chunked prefill the scheduler leaves a prompt
+            # that does not fit for the next step instead (what vLLM itself does for MLA models on CPU).
+            kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes, enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(max_model_len, 4096))
         self.sleep_enabled = enable_sleep_mode and dev.is_gpu()
         self.llm = LLM(**kwargs)
         dev.set_current()  # whatever vLLM did to the current device, the rank's own is current again

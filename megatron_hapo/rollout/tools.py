@@ -61,9 +61,16 @@ class ToolCallFormat:
         if kind == "chat_template":
             self.open, self.close = CALL_OPEN, CALL_CLOSE
             self.close_id = _single_token(tokenizer, CALL_CLOSE, "rollout.tool_format=chat_template")
-            self._probe = [{"role": "user", "content": "x"}]
-            self._user_prefix = tokenizer.apply_chat_template(self._probe, tokenize=False, add_generation_prompt=True,
-                                                              tools=[PYTHON_TOOL])
+            # the template's own tool turn, around a sentinel output: [user, assistant with a call, tool]
+            # rendered, what follows the call's close (the assistant's end, the tool message, the next
+            # assistant header) split at the sentinel
+            sentinel = "\x00TOOL-OUTPUT\x00"
+            call = {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "python", "arguments": {"code": "x"}}}]}
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, call, {"role": "tool", "content": sentinel}],
+                                                 tokenize=False, add_generation_prompt=True, tools=[PYTHON_TOOL])
+            at = text.index(sentinel)
+            self._around = (text[text.rindex(CALL_CLOSE, 0, at) + len(CALL_CLOSE):at], text[at + len(sentinel):])
         else:
             self.open, self.close, self.result_open, self.result_close = tags
             self.close_id = _single_token(tokenizer, self.close, "rollout.tool_tags[1]")
@@ -104,16 +111,8 @@ class ToolCallFormat:
         ids = self.tok(output, add_special_tokens=False)["input_ids"]
         if len(ids) > max_tokens:
             output = self.tok.decode(ids[:max_tokens]) + TRUNCATED
-        if self.kind == "tags":
-            return self.tok(self.result_open + output + self.result_close, add_special_tokens=False)["input_ids"]
-        # the chat template's own tool turn: render [user, assistant with a call, tool] and keep what
-        # follows the call's close (the assistant's end, the tool message, the next assistant header)
-        call = {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "python", "arguments": {"code": "x"}}}]}
-        text = self.tok.apply_chat_template(self._probe + [call, {"role": "tool", "content": output}], tokenize=False,
-                                            add_generation_prompt=True, tools=[PYTHON_TOOL])
-        end = text.index(self.close, len(self._user_prefix) if text.startswith(self._user_prefix) else 0) + len(self.close)
-        return self.tok(text[end:], add_special_tokens=False)["input_ids"]
+        before, after = (self.result_open, self.result_close) if self.kind == "tags" else self._around
+        return self.tok(before + output + after, add_special_tokens=False)["input_ids"]
 
 
 @dataclasses.dataclass

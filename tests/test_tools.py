@@ -1,0 +1,207 @@
+"""Multi-turn rollouts with tools (megatron_hapo/rollout/tools.py): the call formats (a Qwen2.5-style
+chat template with tools built in code, and tags), the sandboxed python tool against hostile
+programs, and HAPO on a trajectory: a tool's tokens get exactly zero gradient and never enter the
+entropy statistics, h-hat, the advantages, redistribution or clipping (against the float64
+reference of tests/reference.py on the model's tokens alone). The loop on the real engine runs in
+tests/test_crash_resume.py (every step of its runs has tool turns, killed and resumed) and in
+test_compare_on_the_tool_task (test_trainer.py); packed == padded and TP 2 / DP 2 == 1 rank with
+tool holes in the loss mask in tests/test_policy_layouts.py.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_hapo import algorithms as A
+from megatron_hapo.parallel import vocab_parallel_logprobs_and_entropy
+from megatron_hapo.rewards import sandbox_status
+from megatron_hapo.rollout.collect import RolloutBatch
+from megatron_hapo.rollout.tools import PYTHON_TOOL, PythonTool, ToolCallFormat
+
+from . import reference as R
+
+# The structure of Qwen2.5's chat template with tools: a system turn listing the tools, calls as
+# <tool_call>{json}</tool_call> in the assistant turn, results as <tool_response> in a user turn.
+QWEN_TOOLS_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\nYou are a helpful assistant.\\n\\n# Tools\\n\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object within <tool_call></tool_call> XML tags:\\n"
+    "<tool_call>\\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant' }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}{%- set tool_call = tool_call.function %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' + (tool_call.arguments | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+SPECIAL = ("<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory):
+    from megatron_hapo.data.tokenizers import train_sentencepiece
+
+    text = ['{"name": "python", "arguments": {"code": "print(6*7)"}}\n', "What is 6*7? Use python.\n", "42\n",
+            "You are a helpful assistant.\n\n# Tools <tools></tools> function call json object XML tags\n",
+            '{"type": "function", "description": "Runs a Python program and returns what it prints (stdout).", '
+            '"parameters": {"type": "object", "properties": {"code": {"type": "string", "description": "the program"}}, '
+            '"required": ["code"]}}\n']
+    return train_sentencepiece(str(tmp_path_factory.mktemp("chat_tok")), text * 20, 120, QWEN_TOOLS_TEMPLATE,
+                               special_pieces=SPECIAL)
+
+
+def test_chat_template_with_tools_renders_and_parses_calls(chat_tokenizer):
+    tok = chat_tokenizer
+    fmt = ToolCallFormat(tok)  # auto: the template defines <tool_call> and </tool_call> is one token
+    assert fmt.kind == "chat_template" and fmt.close_id == tok.convert_tokens_to_ids("</tool_call>")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 6*7?"}], tokenize=False,
+                                     add_generation_prompt=True, tools=fmt.render_prompt_tools())
+    assert json.dumps(PYTHON_TOOL) in prompt and prompt.endswith("<|im_start|>assistant\n")
+    turn = '<tool_call>\n{"name": "python", "arguments": {"code": "print(6*7)"}}\n</tool_call>'
+    assert fmt.parse(turn) == ("print(6*7)", None)
+    assert fmt.parse('<tool_call>\n{"name": "python", "arguments": "{\\"code\\": \\"print(1)\\"}"}\n</tool_call>') == ("print(1)", None)
+    assert fmt.parse("<tool_call>\n{not json}\n</tool_call>")[1].startswith("malformed call: not JSON")
+    assert fmt.parse('<tool_call>{"name": "bash", "arguments": {"code": "ls"}}</tool_call>')[1] == "unknown tool 'bash'; available: python"
+    assert fmt.parse('<tool_call>{"name": "python", "arguments": {}}</tool_call>')[1] == "malformed call: arguments.code must be a non-empty string"
+    assert fmt.parse("no call </tool_call>")[1] == "malformed call: no <tool_call> before </tool_call>"
+    # the tool turn is the template's own: what it renders after the call's close, around the output
+    full = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 6*7?"},
+         {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "python", "arguments": {"code": "print(6*7)"}}}]},
+         {"role": "tool", "content": "42"}], tokenize=False, add_generation_prompt=True, tools=[PYTHON_TOOL])
+    result = tok.decode(fmt.result_ids("42", 16), skip_special_tokens=False)
+    assert result == "<|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    assert full.endswith(turn + result)
+    long = tok.decode(fmt.result_ids("42" * 50, 5), skip_special_tokens=False)  # cut to 5 tokens of output, marked
+    assert "<tool_response>\n4242" in long and "42" * 6 not in long and long.endswith("\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_tags_format_and_what_it_refuses(tmp_path):
+    from megatron_hapo.data import multiply
+
+    tok = multiply.build_tokenizer(str(tmp_path))
+    fmt = ToolCallFormat(tok, "auto")  # no tool calls in its template: tags
+    assert fmt.kind == "tags" and fmt.close_id == tok.convert_tokens_to_ids("</python>")
+    assert fmt.parse("<python>print(12*34)</python>") == ("print(12*34)", None)
+    assert fmt.parse("12</python>")[1] == "malformed call: no <python> before </python>"
+    assert fmt.parse("<python></python>")[1] == "malformed call: empty program"
+    assert tok.convert_ids_to_tokens(fmt.result_ids("408", 8)) == ["<output>", "4", "0", "8", "</output>"]
+    with pytest.raises(ValueError, match=r"rollout.tool_tags\[1\]: '12\*' is 3 tokens"):
+        ToolCallFormat(tok, "tags", ("<python>", "12*", "<output>", "</output>"))
+    with pytest.raises(ValueError, match="rollout.tool_format=chat_template: the tokenizer's chat template defines no"):
+        ToolCallFormat(tok, "chat_template")
+
+
+@pytest.mark.skipif(not sandbox_status()[0], reason=f"the code sandbox is unavailable: {sandbox_status()[1]}")
+def test_hostile_programs_as_tools_stay_bounded():
+    """Every kind of bad program comes back as a short message with its status; none escapes or hangs."""
+    from megatron_hapo.rewards.sandbox import SandboxLimits
+
+    tool = PythonTool(SandboxLimits(max_output_bytes=4096), timeout_s=1.0, workers=4)
+    programs = {
+        "ok": "print(123*456)",
+        "loop": "while True: pass",
+        "sleep": "import time; time.sleep(60)",
+        "fork bomb": "import os\nwhile True:\n    try: os.fork()\n    except OSError: pass",
+        "flood": "while True: print('x' * 1000)",
+        "memory": "x = bytearray(8 * 2**30)",
+        "secrets": "print(open('/etc/shadow').read())",
+        "network": "import socket; socket.create_connection(('1.1.1.1', 53), timeout=0.5)",
+        "raises": "1/0",
+        "exits": "import sys; sys.exit(3)",
+    }
+    try:
+        results = dict(zip(programs, tool.run(list(programs.values()))))
+    finally:
+        tool.close()
+    assert results["ok"].status == "ok" and results["ok"].text == "56088"
+    for name in ("loop", "sleep", "fork bomb"):
+        assert results[name].status == "timeout" and results[name].text == "Error: timed out after 1 s", (name, results[name])
+    assert results["flood"].status == "error" and results["flood"].text.endswith("Error: output limit reached")
+    assert len(results["flood"].text) < 4200  # the sandbox's cap; the rollout cuts it again to max_tool_output_tokens
+    assert results["memory"].status == "error" and results["memory"].text == "Error: out of memory"
+    assert results["secrets"].status == "error" and "No such file" in results["secrets"].text
+    assert results["network"].status == "error" and "Error" in results["network"].text
+    assert results["raises"].text == "Error: ZeroDivisionError: division by zero"
+    assert results["exits"].status == "error" and results["exits"].text == "Error: exit code 3"
+
+
+def _trajectories():
+    """Four responses of two groups; rows 0 and 2 called a tool once (tokens 3-6 of their response are
+    the tool's), row 1 twice, row 3 answered directly."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [[1, 5, 6], [1, 7], [1, 5, 6], [1, 7]]
+    lengths = [12, 16, 11, 6]
+    masks = [np.ones(n, dtype=bool) for n in lengths]
+    masks[0][3:7] = False
+    masks[1][2:5] = False
+    masks[1][8:12] = False
+    masks[2][3:7] = False
+    responses = [torch.randint(3, 30, (n,), generator=g).tolist() for n in lengths]
+    engine = [np.where(m, np.random.default_rng(i).normal(-1.5, 0.3, len(m)), 0.0).astype(np.float32) for i, m in enumerate(masks)]
+    batch = RolloutBatch(prompt_ids=prompts, response_ids=responses, rewards=torch.tensor([1.0, 0.0, 0.0, 1.0]),
+                         group_ids=[0, 1, 0, 1], per_token={"logprobs": engine}, kept=[], seen=[], gen_batches=1,
+                         model_masks=[masks[0], masks[1], masks[2], None])
+    return batch, masks
+
+
+def test_tool_tokens_get_no_gradient_and_stay_out_of_the_statistics():
+    batch, masks = _trajectories()
+    ids, mask = batch.padded()
+    # the loss mask: the response's model tokens, none of the tool's
+    for i, (p, r) in enumerate(zip(batch.prompt_lens, batch.response_lens)):
+        want = torch.zeros(ids.shape[1], dtype=torch.bool)
+        want[p - 1: p - 1 + r] = torch.as_tensor(masks[i])
+        assert torch.equal(mask[i], want)
+    assert batch.lengths.tolist() == [8, 9, 7, 6]  # model tokens: what B's token weights and overlong count
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(*ids.shape, 32, generator=g, dtype=torch.float64)
+    # the tool's positions get logits that would move every statistic if they counted (near-uniform: high entropy)
+    tool = torch.zeros_like(mask)
+    for i, (p, r) in enumerate(zip(batch.prompt_lens, batch.response_lens)):
+        tool[i, p - 1: p - 1 + r] = ~torch.as_tensor(masks[i])
+    logits[tool] *= 0.01
+    logits.requires_grad_(True)
+    labels = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1)
+    logp, ent = vocab_parallel_logprobs_and_entropy(logits, labels)
+    old = (logp.detach() + 0.3 * torch.randn(logp.shape, generator=g, dtype=torch.float64)) * mask
+    algo = A.AlgorithmConfig.preset("hapo")
+    stats = A.entropy_stats(ent.detach(), mask, algo.pivot)
+    h_hat = A.normalized_entropy(ent.detach(), stats, algo.sign_mode)
+    adv, _ = A.compute_advantages(algo, batch.rewards.double(), batch.lengths, batch.group_ids)
+    loss, metrics = A.compute_policy_loss(algo, logp, old, adv, mask, h_hat=h_hat)
+    loss.backward()
+    assert float(logits.grad[tool].abs().max()) == 0.0  # exactly: the tool's tokens are not trained
+    assert float(logits.grad[mask].abs().sum()) > 0
+    assert int(metrics["tokens"]) == sum(batch.lengths.tolist())
+
+    # the float64 reference on the model's tokens alone (plain Python, tests/reference.py)
+    def model_only(t):
+        return [[float(v) for v, m in zip(row, mrow) if m] for row, mrow in zip(t.detach().tolist(), mask.tolist())]
+
+    ents, lps, olds = model_only(ent), model_only(logp), model_only(old)
+    ref_stats = R.entropy_stats([h for row in ents for h in row])
+    assert (stats.q, stats.sigma, stats.z_pos, stats.z_neg) == pytest.approx(ref_stats, rel=1e-9)
+    ref_adv = R.token_group_advantages(batch.rewards.tolist(), [len(r) for r in ents], batch.group_ids)
+    assert adv.tolist() == pytest.approx(ref_adv, rel=1e-9)
+    a, lo, hi = [], [], []
+    for i, row in enumerate(ents):
+        a.append([]), lo.append([]), hi.append([])
+        for t, h in enumerate(row):
+            ht = R.h_tilde(h, ref_stats)
+            low, high = R.clip_bounds(ht)
+            a[i].append(R.redistribute(ref_adv[i], ht, math.exp(lps[i][t] - olds[i][t]), low, high))
+            lo[i].append(low)
+            hi[i].append(high)
+    ref_loss = R.policy_loss(lps, olds, a, [[True] * len(r) for r in ents], lo, hi)
+    assert float(loss.detach()) == pytest.approx(ref_loss, rel=1e-9)
