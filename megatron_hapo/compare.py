@@ -3,6 +3,7 @@ shared supervised warm-up, reported with 95 % intervals over seeds.
 
     megatron-hapo compare --task chain --arms hapo,dapo --seeds 0,1,2 --out runs/compare
     megatron-hapo compare --task chain --arms hapo,dapo --ablations --seeds 0,1,2   # + HAPO without A, B, C or D
+    megatron-hapo compare --task multiply --arms hapo,dapo,hapo-no-tools             # the tool task (rollout.tools)
 
 Per seed: a warm-up run (teacher-forced, `demo.supervised_warmup`) exported once; then every arm
 trains from it with the same seed, data order and budget, so arms differ only in the algorithm
@@ -180,6 +181,11 @@ def summarize(runs: Dict[str, Dict[int, dict]], warm_acc: Dict[int, float], refe
                for key in ("response_length", "entropy", "temperature_mean", "rollout_accuracy", "keep_rate")},
             "seconds_mean": mean_ci([by_seed[s]["seconds"] for s in seeds])[0],
         }
+        final_use = [[m["eval_tool_use_rate"] for m in by_seed[s]["rows"] if "eval_tool_use_rate" in m] for s in seeds]
+        if all(final_use):  # the tool task with tools: how often the model calls one, held out and sampled
+            arms[arm]["tool_use_final"] = [u[-1] for u in final_use]
+            arms[arm]["tool_use_final_mean"] = mean_ci(arms[arm]["tool_use_final"])[0]
+            arms[arm]["tool_use_rate_last5"] = mean_ci([_last(by_seed[s]["rows"], "tool_use_rate") for s in seeds])[0]
     return {"reference": reference, "warmup_accuracy": [warm_acc[s] for s in sorted(warm_acc)], "arms": arms}
 
 
@@ -187,6 +193,9 @@ def format_table(summary: dict) -> str:
     ref = summary["reference"]
     head = (f"| arm | held-out acc (mean ± 95% CI) | per seed | − {ref} (paired, mean ± CI) | gain over warm-up | "
             f"resp. length | entropy | T mean | sampled acc | s/run |")
+    tools = any("tool_use_final_mean" in a for a in summary["arms"].values())
+    if tools:
+        head += " tool use held-out | tool use sampled |"
     lines = [head, "|" + "|".join("---" for _ in head.split("|")[1:-1]) + "|"]
     for arm, a in summary["arms"].items():
         def pm(m, c):
@@ -195,7 +204,9 @@ def format_table(summary: dict) -> str:
         diff = "—" if arm == ref else pm(a[f"minus_{ref}_mean"], a[f"minus_{ref}_ci95"])
         lines.append(f"| {arm} | {pm(a['accuracy_mean'], a['accuracy_ci95'])} | {', '.join(f'{v:.3f}' for v in a['accuracy'])} | "
                      f"{diff} | {a['gain_over_warmup_mean']:+.3f} | {a['response_length_last5']:.1f} | {a['entropy_last5']:.3f} | "
-                     f"{a['temperature_mean_last5']:.3f} | {a['rollout_accuracy_last5']:.3f} | {a['seconds_mean']:.0f} |")
+                     f"{a['temperature_mean_last5']:.3f} | {a['rollout_accuracy_last5']:.3f} | {a['seconds_mean']:.0f} |"
+                     + (f" {a['tool_use_final_mean']:.3f} | {a['tool_use_rate_last5']:.3f} |" if "tool_use_final_mean" in a
+                        else " — | — |" if tools else ""))
     warm = summary["warmup_accuracy"]
     lines.append(f"\nwarm-up accuracy per seed: {', '.join(f'{v:.3f}' for v in warm)}")
     return "\n".join(lines)
@@ -237,10 +248,11 @@ def plot_bands(runs: Dict[str, Dict[int, dict]], warm_acc: Dict[int, float], out
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="megatron-hapo compare", description=__doc__.splitlines()[0])
     p.add_argument("--task", default="chain", choices=sorted(TASKS))
-    p.add_argument("--arms", default="hapo,dapo", help="comma-separated: hapo, dapo, grpo, hapo-no-A|B|C|D")
+    p.add_argument("--arms", default="hapo,dapo",
+                   help="comma-separated: hapo, dapo, grpo, hapo-no-A|B|C|D, <algorithm>-no-tools (multiply)")
     p.add_argument("--ablations", action="store_true", help="add hapo-no-A, hapo-no-B, hapo-no-C, hapo-no-D")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: the task's (chain 400, addition 300)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: the task's (chain 400, addition 300, multiply 300)")
     p.add_argument("--steps", type=int, default=30, help="RL steps per arm and seed")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval-interval", type=int, default=10)

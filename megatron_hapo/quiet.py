@@ -47,6 +47,10 @@ KNOWN = [
     ("vllm", r"The global random seed is set to",
      "an in-process engine seeds the process's RNGs; every draw of ours is seeded explicitly and "
      "the RNG states are checkpointed and restored on resume"),
+    ("vllm", r"does not officially support disabling chunked prefill",
+     "CPU: the engine turns chunked prefill off on purpose (vLLM's CPU runner cannot rewind a seeded request "
+     "whose prefill is split; rollout/engine.py), with max_num_batched_tokens ≥ max_model_len; "
+     "tests/test_rollout.py checks a batch over one step's budget against the same prompts alone"),
 ]
 
 _STATE = {"verbose": False, "vllm_filter": None}

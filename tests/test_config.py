@@ -28,10 +28,23 @@ from megatron_hapo.config import Config, ConfigError, OptimConfig
     ("reward.sandbox.disk_gb=1", "config.reward.sandbox: unknown settings \\['disk_gb'\\]"),
     ("reward.sandbox.disk_mb=0", "reward.sandbox.disk_mb: must be positive, got 0"),
     ("reward.sandbox.wall_s=soon", "reward.sandbox.wall_s: expected a number, got 'soon'"),
+    ("rollout.tools=[python,bash]", "rollout.tools: unknown tools \\['bash'\\]; available: \\['python'\\]"),
+    ("rollout.tools={python: 1}", "rollout.tools: expected a list"),
+    ("rollout.tool_format=xml", "rollout.tool_format: expected auto \\| chat_template \\| tags"),
+    ("rollout.tool_tags=[<a>,</a>]", "rollout.tool_tags: expected four non-empty strings"),
+    ("rollout.tool_timeout_s=0", "rollout.tool_timeout_s: must be positive"),
 ])
 def test_bad_values_fail_at_load_under_their_name(override, match):
     with pytest.raises(ConfigError, match=match):
         Config.load(None, [override])
+
+
+def test_tool_settings_take_lists_from_yaml_or_the_command_line():
+    assert Config.load(None, ["rollout.tools=python"]).rollout.tools == ["python"]
+    assert Config.load(None, ["rollout.tools=[python]"]).rollout.tools == ["python"]
+    assert Config.load(None, ["rollout.tools=[]"]).rollout.tools == []
+    with pytest.raises(ConfigError, match="rollout.tools: not supported with rollout.routing_replay"):
+        Config.load(None, ["rollout.tools=python", "rollout.routing_replay=true"])
 
 
 def test_values_take_their_fields_type():

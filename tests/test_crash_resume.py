@@ -1,7 +1,9 @@
 """A whole run killed anywhere: `megatron-hapo train` on 2 ranks under torchrun (engines, reward
-workers and their sandboxes included) is SIGKILLed 8 times at seeded moments in every phase of a
-step, resumed each time with train.resume=auto, and ends bit-identical to an uninterrupted run;
-after every kill nothing of the job is left. Graceful stop: SIGTERM saves and exits 0.
+workers, tool calls and their sandboxes included) is SIGKILLed 8 times at seeded moments in every
+phase of a step, resumed each time with train.resume=auto, and ends bit-identical to an
+uninterrupted run; after every kill nothing of the job is left. The run is multi-turn (the tool
+task with rollout.tools=[python]), so rollouts hold tool turns and kills land between them.
+Graceful stop: SIGTERM saves and exits 0.
 
 One kill = what torchrun does to its workers when it gives up on them, and what srun does at the
 time limit: SIGKILL to the launcher and to each worker's process group at once. Whatever escaped
@@ -28,7 +30,11 @@ STEPS, KILLS, SEED = 4, 8, 20261202
 BASE = [f"train.steps={STEPS}", "train.save_interval=1", "train.keep_last=2", "rollout.prompts_per_step=4",
         "rollout.samples_per_prompt=4", "train.mini_batch_prompts=2", "train.micro_batch_size=4", "train.lr=1e-3",
         "rollout.dynamic_sampling=false", "eval.at_end=false", "log.progress=off", "reward.workers=2",
-        "reward.type=tests.verifiers:SandboxedMath"]
+        "reward.type=tests.verifiers:SandboxedMath",
+        # multi-turn: the tool task's model (random) writes calls every step; the python tool runs them in
+        # sandboxes, so kills land with tool calls in flight (the "tools" phase) and the resume regenerates them
+        "data.train=multiply", "rollout.tools=[python]", "rollout.max_response_tokens=16", "rollout.max_turns=3",
+        "data.max_prompt_tokens=16"]
 VOLATILE = ("time_", "_per_s")  # wall-clock figures: the only metrics that may differ
 
 
@@ -215,6 +221,7 @@ def test_kill_anywhere_then_resume_is_bit_identical(straight, killed):
     differ = [k for k in want if isinstance(want[k], torch.Tensor) and not torch.equal(want[k], got[k])]
     assert not differ, f"weights or optimizer state differ after {KILLS} kills: {differ[:5]}"
     assert got_state == want_state  # step, data position, HAPO's entropy statistics
+    assert all(r["tool_calls"] > 0 for r in want_rows)  # every step had tool turns
     assert [r["step"] for r in got_rows] == list(range(1, STEPS + 1))  # one row a step: none lost, none twice
     assert got_rows == want_rows
     resumed = [line for line in tail(run_dir, 10**7).splitlines() if "resumed from" in line]

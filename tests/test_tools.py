@@ -205,3 +205,26 @@ def test_tool_tokens_get_no_gradient_and_stay_out_of_the_statistics():
             hi[i].append(high)
     ref_loss = R.policy_loss(lps, olds, a, [[True] * len(r) for r in ents], lo, hi)
     assert float(loss.detach()) == pytest.approx(ref_loss, rel=1e-9)
+
+
+def test_the_tool_task_warm_up_shows_the_call_on_a_share_and_never_trains_the_result(tmp_path):
+    from megatron_hapo.data import multiply
+
+    tok = multiply.build_tokenizer(str(tmp_path))
+    fmt = ToolCallFormat(tok)
+    rows = multiply.rows("train")[:200]
+    targets = [multiply.warmup_target(r["prompt"], r["answer"], k, tok, fmt) for k, r in enumerate(rows)]
+    calls = [(ids, mask) for ids, mask in targets if not all(mask)]
+    assert abs(len(calls) / len(rows) - multiply.TOOL_SHARE) < 0.05
+    ids, mask = calls[0]
+    r = rows[[k for k, (_, m) in enumerate(targets) if not all(m)][0]]
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert text == f"<python>print({r['prompt'][:-1]})</python><output>{r['answer']}</output>{r['answer']}</s>"
+    tool = tok.decode([i for i, m in zip(ids, mask) if not m], skip_special_tokens=False)
+    assert tool == f"<output>{r['answer']}</output>"  # exactly the tool's turn is unscored
+    direct = [(ids, m) for ids, m in targets if all(m)]
+    assert all(tok.decode(ids, skip_special_tokens=False).endswith("</s>") and "<python>" not in tok.decode(ids)
+               for ids, _ in direct)
+    # the held-out split never meets the training split
+    train = {x["prompt"] for x in multiply.rows("train")}
+    assert not train & {x["prompt"] for x in multiply.rows("eval")}

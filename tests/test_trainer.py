@@ -180,9 +180,12 @@ def test_demo_pipeline_small(tmp_path):
 
 
 LAYOUT_EXTRA = ["rollout.dynamic_sampling=false", "rollout.prompts_per_step=4", "train.mini_batch_prompts=4",
-                "train.micro_batch_size=4", "rollout.max_response_tokens=6",
-                "eval.num_prompts=7"]  # odd: two engines take 4 and 3, none is dropped
-ROLLOUT_KEYS = ("reward", "rollout_accuracy", "response_length", "response_tokens", "data_position")
+                "train.micro_batch_size=4", "rollout.max_response_tokens=12",
+                "eval.num_prompts=7",  # odd: two engines take 4 and 3, none is dropped
+                # multi-turn: the tool task's (random) model writes calls; the python tool answers them
+                "data.train=multiply", "rollout.tools=[python]", "rollout.max_turns=3", "data.max_prompt_tokens=16"]
+ROLLOUT_KEYS = ("reward", "rollout_accuracy", "response_length", "response_tokens", "data_position", "tool_calls",
+                "tool_errors", "turns_per_sample")
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +202,8 @@ def single_rank(tmp_path_factory):
 ], ids=["dp2", "dp2-inference-tp2", "tp2"])
 def test_two_rank_layouts_match_one_rank(single_rank, layout):
     """Samples depend only on (seed, prompt position): two ranks see the same rollouts as one, and
-    the update (global token-mean, DP entropy statistics) matches to float precision."""
+    the update (global token-mean, DP entropy statistics) matches to float precision; with multi-turn
+    samples (tool turns inside responses; under inference TP 2 the engine's first rank runs the tools)."""
     root, one = single_rank
     extra = LAYOUT_EXTRA + layout + [f"model.hf_path={root / 'one' / 'initial_model'}"]
     ranks = run_ranks(2, train_worker, str(root / layout[0].split("=")[0].split(".")[-1] / layout[0][-1]), 2, extra,
@@ -214,6 +218,7 @@ def test_two_rank_layouts_match_one_rank(single_rank, layout):
         assert history[-1]["eval_prompts"] == one[-1]["eval_prompts"] == 7  # every eval prompt, whatever the layout
         assert history[-1]["eval_mean@1"] == one[-1]["eval_mean@1"]
     assert one[1]["temperature_min"] < 1.0 < one[1]["temperature_max"]
+    assert all(m["tool_calls"] > 0 for m in one)
 
 
 @pytest.mark.parametrize("name", ["hapo", "dapo"])
@@ -266,6 +271,35 @@ def test_compare_command_at_toy_size(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "cmp" / "seed1" / "hapo" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows] == [1, 2] and all("eval_mean@1" in m for m in rows)
     assert rows[1]["temperature_min"] < 1.0 < rows[1]["temperature_max"]  # HAPO A from step 2 on
+
+
+def tool_compare_worker(rank, world, out):
+    import torch.distributed as dist
+
+    from megatron_hapo.compare import run_compare
+
+    dist.destroy_process_group()
+    small = {"rollout.prompts_per_step": 4, "train.mini_batch_prompts": 4, "rollout.samples_per_prompt": 4,
+             "train.micro_batch_size": 16, "rollout.dynamic_sampling": "false", "reward.workers": 0}
+    return run_compare(out, "multiply", ("hapo", "hapo-no-tools"), seeds=(0,), warmup_steps=10, steps=2, eval_interval=2,
+                       eval_prompts=8, extra=small, reference="hapo-no-tools")
+
+
+def test_compare_on_the_tool_task(tmp_path):
+    """`compare --task multiply`: the warm-up with tool examples, HAPO with the python tool (multi-turn
+    rollouts, tool metrics in the rows and the table) and the arm without tools, from one warm-up."""
+    s = run_ranks(1, tool_compare_worker, str(tmp_path / "cmp"), timeout=900)[0]
+    hapo, floor = s["arms"]["hapo"], s["arms"]["hapo-no-tools"]
+    assert len(hapo["tool_use_final"]) == 1 and "tool_use_final" not in floor
+    rows = [json.loads(x) for x in (tmp_path / "cmp" / "seed0" / "hapo" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == [1, 2] and sum(m["tool_calls"] for m in rows) > 0  # the random-ish model calls
+    assert all(m["turns_per_sample"] >= 1 and m["tool_timeouts"] == 0 for m in rows) and "eval_tool_use_rate" in rows[-1]
+    floor_rows = [json.loads(x) for x in (tmp_path / "cmp" / "seed0" / "hapo-no-tools" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("tool_calls" in m for m in floor_rows)
+    assert "tools: []" in (tmp_path / "cmp" / "seed0" / "hapo-no-tools" / "config.yaml").read_text()
+    assert "- python" in (tmp_path / "cmp" / "seed0" / "hapo" / "config.yaml").read_text()
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert "tool use held-out" in table and "| hapo-no-tools |" in table
 
 
 def test_engine_context_is_sized_from_the_run(tmp_path):

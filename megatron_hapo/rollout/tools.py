@@ -23,11 +23,15 @@ for base models (`<python>print(3*4)</python>` → `<output>12</output>`).
 from __future__ import annotations
 
 import concurrent.futures
+import time
 import dataclasses
 import json
 from typing import List, Optional, Sequence, Tuple
 
+import torch.distributed as dist
+
 from ..rewards.sandbox import SandboxLimits, run_python, sandbox_status
+from ..training import stop
 
 PYTHON_TOOL = {"type": "function", "function": {
     "name": "python", "description": "Runs a Python program and returns what it prints (stdout).",
@@ -133,7 +137,11 @@ class PythonTool:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tool")
 
     def run(self, programs: Sequence[str]) -> List[ToolResult]:
-        return list(self.pool.map(self._one, programs))
+        return [f.result() for f in self.submit(programs)]
+
+    def submit(self, programs: Sequence[str]) -> List["concurrent.futures.Future"]:
+        """The programs started (`workers` at a time); each future's result is a ToolResult."""
+        return [self.pool.submit(self._one, p) for p in programs]
 
     def _one(self, program: str) -> ToolResult:
         res = run_python(program, limits=self.limits)
@@ -154,8 +162,12 @@ class MultiTurnEngine:
     """The rollout engine with tools: the same `generate` as `RolloutEngine` (the collector does not
     know the difference), each response a whole trajectory with its model mask and tool counts."""
 
-    def __init__(self, engine, fmt: ToolCallFormat, tool: PythonTool, max_turns: int, max_tool_output_tokens: int):
-        self.engine, self.fmt, self.tool = engine, fmt, tool
+    def __init__(self, engine, fmt: ToolCallFormat, tool: Optional[PythonTool], max_turns: int, max_tool_output_tokens: int,
+                 group=None):
+        """group: the engine's inference-TP group (gloo) when it spans several ranks: every rank of an
+        engine must send it the same requests, so its first rank runs the tools (`tool`; None on the
+        others) and broadcasts the results (a timeout on one rank only would make the contexts differ)."""
+        self.engine, self.fmt, self.tool, self.group = engine, fmt, tool, group
         self.max_turns, self.max_tool_output_tokens = max_turns, max_tool_output_tokens
         self.tool_seconds = 0.0  # wall time spent in tools (bench)
 
@@ -163,12 +175,13 @@ class MultiTurnEngine:
         return getattr(self.engine, name)
 
     def close(self) -> None:
-        self.tool.close()
+        if self.tool is not None:
+            self.tool.close()
         self.engine.close()
 
     def generate(self, prompts, n: int, sampling, stats=None, seeds=None):
-        import time
-
+        """n trajectories per prompt; the first turn as `RolloutEngine.generate` (the same seeds), turn k of
+        sample j of prompt i seeded with seeds[i] + j + 1_000_003·k, so results do not depend on the batch."""
         from .engine import Response
 
         sampling = dataclasses.replace(sampling, stop_token_ids=tuple(sampling.stop_token_ids) + (self.fmt.close_id,))
@@ -177,13 +190,21 @@ class MultiTurnEngine:
         out = [[_Trajectory(list(p), r) for r in rs] for p, rs in zip(prompts, first)]
         live = [t for rs in out for t in rs]
         for turn in range(1, self.max_turns + 1):
-            calls = [t for t in live if t.wants_tool(self.fmt.close_id)]
-            if turn == self.max_turns or not calls:
-                break
-            programs, errors = zip(*(self.fmt.parse(self._decode(t.last_turn)) for t in calls))
+            # a call that closes the last allowed turn is not run
+            calls = [t for t in live if t.wants_tool(self.fmt.close_id)] if turn < self.max_turns else []
+            programs, errors = zip(*(self.fmt.parse(self._decode(t.last_turn)) for t in calls)) if calls else ((), ())
             t0 = time.perf_counter()
-            ran = iter(self.tool.run([p for p in programs if p is not None]))
+            pending = self.tool.submit([p for p in programs if p is not None]) if self.tool is not None else []
+            stop.mark("tools")  # every round, calls or not: where the kill tests land with tools in flight
+            ran = [f.result() for f in pending]
+            if self.group is not None:  # the engine's first rank ran them; all its ranks continue alike
+                box = [ran]
+                dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+                ran = box[0]
+            ran = iter(ran)
             self.tool_seconds += time.perf_counter() - t0
+            if not calls:
+                break
             live = []
             for t, program, error in zip(calls, programs, errors):
                 res = next(ran) if program is not None else ToolResult(f"Error: {error}", "malformed")
@@ -260,10 +281,16 @@ class _Trajectory:
 
 
 def tools_for_run(cfg, engine, tokenizer, limits: SandboxLimits):
-    """The run's engine with tools (rollout.tools), or the engine itself when there are none."""
+    """The run's engine with tools (rollout.tools), or the engine itself when there are none. Under
+    torch.distributed every rank calls it (the inference-TP groups are created collectively)."""
+    from ..training.parallel import engine_group
+
     r = cfg.rollout
     if not r.tools:
         return engine
     fmt = ToolCallFormat(tokenizer, r.tool_format, r.tool_tags)
-    return MultiTurnEngine(engine, fmt, PythonTool(limits, r.tool_timeout_s, r.tool_workers), r.max_turns,
-                           r.max_tool_output_tokens)
+    itp = cfg.parallel.inference_tensor_parallel_size
+    group = engine_group(itp, cfg.parallel.control_timeout_s) if dist.is_initialized() else None
+    runs_tools = group is None or dist.get_rank() % itp == 0
+    tool = PythonTool(limits, r.tool_timeout_s, r.tool_workers) if runs_tools else None
+    return MultiTurnEngine(engine, fmt, tool, r.max_turns, r.max_tool_output_tokens, group)

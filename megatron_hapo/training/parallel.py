@@ -50,6 +50,20 @@ def control_group():
     return _CONTROL
 
 
+def engine_group(size: int, control_timeout_s: int = 4 * 3600):
+    """This rank's inference-TP group over gloo (ranks r·size … r·size + size − 1: one engine's ranks),
+    or None at size 1. Every rank creates every group (torch.distributed's rule), keeps its own."""
+    if size == 1:
+        return None
+    mine = None
+    for first in range(0, dist.get_world_size(), size):
+        g = dist.new_group(list(range(first, first + size)), backend="gloo",
+                           timeout=datetime.timedelta(seconds=control_timeout_s))
+        if first <= dist.get_rank() < first + size:
+            mine = g
+    return mine
+
+
 def init_model_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, seed: int = 1234,
                         timeout_s: int = 1800, control_timeout_s: int = 4 * 3600, ep: int = 1,
                         etp: Optional[int] = None) -> None:

@@ -56,7 +56,7 @@ class StopRequest:
 
 # ---- phase markers: where a run is, for watchdogs and the kill tests ------------------------------
 
-PHASES = ("rollout", "scoring", "old_pass", "update", "weight_sync", "checkpoint")
+PHASES = ("rollout", "tools", "scoring", "old_pass", "update", "weight_sync", "checkpoint")  # tools: rollout.tools only
 _step = 0
 
 

@@ -1,0 +1,97 @@
+"""Multi-turn rollouts with tools against single-turn generation of the same model tokens.
+
+    .venv/bin/python bench/bench_tools.py [--warmup-steps 300] [--prompts 64] [--samples 8] [--repeats 3]
+
+The tool task (`multiply`, rollout.tools=[python]): its model built in code and warmed up the way
+`megatron-hapo compare --task multiply` does (a share of the examples call the tool), so that
+rollouts hold real calls. Timed, in one process on the same engine and prompts:
+
+- multi-turn: `MultiTurnEngine.generate` (generate until the call closes, run every paused
+  trajectory's call in the sandbox in parallel, append the result, continue with prefix caching);
+- single-turn: the same prompts, each sample generating exactly as many tokens as its trajectory's
+  model tokens in one request (ignore_eos, the HAPO processor on), i.e. the same sampled work with
+  no tool round-trips.
+
+Reported: model tokens/s of each and their ratio, the share of the multi-turn wall time spent in
+tools (sandbox runs, waited for), the rounds and calls. Medians over --repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--warmup-steps", type=int, default=300)
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    from vllm import SamplingParams, TokensPrompt
+
+    from megatron_hapo.compare import _config
+    from megatron_hapo.demo import supervised_warmup
+    from megatron_hapo.trainer import Trainer
+
+    run_dir = tempfile.mkdtemp(prefix="bench_tools_")
+    tr = Trainer(_config(run_dir, "multiply", **{"train.lr": 2e-3, "reward.workers": 0, "train.steps": 1}))
+    t0 = time.perf_counter()
+    supervised_warmup(tr, args.warmup_steps)
+    print(f"warm-up: {args.warmup_steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+    mt = tr.engine  # the MultiTurnEngine
+    prompts = [tr.train_data[i].prompt_ids for i in range(args.prompts)]
+    seeds = list(range(args.prompts))
+    rows = {"multi": [], "single": []}
+    for rep in range(args.repeats):
+        mt.tool_seconds = 0.0
+        t0 = time.perf_counter()
+        out = mt.generate(prompts, args.samples, tr.sampling, None, seeds=[s + 1000 * rep for s in seeds])
+        wall = time.perf_counter() - t0
+        flat = [r for rs in out for r in rs]
+        model = [sum(r.model_mask) for r in flat]
+        context = sum(len(r.token_ids) for r in flat)
+        calls = sum(r.tools[0] for r in flat)
+        rows["multi"].append(dict(wall=wall, model=sum(model), context=context, calls=calls, tools=mt.tool_seconds,
+                                  rounds=max(r.tools[3] for r in flat)))
+        # the same model tokens in single-turn requests: sample k of prompt i generates model[k] tokens
+        reqs, params = [], []
+        for k, (r, n) in enumerate(zip(flat, model)):
+            reqs.append(TokensPrompt(prompt_token_ids=list(prompts[k // args.samples])))
+            params.append(SamplingParams(n=1, temperature=1.0, max_tokens=max(n, 1), ignore_eos=True, seed=k + 1000 * rep,
+                                         logprobs=0, detokenize=False,
+                                         extra_args={"hapo": {"tag": f"bench{rep}_{k}", "stats": None}}))
+        t0 = time.perf_counter()
+        res = mt.engine.llm.generate(reqs, params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        from megatron_hapo.rollout.temperature_processor import RECORDER
+
+        RECORDER.pop({f"bench{rep}_{k}" for k in range(len(flat))})
+        rows["single"].append(dict(wall=wall, model=sum(len(x.outputs[0].token_ids) for x in res)))
+    tr.close()
+
+    def med(mode, key):
+        return statistics.median(r[key] for r in rows[mode])
+
+    m_tps = med("multi", "model") / med("multi", "wall")
+    s_tps = med("single", "model") / med("single", "wall")
+    print(f"\n{args.prompts} prompts x {args.samples} samples, {args.repeats} repeats (medians); machine: {os.cpu_count()} CPUs")
+    print("| mode | model tokens | context tokens | wall s | model tokens/s | vs single-turn | tool calls | rounds | time in tools |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| single-turn, same model tokens | {med('single', 'model'):.0f} | {med('single', 'model'):.0f} | "
+          f"{med('single', 'wall'):.2f} | {s_tps:.0f} | 1.00 | 0 | 1 | 0 % |")
+    print(f"| multi-turn with python | {med('multi', 'model'):.0f} | {med('multi', 'context'):.0f} | {med('multi', 'wall'):.2f} | "
+          f"{m_tps:.0f} | {m_tps / s_tps:.2f} | {med('multi', 'calls'):.0f} | {med('multi', 'rounds'):.0f} | "
+          f"{100 * med('multi', 'tools') / med('multi', 'wall'):.0f} % |")
+
+
+if __name__ == "__main__":
+    main()
