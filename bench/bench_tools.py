@@ -28,6 +28,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def print_trajectory(tok, prompt, r) -> None:
+    """One trajectory token by token: who wrote it (model or tool), and for the model's tokens the
+    temperature it was sampled at and the entropy of the raw distribution."""
+    print(f"\none trajectory: prompt {tok.decode(prompt, skip_special_tokens=True)!r}; tool calls {r.tools[0]}, "
+          f"turns {r.tools[3]}, model tokens {sum(r.model_mask)}, tool tokens {len(r.model_mask) - sum(r.model_mask)}")
+    print("| # | token | written by | loss mask | T | H |")
+    print("|---|---|---|---|---|---|")
+    for k, (t, m) in enumerate(zip(r.token_ids, r.model_mask)):
+        piece = tok.convert_ids_to_tokens(t)
+        extra = f"{r.temperatures[k]:.4f} | {r.entropies[k]:.4f}" if m else "— | —"
+        print(f"| {k} | `{piece}` | {'model' if m else 'tool'} | {int(m)} | {extra} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--warmup-steps", type=int, default=300)
@@ -50,16 +63,28 @@ def main():
     mt = tr.engine  # the MultiTurnEngine
     prompts = [tr.train_data[i].prompt_ids for i in range(args.prompts)]
     seeds = list(range(args.prompts))
+    # the step's entropy statistics from one rollout's model tokens (as the trainer's old pass would give):
+    # every timed request then samples at its per-token temperature
+    import torch
+
+    from megatron_hapo.algorithms import entropy_stats
+
+    probe = [r for rs in mt.generate(prompts[:16], 4, tr.sampling, None, seeds=seeds[:16]) for r in rs]
+    ents = torch.tensor([h for r in probe for h, m in zip(r.entropies, r.model_mask) if m])
+    stats = entropy_stats(ents.view(1, -1), torch.ones(1, ents.numel(), dtype=torch.bool))
     rows = {"multi": [], "single": []}
     for rep in range(args.repeats):
         mt.tool_seconds = 0.0
         t0 = time.perf_counter()
-        out = mt.generate(prompts, args.samples, tr.sampling, None, seeds=[s + 1000 * rep for s in seeds])
+        out = mt.generate(prompts, args.samples, tr.sampling, stats, seeds=[s + 1000 * rep for s in seeds])
         wall = time.perf_counter() - t0
         flat = [r for rs in out for r in rs]
         model = [sum(r.model_mask) for r in flat]
         context = sum(len(r.token_ids) for r in flat)
         calls = sum(r.tools[0] for r in flat)
+        if rep == 0:
+            show = next((r for r in flat if r.tools[0]), flat[0])
+            print_trajectory(tr.tokenizer, prompts[show.prompt_index], show)
         rows["multi"].append(dict(wall=wall, model=sum(model), context=context, calls=calls, tools=mt.tool_seconds,
                                   rounds=max(r.tools[3] for r in flat)))
         # the same model tokens in single-turn requests: sample k of prompt i generates model[k] tokens
@@ -68,7 +93,7 @@ def main():
             reqs.append(TokensPrompt(prompt_token_ids=list(prompts[k // args.samples])))
             params.append(SamplingParams(n=1, temperature=1.0, max_tokens=max(n, 1), ignore_eos=True, seed=k + 1000 * rep,
                                          logprobs=0, detokenize=False,
-                                         extra_args={"hapo": {"tag": f"bench{rep}_{k}", "stats": None}}))
+                                         extra_args={"hapo": {"tag": f"bench{rep}_{k}", "stats": stats.to_dict()}}))
         t0 = time.perf_counter()
         res = mt.engine.llm.generate(reqs, params, use_tqdm=False)
         wall = time.perf_counter() - t0

@@ -55,7 +55,9 @@ def arm_overrides(arm: str) -> Dict[str, str]:
     if arm in ("hapo", "dapo", "grpo"):
         return {"algorithm.name": arm}
     if arm.endswith("-no-tools") and arm[:-9] in ("hapo", "dapo", "grpo"):
-        return {"algorithm.name": arm[:-9], "rollout.tools": "[]"}
+        # the floor: without tools hardly any group holds a correct answer, so dynamic sampling would
+        # give up; off, the arm trains on what it draws and measures what the model does without tools
+        return {"algorithm.name": arm[:-9], "rollout.tools": "[]", "rollout.dynamic_sampling": "false"}
     if arm.startswith("hapo-no-") and arm[8:] in COMPONENTS:
         return {"algorithm.name": "hapo", f"algorithm.{COMPONENTS[arm[8:]]}": "false"}
     raise ValueError(f"arm {arm!r}: expected hapo, dapo, grpo, hapo-no-A|B|C|D or <algorithm>-no-tools")
@@ -92,6 +94,7 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     runs: Dict[str, Dict[int, dict]] = {arm: {} for arm in arms}
+    failed: Dict[str, Dict[int, str]] = {}  # arm -> seed -> why the run failed
     warm_acc = {}
     for seed in seeds:
         root = os.path.join(out, f"seed{seed}")
@@ -127,17 +130,27 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
                 print(f"seed {seed} {arm}: reusing the finished run in {run_dir}", flush=True)
                 continue
             shutil.rmtree(run_dir, ignore_errors=True)
-            tr = Trainer(_config(run_dir, task, **common, **arm_overrides(arm), **{
-                "model.hf_path": f"{root}/warmup/model", "train.lr": lr, "train.steps": steps, "eval.interval": eval_interval,
-                "eval.before_train": "false"}))
-            tr.fit()
-            tr.close()
+            tr = None
+            try:
+                tr = Trainer(_config(run_dir, task, **common, **arm_overrides(arm), **{
+                    "model.hf_path": f"{root}/warmup/model", "train.lr": lr, "train.steps": steps,
+                    "eval.interval": eval_interval, "eval.before_train": "false"}))
+                tr.fit()
+            except Exception as exc:  # noqa: BLE001 - a failed run is a result: recorded, the study goes on
+                failed.setdefault(arm, {})[seed] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                with open(os.path.join(run_dir, "failed.json"), "w") as f:
+                    json.dump({"reason": failed[arm][seed]}, f)
+                print(f"seed {seed} {arm}: FAILED ({failed[arm][seed]}); the study goes on", flush=True)
+                continue
+            finally:
+                if tr is not None:
+                    tr.close()
             rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
             runs[arm][seed] = {"final": [m for m in rows if ACC in m][-1][ACC], "rows": rows,
                                "seconds": time.perf_counter() - t1}
             print(f"seed {seed} {arm}: held-out greedy accuracy {warm_acc[seed]:.3f} -> {runs[arm][seed]['final']:.3f} "
                   f"({runs[arm][seed]['seconds']:.0f} s)", flush=True)
-    summary = summarize(runs, warm_acc, reference if reference in arms else arms[0])
+    summary = summarize(runs, warm_acc, reference if reference in arms else arms[0], failed)
     summary.update(task=task, seeds=list(seeds), warmup_steps=warmup_steps, steps=steps, lr=lr,
                    wall_s=time.perf_counter() - t0)
     with open(os.path.join(out, "summary.json"), "w") as f:
@@ -165,15 +178,23 @@ def _last(rows, key: str, k: int = 5) -> float:
     return sum(vals) / max(len(vals), 1)
 
 
-def summarize(runs: Dict[str, Dict[int, dict]], warm_acc: Dict[int, float], reference: str) -> dict:
-    arms = {}
+def summarize(runs: Dict[str, Dict[int, dict]], warm_acc: Dict[int, float], reference: str,
+              failed: Dict[str, Dict[int, str]] = None) -> dict:
+    """Per arm over the seeds it finished (failed runs are listed with their reason, not averaged);
+    paired differences over the seeds both the arm and the reference finished."""
+    arms, failed = {}, failed or {}
     for arm, by_seed in runs.items():
         seeds = sorted(by_seed)
+        if not seeds:
+            arms[arm] = {"accuracy": [], "failed": {str(s): r for s, r in failed.get(arm, {}).items()}}
+            continue
         finals = [by_seed[s]["final"] for s in seeds]
         mean, ci = mean_ci(finals)
-        paired = [by_seed[s]["final"] - runs[reference][s]["final"] for s in seeds]
-        d_mean, d_ci = mean_ci(paired)
+        both = [s for s in seeds if s in runs[reference]]
+        paired = [by_seed[s]["final"] - runs[reference][s]["final"] for s in both]
+        d_mean, d_ci = mean_ci(paired) if paired else (float("nan"), float("nan"))
         arms[arm] = {
+            "seeds": seeds, "failed": {str(s): r for s, r in failed.get(arm, {}).items()},
             "accuracy": finals, "accuracy_mean": mean, "accuracy_ci95": ci,
             "gain_over_warmup_mean": mean_ci([by_seed[s]["final"] - warm_acc[s] for s in seeds])[0],
             f"minus_{reference}": paired, f"minus_{reference}_mean": d_mean, f"minus_{reference}_ci95": d_ci,
@@ -201,6 +222,10 @@ def format_table(summary: dict) -> str:
         def pm(m, c):
             return f"{m:.3f} ± {c:.3f}" if c == c else f"{m:.3f}"
 
+        if not a["accuracy"]:
+            lines.append(f"| {arm} | no run finished | — | — | — | — | — | — | — | — |" + (" — | — |" if tools else ""))
+            continue
+
         diff = "—" if arm == ref else pm(a[f"minus_{ref}_mean"], a[f"minus_{ref}_ci95"])
         lines.append(f"| {arm} | {pm(a['accuracy_mean'], a['accuracy_ci95'])} | {', '.join(f'{v:.3f}' for v in a['accuracy'])} | "
                      f"{diff} | {a['gain_over_warmup_mean']:+.3f} | {a['response_length_last5']:.1f} | {a['entropy_last5']:.3f} | "
@@ -209,6 +234,9 @@ def format_table(summary: dict) -> str:
                         else " — | — |" if tools else ""))
     warm = summary["warmup_accuracy"]
     lines.append(f"\nwarm-up accuracy per seed: {', '.join(f'{v:.3f}' for v in warm)}")
+    for arm, a in summary["arms"].items():
+        for seed, reason in a.get("failed", {}).items():
+            lines.append(f"failed: {arm} seed {seed}: {reason}")
     return "\n".join(lines)
 
 
@@ -270,6 +298,10 @@ def main(argv=None) -> int:
     quiet.install(a.verbose or "log.verbose=true" in a.overrides)  # before Megatron and vLLM load
     arms = [x for x in a.arms.split(",") if x] + ([f"hapo-no-{c}" for c in COMPONENTS] if a.ablations else [])
     extra = dict(item.split("=", 1) for item in a.overrides)
-    run_compare(a.out, a.task, arms, [int(s) for s in a.seeds.split(",")], a.warmup_steps, a.steps, a.lr, a.eval_interval,
-                a.eval_prompts, a.reference, extra, a.reuse)
+    summary = run_compare(a.out, a.task, arms, [int(s) for s in a.seeds.split(",")], a.warmup_steps, a.steps, a.lr,
+                          a.eval_interval, a.eval_prompts, a.reference, extra, a.reuse)
+    empty = [arm for arm, x in summary["arms"].items() if not x["accuracy"]]
+    if empty:
+        print(f"compare: no run of {', '.join(empty)} finished (reasons in {a.out}/table.md)", flush=True)
+        return 1
     return 0
