@@ -109,8 +109,8 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
             print(f"seed {seed}: reusing the warm-up in {root}/warmup (held-out greedy accuracy {warm_acc[seed]:.3f})")
         else:
             shutil.rmtree(root, ignore_errors=True)
-            warm = Trainer(_config(f"{root}/warmup", task, **common, **{"train.lr": warmup_lr, "algorithm.name": "dapo",
-                                                                         "train.steps": 1}))
+            warm = Trainer(_config(f"{root}/warmup", task, **{**common, "train.lr": warmup_lr, "algorithm.name": "dapo",
+                                                               "train.steps": 1}))
             losses = supervised_warmup(warm, warmup_steps, seed=777 + seed)
             warm_acc[seed] = warm.evaluate()[ACC]
             warm.export_hf(f"{root}/warmup/model")
@@ -132,12 +132,13 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
             shutil.rmtree(run_dir, ignore_errors=True)
             tr = None
             try:
-                tr = Trainer(_config(run_dir, task, **common, **arm_overrides(arm), **{
-                    "model.hf_path": f"{root}/warmup/model", "train.lr": lr, "train.steps": steps,
-                    "eval.interval": eval_interval, "eval.before_train": "false"}))
+                settings = {**common, **arm_overrides(arm), "model.hf_path": f"{root}/warmup/model", "train.lr": lr,
+                            "train.steps": steps, "eval.interval": eval_interval, "eval.before_train": "false"}
+                tr = Trainer(_config(run_dir, task, **settings))  # the arm's settings over the study's
                 tr.fit()
             except Exception as exc:  # noqa: BLE001 - a failed run is a result: recorded, the study goes on
                 failed.setdefault(arm, {})[seed] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                os.makedirs(run_dir, exist_ok=True)
                 with open(os.path.join(run_dir, "failed.json"), "w") as f:
                     json.dump({"reason": failed[arm][seed]}, f)
                 print(f"seed {seed} {arm}: FAILED ({failed[arm][seed]}); the study goes on", flush=True)
