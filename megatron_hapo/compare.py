@@ -15,12 +15,13 @@ writes `summary.json`, `table.md` and PNG curves with bands (min-max over seeds)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import shutil
 import time
-from typing import Dict, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import Config
 from .plot import read_jsonl
@@ -46,21 +47,47 @@ TASKS = {
                  "rollout.max_num_gen_batches": 20, "rollout.tools": "[python]", "rollout.max_turns": 2,
                  "rollout.max_tool_output_tokens": 16, "data.max_prompt_tokens": 16},
 }
-WARMUP = {"chain": (400, 2e-3), "addition": (300, 1e-3), "multiply": (300, 2e-3)}
+@dataclasses.dataclass(frozen=True)
+class Warmup:
+    """A study's supervised warm-up per seed: to a band of held-out greedy accuracy (checked every
+    `check_every` steps from `first_check` on, on the first `check_prompts` held-out prompts), at
+    most `steps` steps; without a band, exactly `steps` steps."""
+
+    steps: int
+    lr: float
+    band: Optional[Tuple[float, float]] = None
+    check_every: int = 20
+    first_check: int = 0
+    check_prompts: int = 128
+
+    def spec(self) -> dict:
+        """What makes two warm-ups the same (for --reuse)."""
+        return {"steps": self.steps, "lr": self.lr, "band": list(self.band) if self.band else None,
+                "check_every": self.check_every, "first_check": self.first_check, "check_prompts": self.check_prompts}
+
+
+# chain's model learns the procedure abruptly, somewhere between 300 and 500 steps depending on the seed:
+# a fixed count leaves some seeds near 0 (no RL signal) and others near 80 %, so it warms up into a band
+WARMUP = {"chain": Warmup(800, 2e-3, band=(0.2, 0.4), first_check=200), "addition": Warmup(300, 1e-3),
+          "multiply": Warmup(300, 2e-3)}
 
 
 def arm_overrides(arm: str) -> Dict[str, str]:
-    """hapo | dapo | grpo, or hapo-no-X (HAPO with component X of A-D off: the paper's ablation), or
-    <algorithm>-no-tools (the tool task without tools: the floor)."""
+    """hapo | dapo | grpo, hapo-released (the authors' released code: sign_mode=released, so confident
+    tokens are heated like uncertain ones, and loss_stats=micro_batch_current), hapo-no-X (HAPO with
+    component X of A-D off: the paper's ablation), or <algorithm>-no-tools (the tool task without
+    tools: the floor)."""
     if arm in ("hapo", "dapo", "grpo"):
         return {"algorithm.name": arm}
+    if arm == "hapo-released":
+        return {"algorithm.name": "hapo", "algorithm.sign_mode": "released", "algorithm.loss_stats": "micro_batch_current"}
     if arm.endswith("-no-tools") and arm[:-9] in ("hapo", "dapo", "grpo"):
         # the floor: without tools hardly any group holds a correct answer, so dynamic sampling would
         # give up; off, the arm trains on what it draws and measures what the model does without tools
         return {"algorithm.name": arm[:-9], "rollout.tools": "[]", "rollout.dynamic_sampling": "false"}
     if arm.startswith("hapo-no-") and arm[8:] in COMPONENTS:
         return {"algorithm.name": "hapo", f"algorithm.{COMPONENTS[arm[8:]]}": "false"}
-    raise ValueError(f"arm {arm!r}: expected hapo, dapo, grpo, hapo-no-A|B|C|D or <algorithm>-no-tools")
+    raise ValueError(f"arm {arm!r}: expected hapo, dapo, grpo, hapo-released, hapo-no-A|B|C|D or <algorithm>-no-tools")
 
 
 def mean_ci(values: Sequence[float]):
@@ -79,18 +106,46 @@ def _config(run_dir: str, task: str, **overrides) -> Config:
     return Config.load(None, [f"{k}={v}" for k, v in items.items()])
 
 
+def warm_up(trainer, w: Warmup, seed: int) -> Tuple[int, List[float]]:
+    """The seed's supervised warm-up (`demo.supervised_warmup`), to `w.band` when it has one: returns
+    the steps taken and the NLL per step."""
+    from .demo import supervised_warmup
+
+    if w.band is None:
+        return w.steps, supervised_warmup(trainer, w.steps, seed=777 + seed)
+    done, losses = 0, []
+    while done < w.steps:
+        n = min(w.steps - done, max(w.first_check - done, w.check_every))
+        losses += supervised_warmup(trainer, n, seed=777 + seed, start=done)
+        done += n
+        acc = trainer.evaluate(w.check_prompts)[ACC]
+        print(f"seed {seed}: warm-up step {done}: held-out greedy accuracy {acc:.3f} on {w.check_prompts} prompts "
+              f"(band {w.band[0]:g}-{w.band[1]:g})", flush=True)
+        if acc >= w.band[0]:  # in the band, or past it if it learned that much between two checks
+            break
+    return done, losses
+
+
 def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "dapo"), seeds: Sequence[int] = (0, 1, 2),
                 warmup_steps: int = None, steps: int = 30, lr: float = 1e-4, eval_interval: int = 10,
                 eval_prompts: int = 0, reference: str = "dapo", extra: Dict[str, str] = None,
-                reuse: bool = False) -> dict:
-    from .demo import supervised_warmup
+                reuse: bool = False, warmup_band: Optional[Tuple[float, float]] = (), final_eval_prompts: int = 0) -> dict:
+    """warmup_steps: the warm-up's steps (its maximum with a band; None: the task's); warmup_band: (low,
+    high) of held-out accuracy to warm up into, None for a fixed count, () for the task's default.
+    eval_prompts: held-out prompts of the intermediate evaluations (0: all); final_eval_prompts: of the
+    one after the last step (0: all)."""
     from .trainer import Trainer
 
     for arm in arms:
         arm_overrides(arm)  # names a bad arm before anything runs
     if task not in TASKS:
         raise ValueError(f"--task {task!r}: expected one of {sorted(TASKS)}")
-    warmup_steps, warmup_lr = warmup_steps if warmup_steps is not None else WARMUP[task][0], WARMUP[task][1]
+    w = WARMUP[task]
+    w = dataclasses.replace(w, steps=w.steps if warmup_steps is None else warmup_steps,
+                            band=w.band if warmup_band == () else warmup_band)
+    if w.band is not None and not 0 <= w.band[0] <= w.band[1] <= 1:
+        raise ValueError(f"--warmup-band: expected 0 ≤ low ≤ high ≤ 1, got {w.band}")
+    warm_steps: Dict[int, int] = {}
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     runs: Dict[str, Dict[int, dict]] = {arm: {} for arm in arms}
@@ -98,27 +153,29 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
     warm_acc = {}
     for seed in seeds:
         root = os.path.join(out, f"seed{seed}")
-        common = {"train.seed": seed, "eval.num_prompts": eval_prompts, **(extra or {})}
+        common = {"train.seed": seed, "eval.num_prompts": eval_prompts, "eval.final_num_prompts": final_eval_prompts,
+                  **(extra or {})}
         record = os.path.join(root, "warmup", "warmup.json")
         if reuse and os.path.exists(record):  # the same seed's warm-up from an earlier compare
             with open(record) as f:
                 done = json.load(f)
-            if done["task"] != task or done["steps"] != warmup_steps:
-                raise ValueError(f"--reuse: {record} is a {done['task']} warm-up of {done['steps']} steps")
-            warm_acc[seed] = done["accuracy"]
+            spec = done.get("spec", {**Warmup(done["steps"], done["lr"]).spec()})  # records from before the bands
+            if done["task"] != task or spec != w.spec():
+                raise ValueError(f"--reuse: {record} is a {done['task']} warm-up {spec}, this study's is {w.spec()}")
+            warm_acc[seed], warm_steps[seed] = done["accuracy"], done["steps"]
             print(f"seed {seed}: reusing the warm-up in {root}/warmup (held-out greedy accuracy {warm_acc[seed]:.3f})")
         else:
             shutil.rmtree(root, ignore_errors=True)
-            warm = Trainer(_config(f"{root}/warmup", task, **{**common, "train.lr": warmup_lr, "algorithm.name": "dapo",
+            warm = Trainer(_config(f"{root}/warmup", task, **{**common, "train.lr": w.lr, "algorithm.name": "dapo",
                                                                "train.steps": 1}))
-            losses = supervised_warmup(warm, warmup_steps, seed=777 + seed)
-            warm_acc[seed] = warm.evaluate()[ACC]
+            warm_steps[seed], losses = warm_up(warm, w, seed)
+            warm_acc[seed] = warm.evaluate(final_eval_prompts)[ACC]
             warm.export_hf(f"{root}/warmup/model")
             warm.close()
             with open(record, "w") as f:
-                json.dump({"task": task, "steps": warmup_steps, "lr": warmup_lr, "accuracy": warm_acc[seed],
+                json.dump({"task": task, "steps": warm_steps[seed], "lr": w.lr, "spec": w.spec(), "accuracy": warm_acc[seed],
                            "nll": [losses[0], losses[-1]]}, f)
-            print(f"seed {seed}: warm-up {warmup_steps} steps, NLL {losses[0]:.2f} -> {losses[-1]:.2f}, held-out greedy "
+            print(f"seed {seed}: warm-up {warm_steps[seed]} steps, NLL {losses[0]:.2f} -> {losses[-1]:.2f}, held-out greedy "
                   f"accuracy {warm_acc[seed]:.3f}", flush=True)
         for arm in arms:
             t1 = time.perf_counter()
@@ -147,13 +204,18 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
                 if tr is not None:
                     tr.close()
             rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+            bad = next((m["step"] for m in rows if not math.isfinite(m.get("loss", 0.0))), None)
+            if bad is not None:  # the trainer skips a step with a non-finite gradient; a study cannot average it
+                failed.setdefault(arm, {})[seed] = f"non-finite loss at step {bad}"
+                print(f"seed {seed} {arm}: FAILED ({failed[arm][seed]}); the study goes on", flush=True)
+                continue
             runs[arm][seed] = {"final": [m for m in rows if ACC in m][-1][ACC], "rows": rows,
                                "seconds": time.perf_counter() - t1}
             print(f"seed {seed} {arm}: held-out greedy accuracy {warm_acc[seed]:.3f} -> {runs[arm][seed]['final']:.3f} "
                   f"({runs[arm][seed]['seconds']:.0f} s)", flush=True)
     summary = summarize(runs, warm_acc, reference if reference in arms else arms[0], failed)
-    summary.update(task=task, seeds=list(seeds), warmup_steps=warmup_steps, steps=steps, lr=lr,
-                   wall_s=time.perf_counter() - t0)
+    summary.update(task=task, seeds=list(seeds), warmup=w.spec(), warmup_steps=[warm_steps[s] for s in sorted(warm_steps)],
+                   steps=steps, lr=lr, wall_s=time.perf_counter() - t0)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     table = format_table(summary)
@@ -233,8 +295,9 @@ def format_table(summary: dict) -> str:
                      f"{a['temperature_mean_last5']:.3f} | {a['rollout_accuracy_last5']:.3f} | {a['seconds_mean']:.0f} |"
                      + (f" {a['tool_use_final_mean']:.3f} | {a['tool_use_rate_last5']:.3f} |" if "tool_use_final_mean" in a
                         else " — | — |" if tools else ""))
-    warm = summary["warmup_accuracy"]
-    lines.append(f"\nwarm-up accuracy per seed: {', '.join(f'{v:.3f}' for v in warm)}")
+    warm, steps = summary["warmup_accuracy"], summary.get("warmup_steps") or [None] * len(summary["warmup_accuracy"])
+    lines.append("\nwarm-up per seed (held-out accuracy after steps): "
+                 + ", ".join(f"{v:.3f}" + (f" after {n}" if n is not None else "") for v, n in zip(warm, steps)))
     for arm, a in summary["arms"].items():
         for seed, reason in a.get("failed", {}).items():
             lines.append(f"failed: {arm} seed {seed}: {reason}")
@@ -278,10 +341,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="megatron-hapo compare", description=__doc__.splitlines()[0])
     p.add_argument("--task", default="chain", choices=sorted(TASKS))
     p.add_argument("--arms", default="hapo,dapo",
-                   help="comma-separated: hapo, dapo, grpo, hapo-no-A|B|C|D, <algorithm>-no-tools (multiply)")
+                   help="comma-separated: hapo, dapo, grpo, hapo-released, hapo-no-A|B|C|D, <algorithm>-no-tools (multiply)")
     p.add_argument("--ablations", action="store_true", help="add hapo-no-A, hapo-no-B, hapo-no-C, hapo-no-D")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: the task's (chain 400, addition 300, multiply 300)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="the warm-up's steps, its maximum with a band; default: the task's (chain 800, addition 300, multiply 300)")
+    p.add_argument("--warmup-band", default="task",
+                   help="LOW,HIGH: warm up until the held-out greedy accuracy reaches LOW (checked every 20 steps on 128 "
+                        "prompts), so seeds start RL from comparable points; 'none': a fixed --warmup-steps; "
+                        "default: the task's (chain 0.2,0.4; the others none)")
+    p.add_argument("--final-eval-prompts", type=int, default=0,
+                   help="held-out prompts of the evaluation after the last step (0: all); --eval-prompts is the intermediate ones'")
     p.add_argument("--steps", type=int, default=30, help="RL steps per arm and seed")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval-interval", type=int, default=10)
@@ -299,10 +369,16 @@ def main(argv=None) -> int:
     quiet.install(a.verbose or "log.verbose=true" in a.overrides)  # before Megatron and vLLM load
     arms = [x for x in a.arms.split(",") if x] + ([f"hapo-no-{c}" for c in COMPONENTS] if a.ablations else [])
     extra = dict(item.split("=", 1) for item in a.overrides)
+    band = () if a.warmup_band == "task" else None if a.warmup_band == "none" else tuple(float(x) for x in a.warmup_band.split(","))
     summary = run_compare(a.out, a.task, arms, [int(s) for s in a.seeds.split(",")], a.warmup_steps, a.steps, a.lr,
-                          a.eval_interval, a.eval_prompts, a.reference, extra, a.reuse)
+                          a.eval_interval, a.eval_prompts, a.reference, extra, a.reuse, band, a.final_eval_prompts)
+    return exit_code(summary, a.out)
+
+
+def exit_code(summary: dict, out: str = "") -> int:
+    """1 when a whole arm has no finished run (the study has nothing to say about it), else 0: failed
+    runs of some seeds are results, reported in the table."""
     empty = [arm for arm, x in summary["arms"].items() if not x["accuracy"]]
     if empty:
-        print(f"compare: no run of {', '.join(empty)} finished (reasons in {a.out}/table.md)", flush=True)
-        return 1
-    return 0
+        print(f"compare: no run of {', '.join(empty)} finished (reasons in {out}/table.md)", flush=True)
+    return 1 if empty else 0

@@ -196,6 +196,7 @@ class EvalConfig:
     before_train: bool = False  # evaluate at step 0
     at_end: bool = True  # evaluate after the last step
     num_prompts: int = 0  # 0: the whole eval set
+    final_num_prompts: Optional[int] = None  # the evaluation after the last step (null: num_prompts; 0: the whole set)
     n: int = 1  # samples per prompt: mean@n and pass@n
     temperature: float = 0.0  # 0: greedy; the paper evaluates at 0.5 with top-p 0.7; adaptation is always off
     top_p: float = 1.0  # nucleus sampling at evaluation
@@ -206,6 +207,8 @@ class EvalConfig:
               and 0 < self.top_p <= 1 and self.max_response_tokens >= 0, "eval",
               f"need interval ≥ 0, n ≥ 1, num_prompts ≥ 0, temperature ≥ 0, 0 < top_p ≤ 1, max_response_tokens ≥ 0; "
               f"got {self.interval}, {self.n}, {self.num_prompts}, {self.temperature}, {self.top_p}, {self.max_response_tokens}")
+        _need(self.final_num_prompts is None or self.final_num_prompts >= 0, "eval.final_num_prompts",
+              f"must be ≥ 0 or null, got {self.final_num_prompts}")
         _need(not (self.temperature == 0 and self.n > 1), "eval.n",
               f"eval.n={self.n} with eval.temperature=0: greedy decoding gives n identical samples")
 

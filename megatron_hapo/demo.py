@@ -26,11 +26,12 @@ from .training.policy import PolicyBatch
 ACC = "eval_mean@1"  # greedy accuracy on the 810 held-out pairs
 
 
-def supervised_warmup(trainer, steps: int, batch_size: int = 64, seed: int = 777) -> List[float]:
+def supervised_warmup(trainer, steps: int, batch_size: int = 64, seed: int = 777, start: int = 0) -> List[float]:
     """Teacher-forced warm-up on the gold answers through the trainer's Megatron update: with a
     fresh old-policy pass each step the ratio is 1 and the loss with A = 1 has the gradient of the
     token-mean negative log-likelihood. An embedded task with a `warmup_target` (multiply: some
-    examples call the tool) gives its own responses, a tool's tokens unscored. Returns the NLL per
+    examples call the tool) gives its own responses, a tool's tokens unscored. `start`: the step to
+    continue from (a warm-up in several calls sees the data it would have in one). Returns the NLL per
     step; the engine gets the weights."""
     from .data.datasets import as_sources, embedded_task, source_kind
 
@@ -40,7 +41,7 @@ def supervised_warmup(trainer, steps: int, batch_size: int = 64, seed: int = 777
     target = getattr(embedded_task(kind), "warmup_target", None) if kind != "file" and kind != "reasoning_gym" else None
     fmt = getattr(trainer.engine, "fmt", None)  # the run's tool-call format (rollout.tools), else None
     losses = []
-    for k in range(steps):
+    for k in range(start, start + steps):
         positions = sampler.indices(k * batch_size, batch_size)
         items = [trainer.train_data[i] for i in positions]
         if target is None:

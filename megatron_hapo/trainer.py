@@ -230,13 +230,15 @@ class Trainer:
     # ---- evaluation, export ---------------------------------------------------------------------------------
 
     def evaluate(self, num_prompts: Optional[int] = None) -> Dict[str, float]:
-        """mean@n and pass@n on the eval set with adaptation off (greedy at temperature 0)."""
+        """mean@n and pass@n on the first `num_prompts` of the eval set (None: eval.num_prompts; 0: all)
+        with adaptation off (greedy at temperature 0)."""
         from .rollout.engine import SamplingConfig
 
         e = self.cfg.eval
         if self.eval_data is None:
             raise ValueError("evaluation needs data.eval (no held-out split for these training sources)")
-        count = min(num_prompts or e.num_prompts or len(self.eval_data), len(self.eval_data))
+        n = e.num_prompts if num_prompts is None else num_prompts  # 0: the whole set
+        count = min(n or len(self.eval_data), len(self.eval_data))
         t0 = time.perf_counter()
         sampling = SamplingConfig.for_eval(e, self.cfg.rollout.max_response_tokens, self.stop_ids)
         bar = self._bar("eval", -(-count // (256 * self.collector.layout.num_engines)))
@@ -274,7 +276,7 @@ class Trainer:
             m = self.train_step()
             last = self.step == t.steps
             if self.eval_data is not None and ((e.interval and self.step % e.interval == 0) or (last and e.at_end)):
-                m.update(self.evaluate())
+                m.update(self.evaluate(e.final_num_prompts if last else None))
             history.append(m)
             self.logger.log(m)
             saved = (t.save_interval and self.step % t.save_interval == 0) or last

@@ -1,6 +1,7 @@
 """The RL loop end to end on the built-in addition task: metrics, checkpoint, resume, statistics
 reaching the engine on step 2, dynamic sampling's give-up, config errors."""
 import json
+import os
 
 import pytest
 
@@ -238,25 +239,38 @@ def test_cluster_recipes_validate_for_their_world(name):
 def compare_worker(rank, world, out):
     import torch.distributed as dist
 
+    from megatron_hapo import compare
     from megatron_hapo.compare import run_compare
 
     dist.destroy_process_group()  # the command starts its trainers itself
+    # a warm-up into a band it cannot reach at this size: checked at steps 2, 4 and 6, stopped at its maximum
+    compare.WARMUP["chain"] = compare.Warmup(6, 2e-3, band=(0.9, 1.0), check_every=2, first_check=2, check_prompts=8)
     small = {"rollout.prompts_per_step": 4, "train.mini_batch_prompts": 4, "rollout.samples_per_prompt": 4,
              "train.micro_batch_size": 16, "rollout.dynamic_sampling": "false"}
-    first = run_compare(out, "chain", ("hapo", "dapo"), seeds=(0, 1), warmup_steps=3, steps=2, eval_interval=1,
-                        eval_prompts=8, extra=small)
+    first = run_compare(out, "chain", ("hapo", "dapo"), seeds=(0, 1), steps=2, eval_interval=1, eval_prompts=8,
+                        final_eval_prompts=12, extra=small)
+    # seed 1's warm-up model broken on disk: its new run fails at the start, is recorded, and the study goes on
+    with open(os.path.join(out, "seed1", "warmup", "model", "model.safetensors"), "r+b") as f:
+        f.truncate(100)
     # an ablation arm added to the study: the warm-ups and the finished arms are kept, only hapo-no-C runs
-    more = run_compare(out, "chain", ("hapo", "dapo", "hapo-no-C"), seeds=(0, 1), warmup_steps=3, steps=2,
-                       eval_interval=1, eval_prompts=8, extra=small, reference="hapo", reuse=True)
-    return first, more
+    more = run_compare(out, "chain", ("hapo", "dapo", "hapo-no-C"), seeds=(0, 1), steps=2, eval_interval=1,
+                       eval_prompts=8, final_eval_prompts=12, extra=small, reference="hapo", reuse=True)
+    return first, more, compare.exit_code(more), compare.exit_code({"arms": {**more["arms"], "x": {"accuracy": []}}})
 
 
 def test_compare_command_at_toy_size(tmp_path):
-    """Algorithms x seeds from one shared warm-up per seed: table, paired differences, bands."""
-    s, more = run_ranks(1, compare_worker, str(tmp_path / "cmp"), timeout=900)[0]
+    """Algorithms x seeds from one shared warm-up per seed (to a band of accuracy, at most its steps):
+    table, paired differences, bands; a run that fails is recorded and the study goes on."""
+    s, more, code, code_empty = run_ranks(1, compare_worker, str(tmp_path / "cmp"), timeout=900)[0]
+    assert s["warmup_steps"] == [6, 6] and s["warmup"]["band"] == [0.9, 1.0]  # never in the band: stopped at the maximum
     assert more["warmup_accuracy"] == s["warmup_accuracy"] and more["reference"] == "hapo"
     assert more["arms"]["hapo"]["accuracy"] == s["arms"]["hapo"]["accuracy"]  # reused, not rerun
-    assert len(more["arms"]["hapo-no-C"]["accuracy"]) == 2 and more["arms"]["hapo"]["minus_hapo"] == [0.0, 0.0]
+    no_c = more["arms"]["hapo-no-C"]
+    assert no_c["seeds"] == [0] and len(no_c["accuracy"]) == 1 and list(no_c["failed"]) == ["1"], no_c
+    assert (tmp_path / "cmp" / "seed1" / "hapo-no-C" / "failed.json").exists()
+    assert "failed: hapo-no-C seed 1:" in (tmp_path / "cmp" / "table.md").read_text()
+    assert (code, code_empty) == (0, 1)  # non-zero only when a whole arm has no result
+    assert more["arms"]["hapo"]["minus_hapo"] == [0.0, 0.0]
     cfg = (tmp_path / "cmp" / "seed0" / "hapo-no-C" / "config.yaml").read_text()
     assert "redistribute: false" in cfg and "adaptive_clip: true" in cfg
     assert set(s["arms"]) == {"hapo", "dapo"} and s["reference"] == "dapo" and len(s["warmup_accuracy"]) == 2
@@ -270,6 +284,7 @@ def test_compare_command_at_toy_size(tmp_path):
     assert (tmp_path / "cmp" / "curves.png").stat().st_size > 10_000
     rows = [json.loads(x) for x in (tmp_path / "cmp" / "seed1" / "hapo" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows] == [1, 2] and all("eval_mean@1" in m for m in rows)
+    assert [m["eval_prompts"] for m in rows] == [8, 12]  # the last evaluation on final_eval_prompts
     assert rows[1]["temperature_min"] < 1.0 < rows[1]["temperature_max"]  # HAPO A from step 2 on
 
 
@@ -343,3 +358,17 @@ def test_moe_recipe_fits_qwen3_30b_a3b():
         check_layout(spec, 2, 1, ep=3)
     with pytest.raises(ValueError, match="with expert_model_parallel_size=1"):  # the measured expert-TP trap
         check_layout(spec, 2, 1, ep=1, etp=1)
+
+
+def test_study_arms_name_their_settings():
+    """The arms of `compare` (no processes): the authors' released behaviour, the tool floor, the ablation."""
+    from megatron_hapo.compare import _config, arm_overrides
+
+    released = _config("unused", "chain", **arm_overrides("hapo-released")).algorithm
+    assert (released.name, released.sign_mode, released.loss_stats) == ("hapo", "released", "micro_batch_current")
+    assert released.adaptive_temperature and released.redistribute and released.adaptive_clip
+    floor = _config("unused", "multiply", **arm_overrides("dapo-no-tools"))
+    assert floor.rollout.tools == [] and not floor.rollout.dynamic_sampling and floor.algorithm.name == "dapo"
+    assert _config("unused", "multiply", **arm_overrides("hapo")).rollout.tools == ["python"]
+    with pytest.raises(ValueError, match="arm 'hapo-no-E'"):
+        arm_overrides("hapo-no-E")
