@@ -159,7 +159,7 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
         if reuse and os.path.exists(record):  # the same seed's warm-up from an earlier compare
             with open(record) as f:
                 done = json.load(f)
-            spec = done.get("spec", {**Warmup(done["steps"], done["lr"]).spec()})  # records from before the bands
+            spec = done.get("spec") or Warmup(done["steps"], done["lr"]).spec()  # records from before the bands
             if done["task"] != task or spec != w.spec():
                 raise ValueError(f"--reuse: {record} is a {done['task']} warm-up {spec}, this study's is {w.spec()}")
             warm_acc[seed], warm_steps[seed] = done["accuracy"], done["steps"]
@@ -194,11 +194,7 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
                 tr = Trainer(_config(run_dir, task, **settings))  # the arm's settings over the study's
                 tr.fit()
             except Exception as exc:  # noqa: BLE001 - a failed run is a result: recorded, the study goes on
-                failed.setdefault(arm, {})[seed] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
-                os.makedirs(run_dir, exist_ok=True)
-                with open(os.path.join(run_dir, "failed.json"), "w") as f:
-                    json.dump({"reason": failed[arm][seed]}, f)
-                print(f"seed {seed} {arm}: FAILED ({failed[arm][seed]}); the study goes on", flush=True)
+                _record_failure(failed, arm, seed, run_dir, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
                 continue
             finally:
                 if tr is not None:
@@ -206,8 +202,7 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
             rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
             bad = next((m["step"] for m in rows if not math.isfinite(m.get("loss", 0.0))), None)
             if bad is not None:  # the trainer skips a step with a non-finite gradient; a study cannot average it
-                failed.setdefault(arm, {})[seed] = f"non-finite loss at step {bad}"
-                print(f"seed {seed} {arm}: FAILED ({failed[arm][seed]}); the study goes on", flush=True)
+                _record_failure(failed, arm, seed, run_dir, f"non-finite loss at step {bad}")
                 continue
             runs[arm][seed] = {"final": [m for m in rows if ACC in m][-1][ACC], "rows": rows,
                                "seconds": time.perf_counter() - t1}
@@ -225,6 +220,15 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
     print(table, flush=True)
     print(f"compare: {out}/summary.json, {out}/table.md, {out}/curves.png; {summary['wall_s']:.0f} s", flush=True)
     return summary
+
+
+def _record_failure(failed: Dict[str, Dict[int, str]], arm: str, seed: int, run_dir: str, reason: str) -> None:
+    """A failed run, whatever failed: in the study's record, in run_dir/failed.json, and said."""
+    failed.setdefault(arm, {})[seed] = reason
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "failed.json"), "w") as f:
+        json.dump({"reason": reason}, f)
+    print(f"seed {seed} {arm}: FAILED ({reason}); the study goes on", flush=True)
 
 
 def _finished(run_dir: str, steps: int) -> bool:

@@ -33,12 +33,12 @@ def supervised_warmup(trainer, steps: int, batch_size: int = 64, seed: int = 777
     examples call the tool) gives its own responses, a tool's tokens unscored. `start`: the step to
     continue from (a warm-up in several calls sees the data it would have in one). Returns the NLL per
     step; the engine gets the weights."""
-    from .data.datasets import as_sources, embedded_task, source_kind
+    from .data.datasets import EMBEDDED_TASKS, as_sources, embedded_task, source_kind
 
     sampler = PromptSampler(len(trainer.train_data), seed=seed)
     eos, device = trainer.stop_ids[0], trainer.device
     kind = source_kind(as_sources(trainer.cfg.data.train)[0])
-    target = getattr(embedded_task(kind), "warmup_target", None) if kind != "file" and kind != "reasoning_gym" else None
+    target = getattr(embedded_task(kind), "warmup_target", None) if kind in EMBEDDED_TASKS else None
     fmt = getattr(trainer.engine, "fmt", None)  # the run's tool-call format (rollout.tools), else None
     losses = []
     for k in range(start, start + steps):
