@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU torch lies on local disk where this machine kind keeps it; harmless elsewhere.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: demo test venv clean gpu-check
+.PHONY: demo test venv clean gpu-check smollm2
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q
+
+# A real pretrained model on this CPU: SmolLM2-135M-Instruct from its GGUF to curves (~30 min, examples/smollm2-135m).
+smollm2: $(STAMP)
+	$(VPY) examples/smollm2-135m/recipe.py --out runs/smollm2-135m --algorithms hapo
 
 # On a GPU node, inside the image (its Python, not .venv): the one-script GPU self-test.
 GPU_PY ?= python3

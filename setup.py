@@ -18,6 +18,8 @@ CPU = [
     "tensorboard",  # event files of every run
     "matplotlib",  # megatron-hapo plot
     "tqdm",  # progress bars
+    "gguf",  # megatron-hapo convert gguf-to-hf: transformers' GGUF loader reads the file with it
+    "accelerate",  # transformers' GGUF loader requires it
 ]
 # On GPU (the Dockerfile): torch 2.13.0 from PyPI (CUDA 13.0), the release vLLM 0.32.0 is built
 # against, and Transformer Engine built against that torch. One vLLM API level on both stacks: the
@@ -37,6 +39,8 @@ GPU = [
     "tensorboard",
     "matplotlib",
     "tqdm",
+    "gguf",
+    "accelerate",
 ]
 TEST = [
     "pytest",

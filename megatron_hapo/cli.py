@@ -31,6 +31,10 @@ def _demo(args) -> int:
 def _convert(args) -> int:
     from .models import convert
 
+    if args.direction == "gguf-to-hf":
+        from .models import gguf
+
+        return gguf.main(args.rest)
     fn = convert.main_hf_to_megatron if args.direction == "hf-to-megatron" else convert.main_megatron_to_hf
     return fn(args.rest)
 
@@ -81,8 +85,8 @@ def main(argv=None) -> int:
     compare = sub.add_parser("compare", help="algorithms x seeds on an embedded task with 95%% intervals (see --help)")
     compare.add_argument("rest", nargs=argparse.REMAINDER)
     compare.set_defaults(func=lambda a: __import__("megatron_hapo.compare", fromlist=["main"]).main(a.rest))
-    convert = sub.add_parser("convert", help="checkpoint conversion: hf-to-megatron | megatron-to-hf (see --help of each)")
-    convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    convert = sub.add_parser("convert", help="checkpoint conversion: hf-to-megatron | megatron-to-hf | gguf-to-hf (see --help of each)")
+    convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf", "gguf-to-hf"])
     convert.add_argument("rest", nargs=argparse.REMAINDER)
     convert.set_defaults(func=_convert)
     config = sub.add_parser("config", help="the effective config of a run, or (--doc) the configuration reference")

@@ -183,7 +183,7 @@ class Trainer:
         adv, fallback = A.compute_advantages(algo, batch.rewards.to(self.device), batch.lengths.to(self.device),
                                              batch.group_ids)
         train = PolicyBatch(ids, mask, advantages=adv, old_logp=old_logp, h_hat=h_hat, routing=routing,
-                            behaviour_logp=engine_logp if algo.rollout_correction == "tis" else None)
+                            behaviour_logp=engine_logp if algo.rollout_correction is not None else None)
         metrics = reduce_step_sums(mismatch, mismatch_at_t, fallback, self.dp_group)
         routing_mismatch = self.policy.take_routing_mismatch()
         if routing_mismatch is not None:

@@ -178,3 +178,73 @@ def test_truncated_is_weights():
     lp = old.clone().requires_grad_()
     weighted = policy_loss(lp, old, torch.tensor([1.0]), torch.ones(1, 3), weights=torch.tensor([[1.0, 2.0, 0.0]]))
     assert weighted.item() == pytest.approx(-(1 + 2 + 0) / 3)
+
+
+def _reference_correction(kind, old, beh, mask, c):
+    """Loop over responses and tokens in float64, written from the definitions (docs/HAPO.md)."""
+    import math
+
+    w = torch.zeros(old.shape, dtype=torch.float64)
+    hit = torch.zeros(old.shape, dtype=torch.bool)
+    for i in range(old.shape[0]):
+        idx = [t for t in range(old.shape[1]) if mask[i, t]]
+        logs = [float(old[i, t]) - float(beh[i, t]) for t in idx]
+        big_r = math.exp(sum(logs)) if logs else 1.0
+        geo = math.exp(sum(logs) / len(logs)) if logs else 1.0
+        for t, lr in zip(idx, logs):
+            r = math.exp(lr)
+            if kind == "tis":
+                w[i, t], hit[i, t] = min(r, c), r >= c
+            elif kind == "icepop":
+                inside = 1 / c <= r <= c
+                w[i, t], hit[i, t] = (r if inside else 0.0), not inside
+            elif kind == "seq-tis":
+                w[i, t], hit[i, t] = min(big_r, c), big_r >= c
+            elif kind == "seq-mis":
+                w[i, t], hit[i, t] = (big_r if big_r <= c else 0.0), big_r > c
+            else:
+                inside = 1 / c <= geo <= c
+                w[i, t], hit[i, t] = float(inside), not inside
+    return w, hit
+
+
+@pytest.mark.parametrize("kind", ["tis", "icepop", "seq-tis", "seq-mis", "geo-rs"])
+def test_rollout_corrections_match_a_float64_reference(kind):
+    from megatron_hapo.algorithms import rollout_correction_weights
+
+    g = torch.Generator().manual_seed(7)
+    old = -torch.rand(6, 9, generator=g, dtype=torch.float64) * 3
+    beh = old + torch.randn(6, 9, generator=g, dtype=torch.float64) * (0.05 if kind == "geo-rs" else 0.4)
+    mask = torch.rand(6, 9, generator=g) > 0.25
+    mask[5] = False  # an empty response: weight 0 everywhere
+    c = 1.05 if kind == "geo-rs" else 2.0
+    w, ratio, hit = rollout_correction_weights(kind, old, beh, mask, c)
+    ref_w, ref_hit = _reference_correction(kind, old, beh, mask, c)
+    assert torch.allclose(w, ref_w, rtol=1e-12, atol=1e-15) and torch.equal(hit, ref_hit)
+    assert 0 < int(hit.sum()) < int(mask.sum())  # the data exercise both sides of the threshold
+    assert not bool(ratio[~mask].any())
+    # the weights scale each token's loss and carry no gradient: the gradient is the weighted one
+    adv = torch.randn(6, generator=g, dtype=torch.float64)
+    lp = (old + 0.01 * torch.randn(6, 9, generator=g, dtype=torch.float64)).requires_grad_()
+    policy_loss(lp, old, adv, mask, weights=w).backward()
+    lp_ref = lp.detach().clone().requires_grad_()
+    ratio_ref = torch.exp(lp_ref - old)
+    a = adv[:, None].expand_as(old)
+    tok = torch.maximum(-a * ratio_ref, -a * ratio_ref.clamp(0.8, 1.28))
+    tok = torch.where(a < 0, torch.minimum(tok, -a * 10.0), tok)
+    ((tok * ref_w)[mask].sum() / mask.sum()).backward()
+    assert torch.allclose(lp.grad, lp_ref.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_rollout_correction_refusals():
+    from megatron_hapo.algorithms import rollout_correction_weights
+
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="unknown kind 'is'"):
+        rollout_correction_weights("is", x, x, torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="must be > 1"):
+        rollout_correction_weights("icepop", x, x, torch.ones(1, 2, dtype=torch.bool), c=1.0)
+    # a sequence ratio far beyond float range: weights and metrics stay finite
+    w, ratio, hit = rollout_correction_weights("seq-mis", torch.zeros(1, 4000), torch.full((1, 4000), -1.0),
+                                               torch.ones(1, 4000, dtype=torch.bool))
+    assert not bool(w.any()) and bool(hit.all()) and torch.isfinite(ratio).all()

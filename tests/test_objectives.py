@@ -120,5 +120,7 @@ def test_policy_loss_sum_over_the_normalizer_is_the_loss_and_tis_stats():
     w = truncated_is_weights(old, behaviour, mask, 2.0)
     assert (loss_sum / count).item() == pytest.approx(policy_loss(logp, old, adv, mask, weights=w).item(), rel=1e-12)
     m = PolicyLoss(cfg).metrics({k: float(v) for k, v in sums.items()})
-    assert m["tis_truncated_frac"] == pytest.approx(5 / 13)  # columns 0 and 4 (log w ≥ log 2): 5 valid tokens
-    assert m["tis_weight_mean"] == pytest.approx((w.sum() / 13).item())
+    assert m["rollout_correction_hit_frac"] == pytest.approx(5 / 13)  # columns 0 and 4 (log w ≥ log 2): 5 valid tokens
+    assert m["rollout_correction_weight_mean"] == pytest.approx((w.sum() / 13).item())
+    ratio = torch.exp(old - behaviour)[mask]
+    assert m["rollout_correction_ratio_mean"] == pytest.approx(ratio.mean().item())

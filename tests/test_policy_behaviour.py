@@ -69,9 +69,9 @@ def behaviour_worker(rank, world):
     out["packed"] = (torch.cat([lp_packed[0, 2:6], lp_packed[0, 8:11]]), torch.cat([lp_pad[0, 2:6], lp_pad[1, 1:4]]))
     out["packed_entropy"] = (torch.cat([ent_packed[0, 2:6], ent_packed[0, 8:11]]), torch.cat([ent_pad[0, 2:6], ent_pad[1, 1:4]]))
 
-    # 3. TIS with behaviour = old log-probs (weights 1) is the plain loss
+    # 3. a rollout correction with behaviour = old log-probs (weights 1) is the plain loss
     losses = {}
-    for tis in (None, "tis"):
+    for tis in (None, "tis", "icepop", "seq-mis", "geo-rs"):
         from megatron_hapo.training.parallel import destroy_model_parallel
 
         destroy_model_parallel()
@@ -138,8 +138,10 @@ def test_packed_rows_match_padded_rows(results):
 
 
 def test_tis_with_matching_behaviour_is_the_plain_loss(results):
-    plain, tis = results["tis"][None], results["tis"]["tis"]
-    assert tis[0] == pytest.approx(plain[0], rel=1e-6) and tis[1] == pytest.approx(plain[1], rel=1e-6)
+    plain = results["tis"][None]
+    for kind in ("tis", "icepop", "seq-mis", "geo-rs"):
+        got = results["tis"][kind]
+        assert got[0] == pytest.approx(plain[0], rel=1e-6) and got[1] == pytest.approx(plain[1], rel=1e-6), kind
 
 
 def test_loss_side_entropy_modes(results):

@@ -18,6 +18,8 @@ from .loss import (
     policy_loss,
     ppo_token_losses,
     redistribute_advantages,
+    ROLLOUT_CORRECTIONS,
+    rollout_correction_weights,
     truncated_is_weights,
     weighted_token_losses,
 )
@@ -55,6 +57,8 @@ __all__ = [
     "redistribute_advantages",
     "token_group_advantages",
     "token_group_advantages_with_fallback",
+    "ROLLOUT_CORRECTIONS",
+    "rollout_correction_weights",
     "truncated_is_weights",
     "weighted_token_losses",
 ]

@@ -176,11 +176,53 @@ def weighted_token_losses(logp, old_logp, advantages, mask, eps_low, eps_high, c
 
 def truncated_is_weights(old_logp, behaviour_logp, mask, cap: float = 2.0) -> torch.Tensor:
     """TIS: w = min(π_old(y; T=1) / π_behaviour(y; T_b), cap), 0 on masked cells, no gradient."""
+    return rollout_correction_weights("tis", old_logp, behaviour_logp, mask, cap)[0]
+
+
+ROLLOUT_CORRECTIONS = (None, "tis", "icepop", "seq-tis", "seq-mis", "geo-rs")
+_LOG_RATIO_METRIC_CLAMP = 20.0  # a sequence ratio can overflow; its metric is taken at e^±20 at most
+
+
+def rollout_correction_weights(kind: str, old_logp, behaviour_logp, mask, c: float = 2.0):
+    """Per-token loss weights (no gradient) for responses sampled from the engine's policy π_b (at the
+    recorded temperature) while the loss takes π_old as the behaviour: with r = π_old(y)/π_b(y) per
+    token, R = Π r over the response's valid tokens and G = R^(1/n) (n valid tokens),
+
+        tis      w = min(r, c)                          hit: r ≥ c (truncated)
+        icepop   w = r if 1/c ≤ r ≤ c else 0            hit: outside (masked)
+        seq-tis  w = min(R, c) on every token           hit: R ≥ c (truncated)
+        seq-mis  w = R if R ≤ c else 0 (masked IS)      hit: R > c (masked)
+        geo-rs   w = 1 if 1/c ≤ G ≤ c else 0 (rejection) hit: outside (masked)
+
+    verl's rollout-correction names: token / sequence IS, IcePop's two-sided token mask, masked IS,
+    geometric-mean rejection sampling. Rows are whole responses (the loss's per-sequence layout).
+    Returns (weights, ratio, hit): the ratio at the kind's level per token (for the metrics, clamped
+    at e^±20), and whether the token was truncated or masked; all 0 / False on masked cells."""
     old_logp = as_tensor("old_logp", old_logp).detach()
     behaviour_logp = as_tensor("behaviour_logp", behaviour_logp).detach().to(old_logp.device)
     same_shape(old_logp=old_logp, behaviour_logp=behaviour_logp)
     mask = as_mask("mask", mask, old_logp)
-    if not cap > 0:
-        raise ValueError(f"cap: must be positive, got {cap}")
-    log_w = torch.where(mask, old_logp - behaviour_logp, torch.zeros_like(old_logp))
-    return torch.where(mask, torch.exp(log_w.clamp(max=math.log(cap))), torch.zeros_like(old_logp))
+    if kind not in ROLLOUT_CORRECTIONS or kind is None:
+        raise ValueError(f"rollout correction: unknown kind {kind!r}; expected one of {ROLLOUT_CORRECTIONS[1:]}")
+    if not c > 1:
+        raise ValueError(f"rollout correction threshold c: must be > 1, got {c}")
+    log_c = math.log(c)
+    log_r = torch.where(mask, old_logp.double() - behaviour_logp.double(), torch.zeros_like(old_logp, dtype=torch.float64))
+    if kind in ("tis", "icepop"):
+        level = log_r
+    else:
+        total = log_r.sum(-1, keepdim=True)  # log R per response
+        level = total / mask.sum(-1, keepdim=True).clamp(min=1) if kind == "geo-rs" else total
+        level = level.expand_as(log_r)
+    if kind in ("tis", "seq-tis"):
+        weights, hit = torch.exp(level.clamp(max=log_c)), level >= log_c
+    elif kind == "seq-mis":
+        hit = level > log_c
+        weights = torch.where(hit, torch.zeros_like(level), torch.exp(level.clamp(max=log_c)))
+    else:  # icepop, geo-rs: a band [1/c, c]
+        hit = level.abs() > log_c
+        inside = torch.exp(level.clamp(-log_c, log_c)) if kind == "icepop" else torch.ones_like(level)
+        weights = torch.where(hit, torch.zeros_like(level), inside)
+    zero = torch.zeros_like(level)
+    ratio = torch.where(mask, torch.exp(level.clamp(-_LOG_RATIO_METRIC_CLAMP, _LOG_RATIO_METRIC_CLAMP)), zero)
+    return torch.where(mask, weights, zero).to(old_logp.dtype), ratio, hit & mask

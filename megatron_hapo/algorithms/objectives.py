@@ -6,7 +6,6 @@ ablation. Dynamic sampling and overlong shaping are trainer settings shared by a
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
@@ -14,12 +13,11 @@ import torch
 from ._checks import as_mask, one_of
 from .advantages import grpo_advantages, token_group_advantages_with_fallback
 from .entropy import SIGN_MODES, EntropyStats, entropy_stats, normalized_entropy
-from .loss import (AGGREGATIONS, adaptive_clip_bounds, aggregate_loss, redistribute_advantages, truncated_is_weights,
-                   weighted_token_losses)
+from .loss import (AGGREGATIONS, ROLLOUT_CORRECTIONS, adaptive_clip_bounds, aggregate_loss, redistribute_advantages,
+                   rollout_correction_weights, weighted_token_losses)
 
 ALGORITHMS = ("hapo", "dapo", "grpo")
 LOSS_STATS = ("step_old", "micro_batch_current")
-ROLLOUT_CORRECTIONS = (None, "tis")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +40,11 @@ class AlgorithmConfig:
     eps_high: float = 0.28  # PPO clip, upper: 1 + eps_high (DAPO's clip-higher)
     clip_ratio_c: Optional[float] = 10.0  # dual-clip bound for negative advantages (null: off)
     agg: str = "token-mean"  # loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum
-    rollout_correction: Optional[str] = None  # tis: truncated importance weights against the engine's recorded log-probs (null: off)
-    tis_cap: float = 2.0  # the truncation of TIS weights
+    # against the engine's recorded log-probs at the recorded temperature (null: off): tis (token IS,
+    # truncated) | icepop (tokens whose ratio leaves [1/c, c] masked) | seq-tis (sequence IS, truncated)
+    # | seq-mis (sequences whose ratio exceeds c masked) | geo-rs (geometric-mean rejection, band [1/c, c])
+    rollout_correction: Optional[str] = None
+    tis_cap: float = 2.0  # c, the threshold of rollout_correction: the truncation (tis, seq-tis), the band or mask bound
 
     def __post_init__(self):
         one_of("algorithm.name", self.name, ALGORITHMS)
@@ -51,7 +52,10 @@ class AlgorithmConfig:
         one_of("algorithm.loss_stats", self.loss_stats, LOSS_STATS)
         one_of("algorithm.agg", self.agg, AGGREGATIONS)
         if self.rollout_correction not in ROLLOUT_CORRECTIONS:
-            raise ValueError(f"algorithm.rollout_correction: unknown value {self.rollout_correction!r}; expected None or 'tis'")
+            raise ValueError(f"algorithm.rollout_correction: unknown value {self.rollout_correction!r}; expected null or "
+                             f"one of {ROLLOUT_CORRECTIONS[1:]}")
+        if self.rollout_correction is not None and not self.tis_cap > 1:
+            raise ValueError(f"algorithm.tis_cap: the rollout correction's threshold c must be > 1, got {self.tis_cap}")
         if not 0 <= self.tau < 1:
             raise ValueError(f"algorithm.tau: must lie in [0, 1) so that temperatures stay positive, got {self.tau}")
         if not 0 <= self.eps_low < 1:
@@ -126,8 +130,8 @@ def compute_policy_loss(
     """The loss of one micro-batch, and metric sums to be reduced across micro-batches and ranks.
 
     Returns (loss, metrics) where metrics holds float64 tensors: tokens, clip_low, clip_high,
-    clip_dual, adv_redistributed, bounds_adapted, tis_weight, tis_truncated (sums over valid tokens).
-    TIS weights multiply the per-token loss exactly as `policy_loss(..., weights=)` does.
+    clip_dual, adv_redistributed, bounds_adapted, rc_weight, rc_ratio, rc_hit (sums over valid tokens).
+    Rollout-correction weights multiply the per-token loss exactly as `policy_loss(..., weights=)` does.
     """
     mask = as_mask("mask", mask, logp)
     eps_low, eps_high = cfg.eps_low, cfg.eps_high
@@ -144,13 +148,11 @@ def compute_policy_loss(
         base = advantages if advantages.dim() == adv.dim() else advantages.unsqueeze(-1).expand_as(adv)
         metrics["adv_redistributed"] = (mask & (adv != base)).sum()
     weights = None
-    if cfg.rollout_correction == "tis":
+    if cfg.rollout_correction is not None:
         if behaviour_logp is None:
-            raise ValueError("rollout_correction='tis' needs behaviour_logp (the engine's log-probs at T_b)")
-        weights = truncated_is_weights(old_logp, behaviour_logp, mask, cfg.tis_cap)
-        metrics["tis_weight"] = weights.sum()
-        log_w = old_logp.detach() - behaviour_logp.detach().to(old_logp.device)
-        metrics["tis_truncated"] = (mask & (log_w >= math.log(cfg.tis_cap))).sum()
+            raise ValueError(f"rollout_correction={cfg.rollout_correction!r} needs behaviour_logp (the engine's log-probs at T_b)")
+        weights, ratio, hit = rollout_correction_weights(cfg.rollout_correction, old_logp, behaviour_logp, mask, cfg.tis_cap)
+        metrics.update(rc_weight=weights.sum(), rc_ratio=ratio.sum(), rc_hit=hit.sum())
     token_loss, info = weighted_token_losses(logp, old_logp, adv, mask, eps_low, eps_high, cfg.clip_ratio_c, weights)
     loss = aggregate_loss(token_loss, mask, cfg.agg, normalizer)
     metrics.update(
@@ -174,7 +176,7 @@ class PolicyLoss:
     """
 
     SUMS = ("loss_sum", "count", "tokens", "entropy_sum", "drift_sum", "clip_low", "clip_high", "clip_dual",
-            "adv_redistributed", "bounds_adapted", "tis_weight", "tis_truncated")
+            "adv_redistributed", "bounds_adapted", "rc_weight", "rc_ratio", "rc_hit")
 
     def __init__(self, cfg: AlgorithmConfig):
         self.cfg = cfg
@@ -184,7 +186,7 @@ class PolicyLoss:
         names = ("advantages", "old_logp")
         if self.cfg.uses_entropy and self.cfg.loss_stats == "step_old":
             names += ("h_hat",)  # h̃ of the old pass's entropies under the step's statistics
-        if self.cfg.rollout_correction == "tis":
+        if self.cfg.rollout_correction is not None:
             names += ("behaviour_logp",)
         return names
 
@@ -226,8 +228,12 @@ class PolicyLoss:
             "policy_drift": totals["drift_sum"] / tokens,
             "tokens": totals["tokens"],
         }
-        if self.cfg.rollout_correction == "tis":
-            out.update(tis_weight_mean=totals["tis_weight"] / tokens, tis_truncated_frac=totals["tis_truncated"] / tokens)
+        if self.cfg.rollout_correction is not None:
+            # the weight the loss applied, the ratio at the correction's level (token or sequence), and the
+            # share of tokens it truncated (tis, seq-tis) or masked (icepop, seq-mis, geo-rs)
+            out.update(rollout_correction_weight_mean=totals["rc_weight"] / tokens,
+                       rollout_correction_ratio_mean=totals["rc_ratio"] / tokens,
+                       rollout_correction_hit_frac=totals["rc_hit"] / tokens)
         return out
 
 

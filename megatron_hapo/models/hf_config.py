@@ -66,7 +66,8 @@ class ModelSpec:
             raise ValueError(f"config: missing {missing}")
         heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
-        rope_scaling = config.get("rope_scaling")
+        rope = config.get("rope_parameters") or {}  # transformers ≥ 5 writes theta and scaling here
+        rope_scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in ("llama3", "default"):
             raise ValueError(f"config.rope_scaling: {rope_scaling} is not supported (only llama3-style)")
         moe = {}
@@ -99,7 +100,7 @@ class ModelSpec:
             num_kv_heads=config.get("num_key_value_heads") or heads,
             head_dim=head_dim,
             norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=config.get("rope_theta", 10000.0),
+            rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
             max_position_embeddings=config.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
