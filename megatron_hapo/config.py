@@ -106,6 +106,10 @@ class RolloutConfig:
     tool_format: str = "auto"
     # tags form: call open, call close, result open, result close; the call's close must be one token
     tool_tags: List[str] = dataclasses.field(default_factory=lambda: ["<python>", "</python>", "<output>", "</output>"])
+    # π_old of the clip: trainer (a forward pass of the weights that sampled, at T = 1) | engine (no such
+    # pass: the engine's recorded log-probs at each token's temperature are π_old and its recorded
+    # entropies feed the statistics and h̃; the update then scores the current policy at those temperatures)
+    old_logprobs: str = "trainer"
 
     def check(self) -> None:
         for f in ("prompts_per_step", "samples_per_prompt", "max_response_tokens", "kv_cache_memory_bytes"):
@@ -131,6 +135,8 @@ class RolloutConfig:
               f"expected auto | chat_template | tags, got {self.tool_format!r}")
         _need(len(self.tool_tags) == 4 and all(isinstance(t, str) and t for t in self.tool_tags), "rollout.tool_tags",
               f"expected four non-empty strings (call open, call close, result open, result close), got {self.tool_tags!r}")
+        _need(self.old_logprobs in ("trainer", "engine"), "rollout.old_logprobs",
+              f"expected trainer | engine, got {self.old_logprobs!r}")
         _need(not (self.tools and self.routing_replay), "rollout.tools",
               "not supported with rollout.routing_replay (the engine records routing per request, a multi-turn "
               "response is several requests)")

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
@@ -169,22 +170,32 @@ class Trainer:
     def _old_pass(self, batch):
         """The old policy's log-probs and entropies (and at the engine's recorded T), the step's
         entropy statistics, h-hat and advantages: the update's batch, the statistics, and the pass's
-        metrics (trainer-vs-engine mismatch, GRPO fallback, MoE routing mismatch under replay)."""
+        metrics (trainer-vs-engine mismatch, GRPO fallback, MoE routing mismatch under replay). With
+        rollout.old_logprobs=engine the engine's records stand in for the pass (no mismatch metrics)."""
         algo = self.algo
         ids, mask = batch.padded(self.device)
         width, temps = ids.shape[1], batch.per_position("temperatures", ids.shape[1], self.device)
         engine_logp = batch.per_position("logprobs", width, self.device)  # at the recorded T: TIS's behaviour too
         routing = batch.per_position_routing(width, self.device)  # rollout.routing_replay: the engine's experts
-        old_logp, old_ent, logp_at_t = self.policy.compute_logprobs(PolicyBatch(ids, mask, routing=routing), also_at=temps)
-        mismatch = A.logprob_mismatch_sums(batch.per_position("logprobs_t1", width, self.device), old_logp, mask)
-        mismatch_at_t = A.logprob_mismatch_sums(engine_logp, logp_at_t, mask)
+        bypass = self.cfg.rollout.old_logprobs == "engine"
+        if bypass:  # no old pass: the engine's records are π_old (at T_b) and the entropies (at T = 1)
+            old_logp, old_ent = engine_logp, batch.per_position("entropies", width, self.device)
+            mismatch = mismatch_at_t = torch.zeros(4, dtype=torch.float64)  # nothing to compare with
+        else:
+            old_logp, old_ent, logp_at_t = self.policy.compute_logprobs(PolicyBatch(ids, mask, routing=routing),
+                                                                        also_at=temps)
+            mismatch = A.logprob_mismatch_sums(batch.per_position("logprobs_t1", width, self.device), old_logp, mask)
+            mismatch_at_t = A.logprob_mismatch_sums(engine_logp, logp_at_t, mask)
         step_stats = distributed_entropy_stats(old_ent, mask, group=self.dp_group, pivot=algo.pivot)
         h_hat = A.normalized_entropy(old_ent, step_stats, algo.sign_mode) if algo.uses_entropy else None
         adv, fallback = A.compute_advantages(algo, batch.rewards.to(self.device), batch.lengths.to(self.device),
                                              batch.group_ids)
         train = PolicyBatch(ids, mask, advantages=adv, old_logp=old_logp, h_hat=h_hat, routing=routing,
-                            behaviour_logp=engine_logp if algo.rollout_correction is not None else None)
+                            behaviour_logp=engine_logp if algo.rollout_correction is not None else None,
+                            temperature=temps if bypass else None)  # the ratio at the temperature π_old was taken at
         metrics = reduce_step_sums(mismatch, mismatch_at_t, fallback, self.dp_group)
+        if bypass:
+            metrics = {k: v for k, v in metrics.items() if not k.startswith(("logp_mismatch", "ratio_bias"))}
         routing_mismatch = self.policy.take_routing_mismatch()
         if routing_mismatch is not None:
             metrics["moe_routing_mismatch"] = routing_mismatch  # the old pass's own routing vs the rollout's, replayed

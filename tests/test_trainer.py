@@ -372,3 +372,37 @@ def test_study_arms_name_their_settings():
     assert _config("unused", "multiply", **arm_overrides("hapo")).rollout.tools == ["python"]
     with pytest.raises(ValueError, match="arm 'hapo-no-E'"):
         arm_overrides("hapo-no-E")
+
+
+def bypass_worker(rank, world, root):
+    """One step in each π_old mode from the same start: the same rollout, so the same statistics."""
+    from megatron_hapo.trainer import Trainer
+
+    out = {}
+    for mode in ("trainer", "engine"):
+        cfg = Config.load(None, [f"train.run_dir={root}/{mode}", "train.steps=1", "rollout.prompts_per_step=4",
+                                 "rollout.samples_per_prompt=4", "train.mini_batch_prompts=4", "train.micro_batch_size=8",
+                                 "rollout.dynamic_sampling=false", "log.progress=off", "eval.at_end=false",
+                                 f"rollout.old_logprobs={mode}", "algorithm.rollout_correction=icepop"])
+        trainer = Trainer(cfg)
+        try:
+            out[mode] = trainer.fit()[0]
+        finally:
+            trainer.close()
+    return out
+
+
+def test_old_logprobs_from_the_engine(tmp_path):
+    """rollout.old_logprobs=engine: no old pass; the engine's T = 1 entropies give the trainer's
+    statistics, and the first update's ratio (current policy at each token's recorded T over the
+    engine's log-prob there) starts at 1, as the trainer's pass does at T = 1."""
+    out = run_ranks(1, bypass_worker, str(tmp_path), timeout=600)[0]
+    trainer, engine = out["trainer"], out["engine"]
+    assert "logp_mismatch_at_t_mean" in trainer and "logp_mismatch_at_t_mean" not in engine
+    assert trainer["response_tokens"] == engine["response_tokens"]  # the same rollout
+    for k in ("entropy_q", "entropy_sigma", "entropy_z_pos", "entropy_z_neg"):
+        assert engine[k] == pytest.approx(trainer[k], rel=1e-4, abs=1e-5), k
+    assert engine["policy_drift"] < 1e-4 and trainer["policy_drift"] < 1e-4  # one update: π_θ = π_old before it
+    assert engine["loss"] == pytest.approx(trainer["loss"], rel=1e-3, abs=1e-5)
+    assert engine["rollout_correction_hit_frac"] == 0.0 and engine["rollout_correction_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert engine["time_old_pass"] < trainer["time_old_pass"]

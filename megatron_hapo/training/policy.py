@@ -335,7 +335,9 @@ class MegatronPolicy:
 
         def loss_fn(mb, logits):
             b: PolicyBatch = mb["batch"]
-            logp, ent = self._logprobs(mb, logits)
+            # a per-token temperature (rollout.old_logprobs=engine): the current policy at the T π_old was taken at
+            t = b.inputs.get("temperature")
+            logp, ent = self._logprobs(mb, logits, 1.0 if t is None else torch.where(b.loss_mask, t, 1.0).clamp(min=1e-6))
             loss_sum, count, sums = self.loss(logp, ent, b.loss_mask, b.inputs)
             return loss_sum, count.to(torch.int), sums
 
