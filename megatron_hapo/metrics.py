@@ -49,12 +49,17 @@ def mean_over_micro_batches(parts: List[Dict[str, float]]) -> Dict[str, float]:
     return {k: sum(x[k] for x in parts) / len(parts) for k in parts[0]}
 
 
-def reduce_step_sums(mismatch: torch.Tensor, mismatch_at_t: torch.Tensor, fallback: torch.Tensor, group) -> Dict[str, float]:
+def reduce_step_sums(mismatch: Optional[torch.Tensor], mismatch_at_t: Optional[torch.Tensor], fallback: torch.Tensor,
+                     group) -> Dict[str, float]:
     """Token-weighted mismatches (at T = 1 and at the recorded per-token T; each the output of
     `algorithms.logprob_mismatch_sums` on one rank's share) and the GRPO-fallback share over the
-    data-parallel group (host tensors: gloo on GPU nodes too)."""
-    sums = torch.cat([mismatch[:3], mismatch_at_t[:3],
-                      torch.tensor([float(fallback.sum()), float(fallback.numel())], dtype=torch.float64)])
+    data-parallel group (host tensors: gloo on GPU nodes too). Mismatches None (no trainer pass to
+    compare with, rollout.old_logprobs=engine): the fallback share only."""
+    counts = torch.tensor([float(fallback.sum()), float(fallback.numel())], dtype=torch.float64)
+    if mismatch is None:
+        dist.all_reduce(counts, group=group)
+        return {"adv_fallback_frac": counts[0].item() / max(counts[1].item(), 1.0)}
+    sums = torch.cat([mismatch[:3], mismatch_at_t[:3], counts])
     mx = torch.stack([mismatch[3], mismatch_at_t[3]])
     dist.all_reduce(sums, group=group)
     dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)

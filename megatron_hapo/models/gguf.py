@@ -215,7 +215,6 @@ def gguf_to_hf(gguf_path: str, out_dir: str, dtype: str = "fp32") -> Dict[str, o
             json.dump(_generation_config(tokenizer, fields), f, indent=2)
         with open(os.path.join(tmp, "config.json")) as f:
             saved = json.load(f)
-        saved.pop("quantization_config", None)
         theta = (saved.get("rope_parameters") or {}).get("rope_theta")
         if theta is not None and "rope_theta" not in saved:
             saved["rope_theta"] = theta  # for readers of the older key
