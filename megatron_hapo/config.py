@@ -110,6 +110,22 @@ class RolloutConfig:
     # pass: the engine's recorded log-probs at each token's temperature are π_old and its recorded
     # entropies feed the statistics and h̃; the update then scores the current policy at those temperatures)
     old_logprobs: str = "trainer"
+    # where the engines run: colocated (every rank trains and hosts a share of an engine, in turns) |
+    # separate (the launch's last `engine_ranks` ranks host only engines, the others only train; one
+    # torchrun/srun job; weights move over a process group after every update, rollouts come back)
+    placement: str = "colocated"
+    engine_ranks: int = 0  # separate: ranks that host engines (whole inference-TP groups); the rest train
+    # separate: how many versions a rollout may lag the update that uses it. 0 = on policy (step k's
+    # rollout under the weights of step k−1); 1 = one step off (step k+1's rollout runs while step k trains);
+    # N: up to N steps ahead. Without partial rollouts the version of every step's rollout is fixed
+    # (max(0, k−1−N)), so results do not depend on timing and a resume is bit-identical.
+    max_staleness: int = 0
+    # separate, max_staleness ≥ 1: rollouts stream group by group; a new version is applied between decoding
+    # steps and the requests in flight continue under it (their cache recomputed), each token recording its version
+    partial: bool = False
+    # partial rollouts: wait = admit a prompt only while the trainer is at most max_staleness versions behind
+    # it (no token ever too stale); drop = admit by version, drop (and count) groups with a token too stale
+    stale: str = "wait"
 
     def check(self) -> None:
         for f in ("prompts_per_step", "samples_per_prompt", "max_response_tokens", "kv_cache_memory_bytes"):
@@ -137,6 +153,20 @@ class RolloutConfig:
               f"expected four non-empty strings (call open, call close, result open, result close), got {self.tool_tags!r}")
         _need(self.old_logprobs in ("trainer", "engine"), "rollout.old_logprobs",
               f"expected trainer | engine, got {self.old_logprobs!r}")
+        _need(self.placement in ("colocated", "separate"), "rollout.placement",
+              f"expected colocated | separate, got {self.placement!r}")
+        _need(self.placement == "colocated" or self.engine_ranks >= 1, "rollout.engine_ranks",
+              f"rollout.placement=separate needs rollout.engine_ranks ≥ 1 (the ranks that host engines), got {self.engine_ranks}")
+        _need(self.max_staleness >= 0, "rollout.max_staleness", f"must be ≥ 0, got {self.max_staleness}")
+        _need(self.max_staleness == 0 or self.placement == "separate", "rollout.max_staleness",
+              f"{self.max_staleness} needs rollout.placement=separate (colocated engines and training take turns on "
+              f"the same ranks, so there is nothing to overlap)")
+        _need(not self.partial or self.max_staleness >= 1, "rollout.partial",
+              "needs rollout.max_staleness ≥ 1 (a version arriving mid-rollout is a version the rollout lags)")
+        _need(self.stale in ("drop", "wait"), "rollout.stale", f"expected drop | wait, got {self.stale!r}")
+        _need(not (self.partial and (self.tools or self.routing_replay)), "rollout.partial",
+              "not with rollout.tools or rollout.routing_replay yet (a continued request would split a tool "
+              "turn or the routing record)")
         _need(not (self.tools and self.routing_replay), "rollout.tools",
               "not supported with rollout.routing_replay (the engine records routing per request, a multi-turn "
               "response is several requests)")
@@ -330,11 +360,16 @@ class Config:
         if world_size % (ep * etp * p.pipeline_model_parallel_size):
             raise ConfigError(f"parallel.expert_model_parallel_size={ep}: world size {world_size} is not divisible by "
                               f"expert-tensor × expert × pipeline = {etp} × {ep} × {p.pipeline_model_parallel_size}")
-        if world_size % p.inference_tensor_parallel_size:
+        if world_size % p.inference_tensor_parallel_size and r.placement == "colocated":
             raise ConfigError(f"parallel.inference_tensor_parallel_size={p.inference_tensor_parallel_size} does not divide "
                               f"the world size {world_size}")
         dp = world_size // tp_pp
         engines = world_size // p.inference_tensor_parallel_size
+        if r.placement == "separate":
+            if r.engine_ranks % p.inference_tensor_parallel_size:
+                raise ConfigError(f"rollout.engine_ranks={r.engine_ranks} is not a multiple of "
+                                  f"parallel.inference_tensor_parallel_size={p.inference_tensor_parallel_size}")
+            engines = r.engine_ranks // p.inference_tensor_parallel_size
         if r.prompts_per_step % dp:
             raise ConfigError(f"rollout.prompts_per_step={r.prompts_per_step} does not divide over {dp} data-parallel ranks")
         if r.prompts_per_step % engines:

@@ -28,12 +28,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, results, timeout):
+def _worker(rank, world_size, port, fn, args, results, timeout, init=True):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+        if init:  # else fn sets torch.distributed up from the environment (rollout.placement=separate splits it)
+            dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
         out = fn(rank, world_size, *args)
         buf = io.BytesIO()  # plain bytes: tensors shared through file descriptors die with the worker
         torch.save(out, buf)
@@ -48,12 +49,13 @@ def _worker(rank, world_size, port, fn, args, results, timeout):
                 pass
 
 
-def run_ranks(world_size: int, fn, *args, timeout: float = 240.0):
-    """fn(rank, world_size, *args) on world_size gloo processes; returns the results by rank."""
+def run_ranks(world_size: int, fn, *args, timeout: float = 240.0, init: bool = True):
+    """fn(rank, world_size, *args) on world_size gloo processes; returns the results by rank. init=False:
+    the processes get only the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT), as under torchrun."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, timeout), daemon=False)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, timeout, init), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -22,31 +22,36 @@ from megatron.core import parallel_state as ps
 from . import algorithms as A
 from . import device as dev
 from .config import Config
-from .data import PromptSampler
-from .data.datasets import default_reward_type, load_run_data, resolve_model_dir
+from .data.datasets import resolve_model_dir
 from .metrics import RunLogger, eval_metrics, mean_over_micro_batches, progress_bar, reduce_step_sums, rollout_metrics
 from .models.convert import read_hf_tensors, save_hf_folder
-from .models.hf_config import ModelSpec, stop_token_ids
 from .parallel import distributed_entropy_stats
-from .rewards import build_verifier, start_reward_pool
-from .rollout.collect import Layout, RolloutCollector
+from .rollout.collect import Layout
 from .rollout.weight_sync import sync_policy_to_engine
 from .training import checkpoint as ckpt
-from .training.parallel import control_group, destroy_model_parallel, init_model_parallel
+from .training.parallel import control_group, destroy_model_parallel, init_model_parallel, init_roles
 from .training.policy import MegatronPolicy, PolicyBatch, PolicyConfig
 from .training import stop as phases
 from .training.stop import StopRequest
 
+ROLLOUT_STATE = "rollout_state.pkl"  # separate placement: what the engines had made ahead, in the checkpoint
+
 
 class Trainer:
     def __init__(self, cfg: Config):
-        import transformers
-
-        from .rollout.engine import SamplingConfig, engine_for_run  # vLLM: imported once the process is set up
-        from .rollout.tools import tools_for_run
+        from .rollout.assemble import rollout_side, run_inputs
 
         self.cfg = cfg
         p, t, r, d = cfg.parallel, cfg.train, cfg.rollout, cfg.data
+        # rollout.placement=separate: this launch's last rollout.engine_ranks ranks serve rollouts only
+        self.roles = init_roles(r.engine_ranks, p.timeout_s, p.control_timeout_s) if r.placement == "separate" else None
+        self.worker = self.remote = None
+        if self.roles is not None and not self.roles.is_trainer:
+            from .rollout.remote import EngineWorker
+
+            self.rank, self.step, self.logger = self.roles.launch_rank, 0, None
+            self.worker = EngineWorker(cfg, self.roles)
+            return
         alloc_note = dev.check_allocator_config(r.enable_sleep_mode)  # before CUDA starts
         init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=t.seed,
                             timeout_s=p.timeout_s, control_timeout_s=p.control_timeout_s,
@@ -59,40 +64,40 @@ class Trainer:
             print(alloc_note, flush=True)
         self.dp_group = ps.get_data_parallel_group()
         itp = p.inference_tensor_parallel_size
-        layout = Layout(self.world, self.rank, self.world // itp, self.rank // itp, self.rank % itp == 0,
-                        ps.get_data_parallel_world_size(), ps.get_data_parallel_rank())
+        if self.roles is None:
+            layout = Layout(self.world, self.rank, self.world // itp, self.rank // itp, self.rank % itp == 0,
+                            ps.get_data_parallel_world_size(), ps.get_data_parallel_rank())
+        else:  # no engine here: the layout places only this rank's data-parallel share
+            layout = Layout(self.world, self.rank, max(r.engine_ranks // itp, 1), 0, False,
+                            ps.get_data_parallel_world_size(), ps.get_data_parallel_rank())
         os.makedirs(t.run_dir, exist_ok=True)
 
         self.model_dir = resolve_model_dir(cfg.model.hf_path, d.train, t.run_dir, t.seed, self.rank)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir)
-        self.spec = ModelSpec.from_hf(self.model_dir)
-        if len(self.tokenizer) > self.spec.vocab_size:
-            raise ValueError(f"model.hf_path: the tokenizer has {len(self.tokenizer)} tokens, the model only "
-                             f"{self.spec.vocab_size}")
-        self.train_data, self.eval_data = load_run_data(cfg, self.tokenizer, self.spec.max_position_embeddings)
-        self.sampler, self.data_position = PromptSampler(len(self.train_data), seed=t.seed, shuffle=d.shuffle), 0
-        self.stop_ids = stop_token_ids(self.tokenizer, self.model_dir)
+        if self.roles is not None:
+            from .rollout.remote import RemoteRollout  # the engine ranks build their engines meanwhile
 
-        rw = cfg.reward
-        verifier = build_verifier(rw.type if rw.type != "auto" else default_reward_type(d.train), rw.correct, rw.wrong,
-                                  rw.sandbox_limits())
-        self.rewards = start_reward_pool(verifier, rw.workers, rw.timeout_s, layout.engine_leader, self.control)
+            self.remote = RemoteRollout(cfg, self.roles, self.model_dir, layout, self.control)
+        inputs = run_inputs(cfg, self.model_dir)
+        self.tokenizer, self.spec, self.stop_ids = inputs.tokenizer, inputs.spec, inputs.stop_ids
+        self.train_data, self.eval_data, self.sampler = inputs.train_data, inputs.eval_data, inputs.sampler
+        self.data_position = 0
         self.policy = MegatronPolicy(self.spec, PolicyConfig.from_config(cfg), self.algo)
         self._load_initial_weights()
-        self.engine = tools_for_run(cfg, engine_for_run(cfg, self.model_dir, self.spec), self.tokenizer, rw.sandbox_limits())
-        self.collector = RolloutCollector(
-            self.engine, self.rewards, verifier.failure_reward,
-            lambda ids: self.tokenizer.batch_decode(ids, skip_special_tokens=True), layout, self.control, t.seed,
-            cfg.reward.max_error_fraction, cfg.reward.type)
-        self.sampling = SamplingConfig.for_rollout(r, self.algo, self.stop_ids)
+        if self.remote is None:
+            self.engine, self.rewards, self.collector, self.sampling = rollout_side(cfg, inputs, layout, self.control)
+        else:
+            self.engine = self.rewards = None
+            self.collector = self.remote.collector
         self.stats: Optional[A.EntropyStats] = None
         self.step = 0
         self.logger = RunLogger(t.run_dir, cfg.log.tensorboard, cfg.log.token_samples, enabled=self.rank == 0)
         self.stop = StopRequest(t.run_dir, self.control)
         self.progress = self.rank == 0 and (cfg.log.progress == "on" or (cfg.log.progress == "auto" and sys.stderr.isatty()))
-        if cfg.model.load:
+        if cfg.model.load and self.remote is None:
             self.sync_weights()
-        self._maybe_resume()
+        rollout_state = self._maybe_resume()
+        if self.remote is not None:  # the engines start from these weights, where the checkpoint left them
+            self.remote.start(self.policy, self.step, self.stats, rollout_state)
         if self.rank == 0:
             with open(os.path.join(t.run_dir, "config.yaml"), "w") as f:
                 f.write(cfg.dump())
@@ -112,30 +117,41 @@ class Trainer:
         return progress_bar(self.progress, desc, total)
 
     def sync_weights(self) -> Dict[str, float]:
+        """The policy's weights into the engines (separate placement: as the current version again,
+        with the statistics of the step that made it)."""
+        if self.remote is not None:
+            return self.remote.sync(self.policy, self.step, self.stats)
         return sync_policy_to_engine(self.policy, self.engine)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
 
-    def _maybe_resume(self) -> None:
+    def _maybe_resume(self) -> Optional[dict]:
+        """Loads the checkpoint train.resume names; returns what separate placement kept in it for the
+        engines (the rollouts made ahead), on trainer 0."""
         resume = self.cfg.train.resume
         root = os.path.join(self.cfg.train.run_dir, "checkpoints")
         path = ckpt.find_latest(root) if resume == "auto" else (None if resume == "none" else resume)
         if path is None:
             self.logger.rewind(0)  # rows of an attempt killed before its first checkpoint
-            return
+            return None
         state = ckpt.load_checkpoint(path, self.policy)
         self.step, self.data_position = state["step"], int(state.get("data_position", 0))
         self.logger.rewind(self.step)
         self.stats = A.EntropyStats.from_dict(state["entropy_stats"]) if state.get("entropy_stats") else None
-        self.sync_weights()
+        if self.remote is None:
+            self.sync_weights()
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step} (data position {self.data_position})", flush=True)
+        return ckpt.read_blob(path, ROLLOUT_STATE) if self.rank == 0 else None
 
     def save(self) -> None:
         phases.mark("checkpoint")
+        blobs = {}
+        if self.remote is not None and self.rank == 0:
+            blobs[ROLLOUT_STATE] = self.remote.checkpoint_state(self.step)
         ckpt.save_checkpoint(os.path.join(self.cfg.train.run_dir, "checkpoints"), self.step, self.policy,
                         {"data_position": self.data_position, "entropy_stats": self.stats.to_dict() if self.stats else None,
-                         "config": self.cfg.dump()}, keep_last=self.cfg.train.keep_last)
+                         "config": self.cfg.dump()}, keep_last=self.cfg.train.keep_last, blobs=blobs)
 
     # ---- one step ---------------------------------------------------------------------------------------
 
@@ -143,9 +159,10 @@ class Trainer:
         t0, memory = time.perf_counter(), {}
         phases.set_step(self.step + 1)
         phases.mark("rollout")
-        batch = self._collect()
+        batch, schedule = self._collect()
         t1 = self._phase("rollout", t0, memory)
-        self.engine.sleep()  # with rollout.enable_sleep_mode on GPU; a no-op otherwise
+        if self.remote is None:
+            self.engine.sleep()  # with rollout.enable_sleep_mode on GPU; a no-op otherwise
         phases.mark("old_pass")
         train, step_stats, old_metrics = self._old_pass(batch)
         t2 = self._phase("old_pass", t1, memory)
@@ -153,9 +170,12 @@ class Trainer:
         parts = self._update(train)
         t3 = self._phase("update", t2, memory, "time_train")
         phases.mark("weight_sync")
-        self.engine.wake_up_weights()  # staged: weights, the sync, then the KV cache
-        sync = self.sync_weights()
-        self.engine.wake_up_kv_cache()
+        if self.remote is None:
+            self.engine.wake_up_weights()  # staged: weights, the sync, then the KV cache
+            sync = self.sync_weights()
+            self.engine.wake_up_kv_cache()
+        else:  # the next version, with the statistics its rollouts take their temperatures from
+            sync = self.remote.sync(self.policy, self.step + 1, step_stats)
         self._phase("weight_sync", t3, memory)  # its time: the sync's own, below
         self.stats, self.step = step_stats, self.step + 1  # the next step's rollout samples with these statistics
         m: Dict[str, Any] = {"step": self.step, **mean_over_micro_batches(parts),
@@ -163,7 +183,12 @@ class Trainer:
                              **step_stats.metrics(), **memory, **self._data_metrics(), **self.policy.take_padding_factor(),
                              "time_weight_sync": sync["weight_sync_s"], "weight_sync_bytes": sync["weight_sync_bytes"],
                              "time_step": time.perf_counter() - t0}
-        m["rollout_tokens_per_s"] = m["response_tokens"] / max(m["time_rollout"], 1e-9)
+        generation_s = m["time_rollout"]
+        if schedule is not None:  # separate placement: the engines' side of the step, staleness, idle shares
+            m.update(self.remote.schedule_metrics(schedule, self.step, batch))
+            generation_s = m["time_generate"]
+            m["trainer_idle_frac"] = m["time_rollout_wait"] / max(m["time_step"], 1e-9)
+        m["rollout_tokens_per_s"] = m["response_tokens"] / max(generation_s, 1e-9)
         return m
 
     def _old_pass(self, batch):
@@ -215,6 +240,12 @@ class Trainer:
         return parts
 
     def _collect(self):
+        """The step's rollouts as this rank's RolloutBatch, and (separate placement) the schedule's
+        record of them; the data position moves past the prompts they used."""
+        if self.remote is not None:
+            batch, schedule = self.remote.collect(self.step + 1, self.cfg.rollout)
+            self.data_position = schedule["data_position"]
+            return batch, schedule
         bar = self._bar(f"step {self.step + 1} rollout", self.cfg.rollout.prompts_per_step)
         try:
             batch, self.data_position = self.collector.collect(
@@ -222,7 +253,7 @@ class Trainer:
                 self.stats if self.algo.adaptive_temperature else None, bar)
         finally:
             bar.close()
-        return batch
+        return batch, None
 
     def _phase(self, name: str, start: float, memory: Dict[str, float], time_key: Optional[str] = None) -> float:
         """Records the phase's time and the device memory after it (GiB; empty on CPU); returns now."""
@@ -242,6 +273,8 @@ class Trainer:
         with adaptation off (greedy at temperature 0)."""
         from .rollout.engine import SamplingConfig
 
+        if self.worker is not None:
+            return {}  # an engine rank: the trainer ranks evaluate (through it)
         e = self.cfg.eval
         if self.eval_data is None:
             raise ValueError("evaluation needs data.eval (no held-out split for these training sources)")
@@ -249,32 +282,48 @@ class Trainer:
         count = min(n or len(self.eval_data), len(self.eval_data))
         t0 = time.perf_counter()
         sampling = SamplingConfig.for_eval(e, self.cfg.rollout.max_response_tokens, self.stop_ids)
-        bar = self._bar("eval", -(-count // (256 * self.collector.layout.num_engines)))
-        groups = self.collector.evaluate(self.eval_data, count, sampling, e.n, bar)
-        bar.close()
+        if self.remote is not None:
+            groups = self.remote.evaluate(count, e.n)
+        else:
+            bar = self._bar("eval", -(-count // (256 * self.collector.layout.num_engines)))
+            groups = self.collector.evaluate(self.eval_data, count, sampling, e.n, bar)
+            bar.close()
         sources = [self.eval_data[g.position].source for g in groups]
         return {**eval_metrics(groups, e.n, sources), "time_eval": time.perf_counter() - t0}
 
     def export_hf(self, path: str) -> None:
         """The current weights as an HF folder with the model's config and tokenizer (rank 0 writes)."""
+        if self.worker is not None:
+            return
         save_hf_folder(self.policy.hf_weights(), self.spec, path, self.model_dir, write=self.rank == 0, overwrite=True)
         dist.barrier()
 
     def close(self) -> None:
         """Ordered shutdown, so that several trainers can run one after another in a process (the demo,
         `compare`): reward workers, writers, then the engine (its memory and vLLM's groups; the job's
-        process group stays), then Megatron's groups."""
+        process group stays), then Megatron's groups. Separate placement: the trainer stops the engine
+        ranks; an engine rank releases its engine."""
+        if self.worker is not None:
+            self.worker.close()
+            return
+        if self.remote is not None:
+            self.remote.close()
         if self.rewards is not None:
             self.rewards.close()
         self.logger.close()
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
         destroy_model_parallel()
 
     # ---- the loop -------------------------------------------------------------------------------------------
 
     def fit(self) -> List[Dict[str, Any]]:
         """Trains to train.steps (or until a stop request: then a checkpoint at the next safe point
-        and a normal return; the next launch resumes there with train.resume=auto)."""
+        and a normal return; the next launch resumes there with train.resume=auto). On an engine rank
+        (separate placement): serves rollouts until the trainer ranks are done."""
+        if self.worker is not None:
+            self.worker.serve()
+            return []
         t, e = self.cfg.train, self.cfg.eval
         history = []
         self.stop.install()

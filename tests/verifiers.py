@@ -49,3 +49,14 @@ class SandboxedMath(MathVerifier):
                 raise RuntimeError(f"sandbox: {res.status} {res.stderr[-300:]}")
             response = res.stdout
         return super()._score(response, ground_truth)
+
+
+class HasSeven(MathVerifier):
+    """Correct when the response holds a 7: an untrained model gets mixed groups every step, so the
+    schedule tests see real gradients without a warm-up."""
+
+    def _score(self, response, ground_truth):
+        from megatron_hapo.rewards import RewardResult
+
+        hit = "7" in (response or "")
+        return RewardResult(self.reward_correct if hit else self.reward_wrong, "7" if hit else "no 7", hit)

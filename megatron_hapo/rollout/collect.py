@@ -30,7 +30,7 @@ PER_TOKEN = ("temperatures", "entropies", "logprobs", "logprobs_t1")  # what the
 class Sample:
     """One response, compact for the exchange (float32 arrays, not Python lists)."""
 
-    __slots__ = ("token_ids", "truncated", "error", "routing", "model_mask", "tools") + PER_TOKEN
+    __slots__ = ("token_ids", "truncated", "error", "routing", "model_mask", "tools", "versions") + PER_TOKEN
 
     def __init__(self, response):
         self.token_ids = list(response.token_ids)
@@ -43,6 +43,8 @@ class Sample:
         mask = getattr(response, "model_mask", None)
         self.model_mask = None if mask is None or all(mask) else np.asarray(mask, dtype=bool)
         self.tools = getattr(response, "tools", None)
+        versions = getattr(response, "versions", None)  # the weight version each token was sampled under
+        self.versions = None if versions is None else np.asarray(versions, dtype=np.int32)
 
     @property
     def length(self) -> int:
@@ -109,6 +111,19 @@ def describe_groups(groups: Sequence[GroupSummary]) -> str:
     return ", ".join(f"{n} {k}" for k, n in kinds.items() if n) or "none"
 
 
+def accept_group(g: GroupSummary, cfg) -> bool:
+    """Shapes a group's rewards in place (DAPO's overlong penalty) and says whether dynamic sampling
+    keeps it: on correctness (DAPO's metric=acc), not on the shaped reward: an all-wrong group whose
+    lengths differ has unequal shaped rewards but nothing to learn (HAPO.md, dynamic sampling)."""
+    rewards = torch.tensor(g.rewards, dtype=torch.float32)
+    if cfg.overlong_buffer:
+        rewards = rewards + A.overlong_penalty(g.lengths, cfg.max_response_tokens, cfg.overlong_buffer,
+                                               cfg.overlong_penalty_factor)
+    g.rewards = rewards
+    correct = torch.tensor(g.correct, dtype=torch.float32)
+    return not cfg.dynamic_sampling or bool(A.informative_groups(correct, [0] * len(correct)).all())
+
+
 @dataclasses.dataclass
 class RolloutBatch:
     """A step's rollouts: this data-parallel rank's sequences (one row per response, grouped by
@@ -124,6 +139,7 @@ class RolloutBatch:
     gen_batches: int
     routing: Optional[List[object]] = None  # routing replay: per response, int16 [layers, prompt + response − 1, k]
     model_masks: Optional[List[Optional[np.ndarray]]] = None  # multi-turn: per response, True at the model's tokens
+    versions: Optional[List[Optional[np.ndarray]]] = None  # separate placement: per response, each token's weight version
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -289,6 +305,13 @@ class RolloutCollector:
         stream at `data_position`, this rank's share as a RolloutBatch; and the new data position.
         `cfg` is the rollout section (prompts_per_step, samples_per_prompt, dynamic sampling,
         overlong shaping, max_num_gen_batches)."""
+        kept, seen, local, gen_batches, data_position = self.gather_groups(data_position, sampler, dataset, sampling,
+                                                                           cfg, stats, bar)
+        return self.build_batch(kept, seen, local, gen_batches), data_position
+
+    def gather_groups(self, data_position: int, sampler, dataset, sampling, cfg, stats, bar):
+        """The generation side of `collect`: (kept, seen, this rank's full groups, generation batches,
+        the new data position); the kept and seen summaries are the same on every rank."""
         need = cfg.prompts_per_step
         kept: List[GroupSummary] = []
         seen: List[GroupSummary] = []
@@ -306,35 +329,34 @@ class RolloutCollector:
                                          cfg.samples_per_prompt, stats)
             local.update(mine)
             for g in groups:
-                rewards = torch.tensor(g.rewards, dtype=torch.float32)
-                if cfg.overlong_buffer:
-                    rewards = rewards + A.overlong_penalty(g.lengths, cfg.max_response_tokens,
-                                                           cfg.overlong_buffer, cfg.overlong_penalty_factor)
-                g.rewards = rewards
                 seen.append(g)
-                # on correctness (DAPO's metric=acc), not on the shaped reward: an all-wrong group whose
-                # lengths differ has unequal shaped rewards but nothing to learn (HAPO.md, dynamic sampling)
-                correct = torch.tensor(g.correct, dtype=torch.float32)
-                if len(kept) < need and (not cfg.dynamic_sampling or bool(A.informative_groups(correct, [0] * len(correct)).all())):
+                if accept_group(g, cfg) and len(kept) < need:
                     kept.append(g)
             bar.update(len(kept) - bar.n)
             bar.set_postfix_str(f"generation batch {gen_batches}")
+        return kept, seen, local, gen_batches, data_position
+
+    def build_batch(self, kept: List[GroupSummary], seen: List[GroupSummary], local: Dict[int, Group],
+                    gen_batches: int) -> RolloutBatch:
+        """The exchange side of `collect`: this data-parallel rank's share of the kept groups (their
+        full groups are in some rank's `local`) as a RolloutBatch."""
         lay = self.layout
         wanted = [[g.position for g in split_evenly(kept, lay.dp, d)] for d in range(lay.dp)]
         groups = self.exchange(wanted, local)
         summaries = split_evenly(kept, lay.dp, lay.dp_rank)  # same order as `groups`: shaped rewards
         rows = [(gi, g, s, r) for gi, (g, summ) in enumerate(zip(groups, summaries))
                 for s, r in zip(g.samples, summ.rewards.tolist())]
-        batch = RolloutBatch(prompt_ids=[g.prompt_ids for _, g, _, _ in rows], response_ids=[s.token_ids for _, _, s, _ in rows],
-                             rewards=torch.tensor([r for *_, r in rows], dtype=torch.float32),
-                             group_ids=[gi for gi, *_ in rows],
-                             per_token={name: [getattr(s, name) for _, _, s, _ in rows] for name in PER_TOKEN},
-                             kept=kept, seen=seen, gen_batches=gen_batches,
-                             routing=[s.routing for _, _, s, _ in rows] if any(s.routing is not None for _, _, s, _ in rows)
-                             else None,
-                             model_masks=[s.model_mask for _, _, s, _ in rows]
-                             if any(s.model_mask is not None for _, _, s, _ in rows) else None)
-        return batch, data_position
+        samples = [s for _, _, s, _ in rows]
+        return RolloutBatch(prompt_ids=[g.prompt_ids for _, g, _, _ in rows], response_ids=[s.token_ids for s in samples],
+                            rewards=torch.tensor([r for *_, r in rows], dtype=torch.float32),
+                            group_ids=[gi for gi, *_ in rows],
+                            per_token={name: [getattr(s, name) for s in samples] for name in PER_TOKEN},
+                            kept=kept, seen=seen, gen_batches=gen_batches,
+                            routing=[s.routing for s in samples] if any(s.routing is not None for s in samples) else None,
+                            model_masks=[s.model_mask for s in samples]
+                            if any(s.model_mask is not None for s in samples) else None,
+                            versions=[s.versions for s in samples] if any(s.versions is not None for s in samples)
+                            else None)
 
     def exchange(self, wanted_by_dp_rank: List[List[int]], local: Dict[int, Group]) -> List[Group]:
         """Moves full groups from the ranks that generated them to the data-parallel ranks that

@@ -170,6 +170,7 @@ class Response:
     model_mask: Optional[List[bool]] = None
     answer_start: int = 0
     tools: Optional[Tuple[int, int, int, int]] = None
+    versions: Optional[List[int]] = None  # separate placement, partial rollouts: per token, the weight version sampled under
 
     @property
     def length(self) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -170,8 +171,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(root: str, step: int, policy, trainer_state: Optional[dict] = None, keep_last: Optional[int] = None) -> str:
-    """Saves a complete checkpoint of step `step` atomically; every rank calls it. Returns its path."""
+def save_checkpoint(root: str, step: int, policy, trainer_state: Optional[dict] = None, keep_last: Optional[int] = None,
+                    blobs: Optional[dict] = None) -> str:
+    """Saves a complete checkpoint of step `step` atomically; every rank calls it. Returns its path.
+    blobs: {file name: object} that rank 0 pickles into the checkpoint (`read_blob`)."""
     from megatron.core import dist_checkpointing
 
     if step < 0:
@@ -204,6 +207,9 @@ def save_checkpoint(root: str, step: int, policy, trainer_state: Optional[dict] 
                 json.dump({"step": step, "layer_spec": policy.layer_spec, "optimizer_parts": _optimizer_parts(policy),
                            "expert_model_parallel_size": getattr(policy, "ep", 1), **(trainer_state or {})}, f, indent=2,
                           default=str)
+            for name, obj in (blobs or {}).items():
+                with open(os.path.join(tmp, name), "wb") as f:
+                    pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException as exc:  # noqa: BLE001 - Megatron wraps ENOSPC in torch's CheckpointException (a BaseException)
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
@@ -285,6 +291,15 @@ def load_checkpoint(path: str, policy, load_optimizer: bool = True, load_rng: bo
         set_rng_state(torch.load(rng_file, weights_only=False))
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)
+
+
+def read_blob(path: str, name: str):
+    """An object save_checkpoint's `blobs` put in the checkpoint, or None where it has none."""
+    file = os.path.join(path, name)
+    if not os.path.exists(file):
+        return None
+    with open(file, "rb") as f:
+        return pickle.load(f)
 
 
 def load_model_checkpoint(path: str, policy) -> None:

@@ -13,6 +13,7 @@ watchdog on the ranks that finished early and wait.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import socket
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from .. import device as dev
 
 _CONTROL = None
+_ROLES = None
 
 
 def init_distributed(timeout_s: int = 1800, control_timeout_s: int = 4 * 3600) -> None:
@@ -41,6 +43,77 @@ def init_distributed(timeout_s: int = 1800, control_timeout_s: int = 4 * 3600) -
         dist.init_process_group(dev.dist_backend(), timeout=datetime.timedelta(seconds=timeout_s))
     if _CONTROL is None:
         _CONTROL = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=control_timeout_s))
+
+
+@dataclasses.dataclass
+class Roles:
+    """rollout.placement=separate: the launch's ranks split into trainers (the first ones) and engines
+    (the last `engines`). Each role has its own default process group (Megatron sizes its groups from
+    the world, so the trainers' world must hold only trainers; vLLM's external launcher likewise takes
+    the engines' world as its own); three bridge groups join trainer 0 with the engine ranks:
+    `messages` (gloo, trainer 0 broadcasts headers to every engine rank), `weights` (NCCL on GPU, gloo
+    on CPU: the weight buckets, same members) and `batches` (gloo, trainer 0 and engine 0: rollouts,
+    evaluation results and errors, point to point). Ranks outside a bridge group hold None for it."""
+
+    role: str  # "trainer" | "engine"
+    launch_rank: int
+    launch_world: int
+    engines: int  # ranks that host engines
+    messages: object = None
+    weights: object = None
+    batches: object = None
+
+    @property
+    def trainers(self) -> int:
+        return self.launch_world - self.engines
+
+    @property
+    def is_trainer(self) -> bool:
+        return self.role == "trainer"
+
+
+def roles() -> Optional[Roles]:
+    """The split of init_roles, or None (colocated: every rank trains and hosts an engine)."""
+    return _ROLES
+
+
+def init_roles(engine_ranks: int, timeout_s: int = 1800, control_timeout_s: int = 4 * 3600) -> Roles:
+    """Splits the launch (torchrun/srun's RANK and WORLD_SIZE) into trainer and engine ranks, each with
+    its own default process group and RANK/WORLD_SIZE (the role's), and builds the bridge groups
+    (see `Roles`). Idempotent; LOCAL_RANK (the device) is kept."""
+    global _ROLES
+    if _ROLES is not None:
+        return _ROLES
+    if dist.is_initialized():
+        raise RuntimeError("rollout.placement=separate: torch.distributed was set up before the roles were split")
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if not 1 <= engine_ranks < world:
+        raise ValueError(f"rollout.engine_ranks={engine_ranks}: separate placement needs at least one engine rank and "
+                         f"one trainer rank among the launch's {world} (torchrun --nproc-per-node × nodes)")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    dev.set_current()
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world,
+                                       timeout=datetime.timedelta(seconds=timeout_s)))
+    trainers = world - engine_ranks
+    role = "trainer" if rank < trainers else "engine"
+    role_rank, role_world = (rank, trainers) if role == "trainer" else (rank - trainers, engine_ranks)
+    os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(role_world))
+    dist.init_process_group(dev.dist_backend(), store=dist.PrefixStore(f"{role}/", store), rank=role_rank,
+                            world_size=role_world, timeout=datetime.timedelta(seconds=timeout_s))
+    out = Roles(role, rank, world, engine_ranks)
+    long = datetime.timedelta(seconds=control_timeout_s)
+    if rank == 0 or role == "engine":  # trainer 0 and the engine ranks: 0 and 1 … engines
+        member = 0 if rank == 0 else role_rank + 1
+        out.messages = dist.ProcessGroupGloo(dist.PrefixStore("bridge-messages/", store), member, engine_ranks + 1, long)
+        if dev.is_gpu():
+            out.weights = dist.ProcessGroupNCCL(dist.PrefixStore("bridge-weights/", store), member, engine_ranks + 1)
+        else:
+            out.weights = dist.ProcessGroupGloo(dist.PrefixStore("bridge-weights/", store), member, engine_ranks + 1, long)
+    if rank == 0 or rank == trainers:  # trainer 0 and engine 0
+        out.batches = dist.ProcessGroupGloo(dist.PrefixStore("bridge-batches/", store), int(rank != 0), 2, long)
+    _ROLES = out
+    init_distributed(timeout_s, control_timeout_s)  # the role's control group
+    return out
 
 
 def control_group():
