@@ -177,6 +177,21 @@ class Response:
         return len(self.token_ids)
 
 
+def token_records(raw_logprobs: Sequence[float], record: dict) -> Tuple[List[float], List[float], List[float], List[float]]:
+    """Per generated token (temperature, T = 1 entropy, log-prob at its temperature, log-prob at T = 1)
+    from vLLM's raw log-probs and the temperature processor's record {position: (T, H, log Z_1, log Z_T)}."""
+    temps, ents, lp, lp1 = [], [], [], []
+    for pos, raw in enumerate(raw_logprobs):
+        if pos not in record:
+            raise RuntimeError(f"temperature processor kept no record for token {pos} of a response")
+        t, h, lz1, lzt = record[pos]
+        temps.append(t)
+        ents.append(h)
+        lp1.append(raw)
+        lp.append((raw + lz1) / t - lzt)
+    return temps, ents, lp, lp1
+
+
 def engine_placement(tensor_parallel_size: int, distributed: bool, gpu: bool) -> dict:
     """vLLM executor arguments for one colocated engine (see the module docstring)."""
     if tensor_parallel_size < 1:
@@ -337,7 +352,7 @@ class RolloutEngine:
         """n responses per prompt (token-id prompts). seeds: one per prompt; sample j of prompt i
         uses seeds[i] + j, so results do not depend on batch composition. max_tokens: per prompt, a
         cap below sampling.max_tokens (a multi-turn response's remaining budget)."""
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import TokensPrompt
 
         from .temperature_processor import RECORDER
 
@@ -362,15 +377,9 @@ class RolloutEngine:
                 continue
             for j in range(n):
                 tag = f"r{next(self._counter)}"
-                hapo = {"tag": tag, "stats": stats.to_dict() if (stats is not None and sampling.adaptive) else None,
-                        "base_temperature": sampling.base_temperature, "tau": sampling.tau, "sign_mode": sampling.sign_mode}
-                params.append(SamplingParams(
-                    n=1, temperature=1.0, top_p=sampling.top_p, top_k=sampling.top_k,
-                    max_tokens=min(sampling.max_tokens if max_tokens is None else max_tokens[i], self.max_model_len - len(prompt)),
-                    logprobs=0,
-                    seed=None if seeds is None else int(seeds[i]) + j, stop_token_ids=list(sampling.stop_token_ids),
-                    detokenize=False, extra_args={"hapo": hapo},
-                ))
+                params.append(self.request_params(
+                    sampling, stats, tag, None if seeds is None else int(seeds[i]) + j,
+                    min(sampling.max_tokens if max_tokens is None else max_tokens[i], self.max_model_len - len(prompt))))
                 requests.append(TokensPrompt(prompt_token_ids=prompt))
                 keys.append((i, j, tag))
         if requests:
@@ -391,6 +400,20 @@ class RolloutEngine:
                 out[i][j].routing = experts.get(res.request_id)
         return out
 
+    def request_params(self, sampling: SamplingConfig, stats: Optional[EntropyStats], tag: str, seed: Optional[int],
+                       max_tokens: int, delta: bool = False):
+        """vLLM's SamplingParams of one HAPO request: temperature 1 for vLLM, the temperature processor
+        scales per token (from `stats`, with adaptation on) and records under `tag`; the sampled
+        token's raw log-prob returned; delta: outputs as increments (LLMEngine.step driving)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        hapo = {"tag": tag, "stats": stats.to_dict() if (stats is not None and sampling.adaptive) else None,
+                "base_temperature": sampling.base_temperature, "tau": sampling.tau, "sign_mode": sampling.sign_mode}
+        return SamplingParams(n=1, temperature=1.0, top_p=sampling.top_p, top_k=sampling.top_k, max_tokens=max_tokens,
+                              logprobs=0, seed=seed, stop_token_ids=list(sampling.stop_token_ids), detokenize=False,
+                              extra_args={"hapo": hapo}, **({"output_kind": RequestOutputKind.DELTA} if delta else {}))
+
     def _routing(self, requests, results) -> dict:
         from . import routing
 
@@ -403,16 +426,8 @@ class RolloutEngine:
     @staticmethod
     def _response(i, j, completion, record) -> Response:
         ids = list(completion.token_ids)
-        temps, ents, lp, lp1 = [], [], [], []
-        for pos, tok in enumerate(ids):
-            if pos not in record:
-                raise RuntimeError(f"temperature processor kept no record for token {pos} of a response")
-            t, h, lz1, lzt = record[pos]
-            raw = completion.logprobs[pos][tok].logprob  # vLLM's default logprobs are of the raw (T = 1) logits
-            temps.append(t)
-            ents.append(h)
-            lp1.append(raw)
-            lp.append((raw + lz1) / t - lzt)
+        raw = [completion.logprobs[pos][tok].logprob for pos, tok in enumerate(ids)]  # vLLM's: of the raw (T = 1) logits
+        temps, ents, lp, lp1 = token_records(raw, record)
         return Response(i, j, ids, temps, ents, lp, lp1, completion.finish_reason)
 
     # ---- weights ------------------------------------------------------------------------------

@@ -246,6 +246,17 @@ class EngineWorker:
             raise RuntimeError(f"engine ranks: the trainer is gone ({msg['error']}); stopping")
         return msg
 
+    def drain(self) -> None:
+        """Everything the inbox holds into the pending queue, without waiting."""
+        while True:
+            try:
+                msg = self.inbox.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg["kind"] == "lost":
+                raise RuntimeError(f"engine ranks: the trainer is gone ({msg['error']}); stopping")
+            self._pending.append(msg)
+
     def _peek(self, block: bool) -> Optional[dict]:
         if not self._pending:
             t0 = time.perf_counter()
@@ -468,7 +479,7 @@ class RemoteRollout:
                                + (f"\n{msg['traceback']}" if msg.get("traceback") else ""))
         if kind == "batch":
             self.mail[("batch", msg["step"])] = msg
-        elif kind == "group":
+        elif kind in ("group", "admitted"):
             self.stream.arrive(msg)
         elif kind == "eval_result":
             self.mail[("eval", msg["id"])] = msg
@@ -509,6 +520,8 @@ class RemoteRollout:
         out["engine_idle_frac"] = idle / max(busy + idle, 1e-9)
         for k, v in meta.get("stream_metrics", {}).items():
             out[k] = v
+        if "positions_seen" in meta:  # partial rollouts: the data positions this step consumed (JSONL only)
+            out["positions_seen"] = meta["positions_seen"]
         counts = collections.Counter()
         span = 0
         for v in batch.versions or ():
