@@ -19,11 +19,13 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import Config
+from .spawn import run_ranks
 from .plot import read_jsonl
 
 ACC = "eval_mean@1"
@@ -75,8 +77,9 @@ WARMUP = {"chain": Warmup(800, 2e-3, band=(0.2, 0.4), first_check=200), "additio
 def arm_overrides(arm: str) -> Dict[str, str]:
     """hapo | dapo | grpo, hapo-released (the authors' released code: sign_mode=released, so confident
     tokens are heated like uncertain ones, and loss_stats=micro_batch_current), hapo-no-X (HAPO with
-    component X of A-D off: the paper's ablation), or <algorithm>-no-tools (the tool task without
-    tools: the floor)."""
+    component X of A-D off: the paper's ablation), <algorithm>-no-tools (the tool task without
+    tools: the floor), or a schedule on two processes, a trainer and an engine: <algorithm>-sep (on
+    policy), <algorithm>-offN (N steps off policy, token TIS), <algorithm>-offN-partial (partial rollouts)."""
     if arm in ("hapo", "dapo", "grpo"):
         return {"algorithm.name": arm}
     if arm == "hapo-released":
@@ -87,7 +90,16 @@ def arm_overrides(arm: str) -> Dict[str, str]:
         return {"algorithm.name": arm[:-9], "rollout.tools": "[]", "rollout.dynamic_sampling": "false"}
     if arm.startswith("hapo-no-") and arm[8:] in COMPONENTS:
         return {"algorithm.name": "hapo", f"algorithm.{COMPONENTS[arm[8:]]}": "false"}
-    raise ValueError(f"arm {arm!r}: expected hapo, dapo, grpo, hapo-released, hapo-no-A|B|C|D or <algorithm>-no-tools")
+    schedule = re.fullmatch(r"(hapo|dapo|grpo)-(sep|off(\d+)(-partial)?)", arm)
+    if schedule:  # the asynchronous schedules: one trainer rank and one engine rank (rollout.placement=separate)
+        algo, _, lag, partial = schedule.groups()
+        out = {"algorithm.name": algo, "rollout.placement": "separate", "rollout.engine_ranks": "1",
+               "rollout.max_staleness": lag or "0", "rollout.partial": "true" if partial else "false"}
+        if lag and int(lag) > 0:  # off policy: the behaviour policy's ratio at the recorded temperature, truncated
+            out["algorithm.rollout_correction"] = "tis"
+        return out
+    raise ValueError(f"arm {arm!r}: expected hapo, dapo, grpo, hapo-released, hapo-no-A|B|C|D, <algorithm>-no-tools, "
+                     f"<algorithm>-sep or <algorithm>-off<N>[-partial]")
 
 
 def mean_ci(values: Sequence[float]):
@@ -191,8 +203,12 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
             try:
                 settings = {**common, **arm_overrides(arm), "model.hf_path": f"{root}/warmup/model", "train.lr": lr,
                             "train.steps": steps, "eval.interval": eval_interval, "eval.before_train": "false"}
-                tr = Trainer(_config(run_dir, task, **settings))  # the arm's settings over the study's
-                tr.fit()
+                if settings.get("rollout.placement") == "separate":  # a trainer and an engine process
+                    run_ranks(1 + int(settings["rollout.engine_ranks"]), _separate_run, run_dir, task, settings,
+                              timeout=24 * 3600, init=False)
+                else:
+                    tr = Trainer(_config(run_dir, task, **settings))  # the arm's settings over the study's
+                    tr.fit()
             except Exception as exc:  # noqa: BLE001 - a failed run is a result: recorded, the study goes on
                 _record_failure(failed, arm, seed, run_dir, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
                 continue
@@ -220,6 +236,17 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
     print(table, flush=True)
     print(f"compare: {out}/summary.json, {out}/table.md, {out}/curves.png; {summary['wall_s']:.0f} s", flush=True)
     return summary
+
+
+def _separate_run(rank: int, world: int, run_dir: str, task: str, settings: Dict[str, str]) -> None:
+    """One arm's run on its own ranks (rollout.placement=separate), every rank of it."""
+    from .trainer import Trainer
+
+    tr = Trainer(_config(run_dir, task, **settings))
+    try:
+        tr.fit()
+    finally:
+        tr.close()
 
 
 def _record_failure(failed: Dict[str, Dict[int, str]], arm: str, seed: int, run_dir: str, reason: str) -> None:

@@ -24,6 +24,7 @@ the frontier below which all are, so a resumed run regenerates only what was in 
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from typing import Dict, List, Optional
 
@@ -70,6 +71,8 @@ class StreamingSchedule:
         self.running: Dict[str, _Seq] = {}  # vLLM request id → the part it generates
         self.counter = itertools.count()
         self.capacity = (self.cfg.max_staleness + 1) * self.cfg.prompts_per_step
+        # tests: a slower engine (seconds a decoding step), so that versions land mid-response
+        self.test_step_sleep = float(os.environ.get("MEGATRON_HAPO_TEST_STEP_SLEEP", "0"))
 
     # ---- the loop ---------------------------------------------------------------------------------------
 
@@ -96,6 +99,8 @@ class StreamingSchedule:
             t0 = time.perf_counter()
             phases.mark("rollout")
             finished = []
+            if self.test_step_sleep:
+                time.sleep(self.test_step_sleep)
             for out in self.le.step():
                 seq = self.running.get(out.request_id)
                 if seq is None:

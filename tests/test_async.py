@@ -1,0 +1,167 @@
+"""Asynchronous schedules (rollout.placement=separate): one trainer rank and one engine rank under
+torchrun, SIGKILLed at seeded moments and resumed with train.resume=auto.
+
+- One step off policy (lockstep, max_staleness=1): the killed run ends bit-identical to the run
+  never killed: weights, optimizer state, step, data position, entropy statistics, every metric
+  row (the rollouts made ahead for the next step are kept in each checkpoint).
+- Partial rollouts at staleness 2 (drop): nothing lost or duplicated: every data position the
+  steps consumed, over all launches, once; a version landed mid-response (a response spans two
+  versions) and every token's staleness is within the bound.
+After every kill nothing of the job is left.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from megatron_hapo.compare import arm_overrides
+from megatron_hapo.config import Config, ConfigError
+from megatron_hapo.spawn import free_port
+
+from .test_checkpoint import ROOT
+from .test_crash_resume import flat, job_env, kill_job, left_over, wait_for_marker
+
+STEPS, SEED = 4, 20261205
+BASE = [f"train.steps={STEPS}", "train.save_interval=1", "train.keep_last=2", "rollout.prompts_per_step=4",
+        "rollout.samples_per_prompt=4", "train.mini_batch_prompts=2", "train.micro_batch_size=4", "train.lr=1e-3",
+        "rollout.dynamic_sampling=false", "eval.at_end=false", "log.progress=off", "reward.workers=0",
+        "reward.type=tests.verifiers:HasSeven", "rollout.max_response_tokens=40", "data.max_prompt_tokens=16",
+        "rollout.placement=separate", "rollout.engine_ranks=1", "algorithm.rollout_correction=tis"]
+OFF1 = ["rollout.max_staleness=1"]
+PARTIAL = ["rollout.max_staleness=2", "rollout.partial=true", "rollout.stale=drop", "train.steps=6"]
+VOLATILE = ("time_", "_per_s", "idle_frac", "engine_")
+
+
+def test_schedule_settings_are_checked():
+    def error(*items):
+        with pytest.raises(ConfigError) as e:
+            Config.load(None, list(items))
+        return str(e.value)
+
+    assert "rollout.max_staleness" in error("rollout.max_staleness=1")  # colocated: nothing to overlap
+    assert "rollout.engine_ranks" in error("rollout.placement=separate")
+    assert "rollout.partial" in error("rollout.placement=separate", "rollout.engine_ranks=1", "rollout.partial=true")
+    assert "rollout.stale" in error("rollout.stale=later")
+    assert "rollout.placement" in error("rollout.placement=remote")
+    assert "rollout.partial" in error("rollout.placement=separate", "rollout.engine_ranks=1", "rollout.max_staleness=1",
+                                      "rollout.partial=true", "rollout.tools=[python]")
+    cfg = Config.load(None, ["rollout.placement=separate", "rollout.engine_ranks=2",
+                             "parallel.inference_tensor_parallel_size=2", "rollout.prompts_per_step=8"])
+    cfg.validate(2)  # the trainers' world: two ranks train, two more host one engine
+    with pytest.raises(ConfigError, match="engine_ranks"):
+        Config.load(None, ["rollout.placement=separate", "rollout.engine_ranks=3",
+                           "parallel.inference_tensor_parallel_size=2"]).validate(1)
+    assert arm_overrides("hapo-off1") == {"algorithm.name": "hapo", "rollout.placement": "separate",
+                                          "rollout.engine_ranks": "1", "rollout.max_staleness": "1",
+                                          "rollout.partial": "false", "algorithm.rollout_correction": "tis"}
+    assert arm_overrides("dapo-off2-partial")["rollout.partial"] == "true"
+    assert "algorithm.rollout_correction" not in arm_overrides("hapo-sep")
+    with pytest.raises(ValueError, match="offN|off<N>"):
+        arm_overrides("hapo-off")
+
+
+def launch(run_dir, extra, hold=None):
+    # partial rollouts: 15 ms more a decoding step, so generation outlasts an update and versions land mid-response
+    env = {**job_env(run_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "MEGATRON_HAPO_TEST_STEP_SLEEP": "0.015"}
+    if hold:
+        env["MEGATRON_HAPO_TEST_HOLD"] = hold
+    os.makedirs(run_dir, exist_ok=True)
+    log = open(os.path.join(run_dir, "launches.log"), "a")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron_hapo.train",
+           f"train.run_dir={run_dir}", *BASE, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def tail(run_dir, n=6000):
+    with open(os.path.join(run_dir, "launches.log")) as f:
+        return f.read()[-n:]
+
+
+def rows_of(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def killed_run(run_dir, extra, kills, rng, last=STEPS):
+    """The run SIGKILLed `kills` times (each 0-0.5 s after the trainer began a seeded step's update,
+    on whichever rank was where), resumed after each; the kills' records."""
+    out = []
+    steps = sorted(rng.sample(range(1, last + 1), kills))
+    for step in steps:
+        if os.path.exists(os.path.join(run_dir, "phases.log")):
+            os.remove(os.path.join(run_dir, "phases.log"))
+        proc = launch(run_dir, extra)
+        wait_for_marker(run_dir, f"{step} update", proc)
+        time.sleep(rng.uniform(0.0, 0.5))
+        job = kill_job(proc)
+        landed = open(os.path.join(run_dir, "phases.log")).read().splitlines()[-1]
+        out.append({"at": step, "landed": landed, "processes": job, "left": left_over(job)})
+        print(f"kill {len(out)}: in step {step}, the job was at {landed!r}, {len(job)} processes, "
+              f"{len(out[-1]['left'])} left", flush=True)
+    proc = launch(run_dir, extra)
+    assert proc.wait(timeout=600) == 0, tail(run_dir)
+    return out
+
+
+@pytest.fixture(scope="module")
+def off1(tmp_path_factory):
+    straight = str(tmp_path_factory.mktemp("off1-straight"))
+    proc = launch(straight, OFF1)
+    assert proc.wait(timeout=600) == 0, tail(straight)
+    run_dir = str(tmp_path_factory.mktemp("off1-killed"))
+    kills = killed_run(run_dir, OFF1, 2, random.Random(SEED))
+    return straight, run_dir, kills
+
+
+def final_state(run_dir):
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    path = os.path.join(run_dir, "checkpoints", f"iter_{STEPS:07d}")
+    tensors = _load_state_dict_from_keys(checkpoint_id=path)
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    state.pop("config")
+    rows = [{k: v for k, v in r.items() if not any(w in k for w in VOLATILE)} for r in rows_of(run_dir)]
+    return tensors, state, rows
+
+
+def test_one_step_off_resumes_bit_identical_after_kills(off1):
+    straight, run_dir, kills = off1
+    want_tensors, want_state, want_rows = final_state(straight)
+    got_tensors, got_state, got_rows = final_state(run_dir)
+    want, got = dict(flat(want_tensors)), dict(flat(got_tensors))
+    assert sorted(got) == sorted(want)
+    differ = [k for k in want if isinstance(want[k], torch.Tensor) and not torch.equal(want[k], got[k])]
+    assert not differ, f"weights or optimizer state differ after {len(kills)} kills: {differ[:5]}"
+    assert got_state == want_state
+    assert [r["step"] for r in got_rows] == list(range(1, STEPS + 1))
+    assert got_rows == want_rows
+    # one step off: step 1 on the initial weights, then every step's tokens exactly one version behind
+    assert [r["staleness_max"] for r in want_rows] == [0.0] + [1.0] * (STEPS - 1)
+    assert all(r["staleness_mean"] == r["staleness_max"] for r in want_rows)
+    assert all(r["rollout_correction_weight_mean"] > 0 for r in want_rows)
+    assert sum("resumed from" in line for line in tail(run_dir, 10**7).splitlines()) >= 1
+    for k in kills:
+        assert not k["left"], f"killed in step {k['at']} ({k['landed']!r}); left: {k['left']}"
+    assert any("megatron_hapo.train" in info[4] for k in kills for info in k["processes"].values())
+
+
+def test_partial_rollouts_lose_and_repeat_nothing_across_kills(tmp_path):
+    run_dir = str(tmp_path)
+    kills = killed_run(run_dir, PARTIAL, 2, random.Random(SEED + 1), last=4)
+    rows = rows_of(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    used = [p for r in rows for p in r["positions_seen"]]
+    assert len(used) == len(set(used)), f"a prompt used twice: {sorted(used)}"
+    frontier = rows[-1]["data_position"]
+    assert set(range(frontier)) <= set(used), f"a prompt lost below the frontier {frontier}: {sorted(used)}"
+    assert all(r["staleness_max"] <= 2 for r in rows)  # drop: groups with a token more stale were dropped
+    assert rows[0]["staleness_max"] == 0 and any(r["versions_per_response_max"] >= 2 for r in rows)  # a version landed mid-response
+    for k in kills:
+        assert not k["left"], f"killed in step {k['at']} ({k['landed']!r}); left: {k['left']}"
