@@ -777,6 +777,23 @@ def c_multi(ctx):
     return ("" if dev.is_gpu() else "(CPU, gloo) ") + "; ".join(figures), ok
 
 
+@check("2 GPUs: separate placement (trainer on one GPU, engine rank on the other): NCCL weight transfer, GB/s vs a "
+       "device-to-device copy", MULTI)
+def c_bridge(ctx):
+    if not ctx.multi_on_cpu:
+        need_gpu(2)
+    ctx.ensure_model()
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          os.path.join(ROOT, "tools", "gpu_selftest_bridge.py"), ctx.work, "1024" if dev.is_gpu() else "64"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    lines = [x for x in res.stdout.splitlines() if x.startswith("BRIDGE ")]
+    if res.returncode or not lines:
+        errors = [x for x in res.stderr.splitlines() if "Error" in x] or res.stderr.strip().splitlines() or [""]
+        return f"exited {res.returncode}: {errors[-1][:200]}", False
+    result = json.loads(lines[-1][7:])
+    return ("" if dev.is_gpu() else "(CPU, gloo) ") + result["figure"], result["ok"]
+
+
 @check("weights walk (hf_weights, what sync and export stream) stays on the device; GB/s vs a device copy", TRAINING)
 def c_weights_walk(ctx):
     policy = ctx.new_policy()  # the HF folder's weights, untrained: the walk must give them back exactly
