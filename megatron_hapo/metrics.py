@@ -63,6 +63,8 @@ def reduce_step_sums(mismatch: Optional[torch.Tensor], mismatch_at_t: Optional[t
     mx = torch.stack([mismatch[3], mismatch_at_t[3]])
     dist.all_reduce(sums, group=group)
     dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+    if sums[2].item() == 0:  # no token sampled under the pass's weights (one step off): nothing to compare
+        return {"adv_fallback_frac": sums[6].item() / max(sums[7].item(), 1.0)}
     tokens = max(sums[2].item(), 1.0)
     return {"logp_mismatch_mean": sums[0].item() / tokens, "ratio_bias": sums[1].item() / tokens,
             "logp_mismatch_max": mx[0].item(), "logp_mismatch_at_t_mean": sums[3].item() / tokens,

@@ -208,8 +208,12 @@ class Trainer:
         else:
             old_logp, old_ent, logp_at_t = self.policy.compute_logprobs(PolicyBatch(ids, mask, routing=routing),
                                                                         also_at=temps)
-            mismatch = A.logprob_mismatch_sums(batch.per_position("logprobs_t1", width, self.device), old_logp, mask)
-            mismatch_at_t = A.logprob_mismatch_sums(engine_logp, logp_at_t, mask)
+            # engine vs trainer numerics: only at tokens sampled under the weights this pass runs (separate
+            # placement: a token of an older version differs by the policy's own change, which the
+            # rollout correction's metrics show)
+            same = mask if batch.versions is None else mask & (batch.per_position("versions", width, self.device) == self.step)
+            mismatch = A.logprob_mismatch_sums(batch.per_position("logprobs_t1", width, self.device), old_logp, same)
+            mismatch_at_t = A.logprob_mismatch_sums(engine_logp, logp_at_t, same)
         step_stats = distributed_entropy_stats(old_ent, mask, group=self.dp_group, pivot=algo.pivot)
         h_hat = A.normalized_entropy(old_ent, step_stats, algo.sign_mode) if algo.uses_entropy else None
         adv, fallback = A.compute_advantages(algo, batch.rewards.to(self.device), batch.lengths.to(self.device),

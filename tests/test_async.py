@@ -6,7 +6,8 @@ torchrun, SIGKILLed at seeded moments and resumed with train.resume=auto.
   row (the rollouts made ahead for the next step are kept in each checkpoint).
 - Partial rollouts at staleness 2 (drop): nothing lost or duplicated: every data position the
   steps consumed, over all launches, once; a version landed mid-response (a response spans two
-  versions) and every token's staleness is within the bound.
+  versions), every token's staleness is within the bound, and at the tokens sampled under the
+  trainer's current weights (continued parts included) the engine's log-probs equal the trainer's.
 After every kill nothing of the job is left.
 """
 import json
@@ -163,5 +164,10 @@ def test_partial_rollouts_lose_and_repeat_nothing_across_kills(tmp_path):
     assert set(range(frontier)) <= set(used), f"a prompt lost below the frontier {frontier}: {sorted(used)}"
     assert all(r["staleness_max"] <= 2 for r in rows)  # drop: groups with a token more stale were dropped
     assert rows[0]["staleness_max"] == 0 and any(r["versions_per_response_max"] >= 2 for r in rows)  # a version landed mid-response
+    # exact across switches: at the tokens sampled under the weights the old pass runs (continued parts
+    # included) the engine's log-probs, at T = 1 and at each token's temperature, are the trainer's
+    compared = [r for r in rows if "logp_mismatch_max" in r]
+    assert compared and all(r["logp_mismatch_max"] < 1e-4 and r["logp_mismatch_at_t_max"] < 1e-4 for r in compared), \
+        [(r["step"], r.get("logp_mismatch_max"), r.get("logp_mismatch_at_t_max")) for r in rows]
     for k in kills:
         assert not k["left"], f"killed in step {k['at']} ({k['landed']!r}); left: {k['left']}"

@@ -171,9 +171,11 @@ class RolloutBatch:
         return [v if m is None else v[m] for v, m in zip(self.per_token[name], masks)]
 
     def per_position(self, name: str, width: int, device=None) -> torch.Tensor:
-        """A per-token record (PER_TOKEN) aligned with the loss mask: [N, width], zero elsewhere."""
-        out = torch.zeros(len(self), width)
-        for i, (v, p) in enumerate(zip(self.per_token[name], self.prompt_lens)):
+        """A per-token record (PER_TOKEN, or "versions" where the batch has them) aligned with the loss
+        mask: [N, width], zero elsewhere (versions: −1)."""
+        values = self.versions if name == "versions" else self.per_token[name]
+        out = torch.zeros(len(self), width) if name != "versions" else torch.full((len(self), width), -1.0)
+        for i, (v, p) in enumerate(zip(values, self.prompt_lens)):
             if len(v):
                 out[i, p - 1: p - 1 + len(v)] = torch.from_numpy(v)
         return out.to(device or "cpu")
