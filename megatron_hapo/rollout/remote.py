@@ -433,7 +433,7 @@ class RemoteRollout:
     def sync(self, policy, version: int, stats, start: Optional[dict] = None) -> Dict[str, float]:
         header = {"kind": "version", "version": version, "stats": stats.to_dict() if stats is not None else None}
         if self.stream is not None:
-            header["consumed"] = self.stream.consumed
+            header["consumed"] = self.stream.told = self.stream.consumed
         if start is not None:
             header["start"] = start
         try:
@@ -486,6 +486,14 @@ class RemoteRollout:
         elif kind == "bye":
             self.mail[("bye", 0)] = msg
         return msg
+
+    def tell(self, msg: dict) -> None:
+        """A message to every engine rank (trainer 0)."""
+        try:
+            broadcast_obj(self.roles.messages, msg)
+        except RuntimeError as exc:
+            self._explain(exc)
+            raise
 
     def _share(self, obj):
         """Trainer 0's object on every trainer rank."""

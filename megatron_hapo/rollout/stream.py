@@ -13,10 +13,12 @@ that version's distribution, so behaviour log-probs stay exact across the switch
 request pauses the same way. A finished group is scored and sent with the version it was admitted
 under and its tokens' versions.
 
-Trainer side (`TrainerStream`): groups are taken in arrival order. A group whose oldest token is
-more than max_staleness versions behind the update's start (step − 1) is too stale: with
-rollout.stale=drop it is dropped and counted; with wait the trainer first waits for every group
-in flight admitted at the last version still allowed and uses those first, so none goes stale.
+Trainer side (`TrainerStream`): of the groups received, the one admitted under the oldest version
+is taken first (then arrival order). A group whose oldest token is more than max_staleness versions
+behind the update's start (step − 1) is too stale: with rollout.stale=drop it is dropped and
+counted; with wait the trainer first waits for every group in flight admitted at the last version
+still allowed, and the engine is told of consumption beyond a version's only when the trainer
+starves (so what it then admits is used at once), which keeps every group within the bound.
 Data position: every admitted prompt is consumed once (trained, filtered by dynamic sampling, or
 dropped); a checkpoint keeps the groups received and not yet used, which positions are done and
 the frontier below which all are, so a resumed run regenerates only what was in flight.
@@ -86,6 +88,8 @@ class StreamingSchedule:
                     w._apply(msg)
                     self.consumed = max(self.consumed, int(msg.get("consumed", 0)))
                     self._resume()
+                elif msg["kind"] == "consumed":  # the trainer waits for groups: the buffer has room again
+                    self.consumed = max(self.consumed, int(msg["consumed"]))
                 elif msg["kind"] == "eval":
                     self._pause()
                     w._evaluate(msg)
@@ -97,6 +101,7 @@ class StreamingSchedule:
             if not self.running:
                 continue
             t0 = time.perf_counter()
+            phases.set_step(w.version + 1)  # the step the engine's current weights serve first
             phases.mark("rollout")
             finished = []
             if self.test_step_sleep:
@@ -236,6 +241,7 @@ class TrainerStream:
         self.buffer: List[dict] = []
         self.in_flight: Dict[int, int] = {}
         self.consumed = 0
+        self.told = 0  # the consumption the engine was last told of
         self.done: set = set()  # positions consumed above the frontier
         self.frontier = 0
         self.busy = self.idle = 0.0
@@ -248,6 +254,7 @@ class TrainerStream:
     def snapshot(self) -> "TrainerStream":
         out = TrainerStream()
         out.buffer, out.consumed, out.done, out.frontier = list(self.buffer), self.consumed, set(self.done), self.frontier
+        out.told = self.consumed
         return out  # in flight: regenerated after a resume
 
     def arrive(self, msg: dict) -> None:
@@ -271,10 +278,17 @@ class TrainerStream:
                 while any(v <= oldest_ok for v in self.in_flight.values()):
                     remote._receive_one(block=True)
             while not self.buffer:
+                # the engine admits against the consumption it was told of; more is told when the trainer
+                # starves (drop: the buffer is empty; wait: nothing is in flight either, so what it admits
+                # now is used now, under the newest version)
+                starved = cfg.stale == "drop" or not self.in_flight
+                if starved and self.consumed > self.told:
+                    remote.tell({"kind": "consumed", "consumed": self.consumed})
+                    self.told = self.consumed
                 remote._receive_one(block=True)
             waited += time.perf_counter() - t0
-            due = [i for i, m in enumerate(self.buffer) if m["admitted"] <= oldest_ok]
-            msg = self.buffer.pop(due[0] if due else 0)
+            # the oldest admitted first (then arrival order): what would go stale soonest is used soonest
+            msg = self.buffer.pop(min(range(len(self.buffer)), key=lambda i: (self.buffer[i]["admitted"], i)))
             self.consumed += 1
             self.done.add(msg["position"])
             positions.append(msg["position"])
