@@ -97,7 +97,7 @@ class Trainer:
             self.sync_weights()
         rollout_state = self._maybe_resume()
         if self.remote is not None:  # the engines start from these weights, where the checkpoint left them
-            self.remote.start(self.policy, self.step, self.stats, rollout_state)
+            self.remote.start(self.policy, self.step, self.stats, rollout_state, self.data_position)
         if self.rank == 0:
             with open(os.path.join(t.run_dir, "config.yaml"), "w") as f:
                 f.write(cfg.dump())

@@ -409,11 +409,13 @@ class RemoteRollout:
 
     # ---- start, weights ----------------------------------------------------------------------------------
 
-    def start(self, policy, version: int, stats, state: Optional[dict]) -> Dict[str, float]:
+    def start(self, policy, version: int, stats, state: Optional[dict], data_position: int = 0) -> Dict[str, float]:
         """The first version (the loaded or resumed weights) with where the engines start: the step
         after the rollouts a checkpoint kept (`state`, from `checkpoint_state`) and the data position
-        after them."""
-        start = {"step": version + 1, "data_position": 0}
+        after them; without such a state (a fresh run, or a checkpoint of a colocated run), the
+        trainer's `data_position`."""
+        self.engine_position = data_position
+        start = {"step": version + 1, "data_position": data_position}
         if state:
             self.engine_position = state["engine_position"]
             kept = state.get("batches", {})
@@ -427,6 +429,7 @@ class RemoteRollout:
             from .stream import TrainerStream
 
             self.stream = TrainerStream()
+            self.stream.frontier = data_position
             start.update(self.stream.start_info())
         return self.sync(policy, version, stats, start)
 
