@@ -13,19 +13,16 @@ After every kill nothing of the job is left.
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 
 import pytest
-import torch
 
 from megatron_hapo.compare import arm_overrides
 from megatron_hapo.config import Config, ConfigError
-from megatron_hapo.spawn import free_port
 
 from .test_checkpoint import ROOT
-from .test_crash_resume import flat, job_env, kill_job, left_over, wait_for_marker
+from . import test_crash_resume as crash
+from .test_crash_resume import kill_job, left_over, tail, wait_for_marker
 
 STEPS, SEED = 4, 20261205
 BASE = [f"train.steps={STEPS}", "train.save_interval=1", "train.keep_last=2", "rollout.prompts_per_step=4",
@@ -67,22 +64,9 @@ def test_schedule_settings_are_checked():
         arm_overrides("hapo-off")
 
 
-def launch(run_dir, extra, hold=None):
+def launch(run_dir, extra):
     # partial rollouts: 15 ms more a decoding step, so generation outlasts an update and versions land mid-response
-    env = {**job_env(run_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "MEGATRON_HAPO_TEST_STEP_SLEEP": "0.015"}
-    if hold:
-        env["MEGATRON_HAPO_TEST_HOLD"] = hold
-    os.makedirs(run_dir, exist_ok=True)
-    log = open(os.path.join(run_dir, "launches.log"), "a")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron_hapo.train",
-           f"train.run_dir={run_dir}", *BASE, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def tail(run_dir, n=6000):
-    with open(os.path.join(run_dir, "launches.log")) as f:
-        return f.read()[-n:]
+    return crash.launch(run_dir, extra, base=BASE, env_extra={"PYTHONPATH": ROOT, "MEGATRON_HAPO_TEST_STEP_SLEEP": "0.015"})
 
 
 def rows_of(run_dir):
@@ -121,27 +105,9 @@ def off1(tmp_path_factory):
     return straight, run_dir, kills
 
 
-def final_state(run_dir):
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-    path = os.path.join(run_dir, "checkpoints", f"iter_{STEPS:07d}")
-    tensors = _load_state_dict_from_keys(checkpoint_id=path)
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
-    state.pop("config")
-    rows = [{k: v for k, v in r.items() if not any(w in k for w in VOLATILE)} for r in rows_of(run_dir)]
-    return tensors, state, rows
-
-
 def test_one_step_off_resumes_bit_identical_after_kills(off1):
     straight, run_dir, kills = off1
-    want_tensors, want_state, want_rows = final_state(straight)
-    got_tensors, got_state, got_rows = final_state(run_dir)
-    want, got = dict(flat(want_tensors)), dict(flat(got_tensors))
-    assert sorted(got) == sorted(want)
-    differ = [k for k in want if isinstance(want[k], torch.Tensor) and not torch.equal(want[k], got[k])]
-    assert not differ, f"weights or optimizer state differ after {len(kills)} kills: {differ[:5]}"
-    assert got_state == want_state
+    want_rows, got_rows = crash.same_end(straight, run_dir, len(kills), STEPS, VOLATILE)
     assert [r["step"] for r in got_rows] == list(range(1, STEPS + 1))
     assert got_rows == want_rows
     # one step off: step 1 on the initial weights, then every step's tokens exactly one version behind

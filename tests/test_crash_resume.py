@@ -45,15 +45,16 @@ def job_env(run_dir):
     return env
 
 
-def launch(run_dir, extra=(), hold=None):
-    env = {**job_env(run_dir), "OMP_NUM_THREADS": "1"}
+def launch(run_dir, extra=(), hold=None, base=BASE, env_extra=None):
+    """`megatron-hapo train` of `base` + `extra` under torchrun on 2 ranks, logging to run_dir/launches.log."""
+    env = {**job_env(run_dir), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     if hold:
         env["MEGATRON_HAPO_TEST_HOLD"] = hold
     os.makedirs(run_dir, exist_ok=True)
     log = open(os.path.join(run_dir, "launches.log"), "a")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron_hapo.train",
-           f"train.run_dir={run_dir}", *BASE, *extra]
+           f"train.run_dir={run_dir}", *base, *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -158,17 +159,30 @@ def resume_step(run_dir):
     return done[-1][0] if done else 0
 
 
-def final_state(run_dir):
+def final_state(run_dir, steps=STEPS, volatile=VOLATILE):
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-    path = os.path.join(run_dir, "checkpoints", f"iter_{STEPS:07d}")
+    path = os.path.join(run_dir, "checkpoints", f"iter_{steps:07d}")
     tensors = _load_state_dict_from_keys(checkpoint_id=path)  # model and optimizer, every shard
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
     state.pop("config")  # holds the run folder
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [{k: v for k, v in json.loads(x).items() if not any(w in k for w in VOLATILE)} for x in f if x.strip()]
+        rows = [{k: v for k, v in json.loads(x).items() if not any(w in k for w in volatile)} for x in f if x.strip()]
     return tensors, state, rows
+
+
+def same_end(straight, killed, kills, steps=STEPS, volatile=VOLATILE):
+    """Asserts the killed run's last checkpoint equals the straight run's (every tensor, the trainer
+    state); returns both runs' metric rows (wall-clock figures left out)."""
+    want_tensors, want_state, want_rows = final_state(straight, steps, volatile)
+    got_tensors, got_state, got_rows = final_state(killed, steps, volatile)
+    want, got = dict(flat(want_tensors)), dict(flat(got_tensors))
+    assert sorted(got) == sorted(want)
+    differ = [k for k in want if isinstance(want[k], torch.Tensor) and not torch.equal(want[k], got[k])]
+    assert not differ, f"weights or optimizer state differ after {kills} kills: {differ[:5]}"
+    assert got_state == want_state  # step, data position, HAPO's entropy statistics
+    return want_rows, got_rows
 
 
 def flat(d, prefix=""):
@@ -214,13 +228,7 @@ def killed(tmp_path_factory):
 def test_kill_anywhere_then_resume_is_bit_identical(straight, killed):
     run_dir, kills = killed
     assert len(kills) == KILLS and {k["at"].split()[2] for k in kills} == set(PHASES)
-    want_tensors, want_state, want_rows = final_state(straight)
-    got_tensors, got_state, got_rows = final_state(run_dir)
-    want, got = dict(flat(want_tensors)), dict(flat(got_tensors))
-    assert sorted(got) == sorted(want)
-    differ = [k for k in want if isinstance(want[k], torch.Tensor) and not torch.equal(want[k], got[k])]
-    assert not differ, f"weights or optimizer state differ after {KILLS} kills: {differ[:5]}"
-    assert got_state == want_state  # step, data position, HAPO's entropy statistics
+    want_rows, got_rows = same_end(straight, run_dir, KILLS)
     assert all(r["tool_calls"] > 0 for r in want_rows)  # every step had tool turns
     assert [r["step"] for r in got_rows] == list(range(1, STEPS + 1))  # one row a step: none lost, none twice
     assert got_rows == want_rows
