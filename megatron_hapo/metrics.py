@@ -135,7 +135,8 @@ def step_line(m: Dict[str, Any]) -> str:
     line = (f"step {m['step']:>4} reward {m['reward']:+.3f} acc {m['rollout_accuracy']:.3f} (kept {m['accuracy']:.3f}) "
             f"len {m['response_length']:.1f} entropy {m['entropy']:.3f} T [{m['temperature_min']:.3f}, "
             f"{m['temperature_max']:.3f}] clip {m['clip_frac_low']:.3f}/{m['clip_frac_high']:.3f} "
-            + (f"mismatch {m['logp_mismatch_mean']:.1e} " if "logp_mismatch_mean" in m else "old π: engine ")
+            + (f"mismatch {m['logp_mismatch_mean']:.1e} " if "logp_mismatch_mean" in m
+               else f"stale {m['staleness_mean']:.2f} " if "staleness_mean" in m else "old π: engine ")
             + f"keep {m['keep_rate']:.2f} {m['time_step']:.1f}s")
     if m["reward_timeouts"] or m["reward_errors"]:
         line += f" reward timeouts {m['reward_timeouts']:.0f} errors {m['reward_errors']:.0f}"

@@ -95,9 +95,7 @@ class Trainer:
         self.progress = self.rank == 0 and (cfg.log.progress == "on" or (cfg.log.progress == "auto" and sys.stderr.isatty()))
         if cfg.model.load and self.remote is None:
             self.sync_weights()
-        rollout_state = self._maybe_resume()
-        if self.remote is not None:  # the engines start from these weights, where the checkpoint left them
-            self.remote.start(self.policy, self.step, self.stats, rollout_state, self.data_position)
+        self._rollout_state = self._maybe_resume()  # separate placement: the engines start at the first use
         if self.rank == 0:
             with open(os.path.join(t.run_dir, "config.yaml"), "w") as f:
                 f.write(cfg.dump())
@@ -120,8 +118,16 @@ class Trainer:
         """The policy's weights into the engines (separate placement: as the current version again,
         with the statistics of the step that made it)."""
         if self.remote is not None:
-            return self.remote.sync(self.policy, self.step, self.stats)
+            return self.remote.sync(self.policy, self.step, self.stats) if self.remote.started else self._start_engines()
         return sync_policy_to_engine(self.policy, self.engine)
+
+    def _start_engines(self) -> Dict[str, float]:
+        """Separate placement: the engines' first version, the policy's weights as they are at the first
+        rollout, evaluation or sync (after a warm-up in this process, say), with where the engines start
+        (the checkpoint's rollouts made ahead, or the data position). Idempotent."""
+        if self.remote is None or self.remote.started:
+            return {}
+        return self.remote.start(self.policy, self.step, self.stats, self._rollout_state, self.data_position)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
 
@@ -279,6 +285,7 @@ class Trainer:
 
         if self.worker is not None:
             return {}  # an engine rank: the trainer ranks evaluate (through it)
+        self._start_engines()
         e = self.cfg.eval
         if self.eval_data is None:
             raise ValueError("evaluation needs data.eval (no held-out split for these training sources)")
@@ -329,6 +336,7 @@ class Trainer:
             self.worker.serve()
             return []
         t, e = self.cfg.train, self.cfg.eval
+        self._start_engines()
         history = []
         self.stop.install()
         if e.before_train and self.step == 0 and self.eval_data is not None:

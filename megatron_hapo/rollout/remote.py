@@ -332,9 +332,9 @@ class EngineWorker:
                 if head is None:
                     break
                 if head["kind"] == "version":
-                    if self.version >= need:
+                    if head["version"] > self.version and self.version >= need:
                         break  # a newer version waits: this batch belongs to the one held
-                    self._apply(self._take())
+                    self._apply(self._take())  # the next version, or the held one again (a re-sync)
                 elif self.handle(self._take()):
                     return
             position = self._generate_step(step, position)
@@ -395,7 +395,7 @@ class RemoteRollout:
         self.collector = RolloutCollector(None, None, 0.0, None, layout, control, cfg.train.seed)
         self.mail: Dict[Tuple[str, int], dict] = {}  # (kind, step or id) → message, on trainer 0
         self.engine_position = 0  # the data position after the last rollout received (where a resume restarts)
-        self.closed, self.failed, self._eval_id = False, None, 0
+        self.closed, self.failed, self._eval_id, self.started = False, None, 0, False
         self.pump = None
         self.stream = None  # partial rollouts: the groups received and not yet used, in arrival order
         if self.leader:
@@ -414,7 +414,7 @@ class RemoteRollout:
         after the rollouts a checkpoint kept (`state`, from `checkpoint_state`) and the data position
         after them; without such a state (a fresh run, or a checkpoint of a colocated run), the
         trainer's `data_position`."""
-        self.engine_position = data_position
+        self.engine_position, self.started = data_position, True
         start = {"step": version + 1, "data_position": data_position}
         if state:
             self.engine_position = state["engine_position"]
@@ -595,7 +595,7 @@ class RemoteRollout:
         if not self.leader or self.failed:
             return
         try:
-            broadcast_obj(self.roles.messages, {"kind": "stop"})
+            broadcast_obj(self.roles.messages, {"kind": "stop"})  # also before a start: the engines then just end
             deadline = time.monotonic() + float(os.environ.get("MEGATRON_HAPO_ENGINE_STOP_S", "600"))
             while ("bye", 0) not in self.mail and time.monotonic() < deadline:
                 self._receive_one(block=True)
