@@ -271,10 +271,11 @@ class TrainerStream:
         oldest_ok = step - 1 - cfg.max_staleness  # the oldest version a token of this step's groups may have
         need = cfg.prompts_per_step
         kept, seen, groups, positions, dropped = [], [], {}, [], 0
-        waited = 0.0
+        waited = 0  # groups in their last allowed step that were still in flight: the trainer waited for them
         while len(kept) < need:
-            t0 = time.perf_counter()
             if cfg.stale == "wait":  # groups in their last allowed step go first: wait until they are here
+                due = sum(v <= oldest_ok for v in self.in_flight.values())
+                waited = max(waited, due)
                 while any(v <= oldest_ok for v in self.in_flight.values()):
                     remote._receive_one(block=True)
             while not self.buffer:
@@ -286,7 +287,6 @@ class TrainerStream:
                     remote.tell({"kind": "consumed", "consumed": self.consumed})
                     self.told = self.consumed
                 remote._receive_one(block=True)
-            waited += time.perf_counter() - t0
             # the oldest admitted first (then arrival order): what would go stale soonest is used soonest
             msg = self.buffer.pop(min(range(len(self.buffer)), key=lambda i: (self.buffer[i]["admitted"], i)))
             self.consumed += 1
@@ -310,7 +310,8 @@ class TrainerStream:
         meta = {"kept": kept, "seen": seen, "gen_batches": -(-len(seen) // need), "data_position": self.frontier,
                 "time_generate": self.busy, "engine_busy_s": self.busy, "engine_idle_s": self.idle,
                 "positions_seen": sorted(positions),
-                "stream_metrics": {"stale_dropped": float(dropped), "stream_buffered": float(len(self.buffer)),
+                "stream_metrics": {"stale_dropped": float(dropped), "stale_waited": float(waited),
+                                   "stream_buffered": float(len(self.buffer)),
                                    "stream_in_flight": float(len(self.in_flight))}}
         self.busy = self.idle = 0.0
         return meta, groups
