@@ -25,6 +25,8 @@ from . import test_crash_resume as crash
 from .test_crash_resume import kill_job, left_over, tail, wait_for_marker
 
 STEPS, SEED = 4, 20261205
+# kills per run (suite: 1 one step off, 2 partial; MEGATRON_HAPO_TEST_KILLS=N for a longer hunt, N ≤ 4)
+KILLS = os.environ.get("MEGATRON_HAPO_TEST_KILLS")
 BASE = [f"train.steps={STEPS}", "train.save_interval=1", "train.keep_last=2", "rollout.prompts_per_step=4",
         "rollout.samples_per_prompt=4", "train.mini_batch_prompts=2", "train.micro_batch_size=4", "train.lr=1e-3",
         "rollout.dynamic_sampling=false", "eval.at_end=false", "log.progress=off", "reward.workers=0",
@@ -101,7 +103,7 @@ def off1(tmp_path_factory):
     proc = launch(straight, OFF1)
     assert proc.wait(timeout=600) == 0, tail(straight)
     run_dir = str(tmp_path_factory.mktemp("off1-killed"))
-    kills = killed_run(run_dir, OFF1, 2, random.Random(SEED))
+    kills = killed_run(run_dir, OFF1, int(KILLS or 1), random.Random(SEED))
     return straight, run_dir, kills
 
 
@@ -122,7 +124,7 @@ def test_one_step_off_resumes_bit_identical_after_kills(off1):
 
 def test_partial_rollouts_lose_and_repeat_nothing_across_kills(tmp_path):
     run_dir = str(tmp_path)
-    kills = killed_run(run_dir, PARTIAL, 2, random.Random(SEED + 1), last=4)
+    kills = killed_run(run_dir, PARTIAL, int(KILLS or 2), random.Random(SEED + 1), last=4)
     rows = rows_of(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 7))
     used = [p for r in rows for p in r["positions_seen"]]
