@@ -77,19 +77,20 @@ def rows_of(run_dir):
 
 
 def killed_run(run_dir, extra, kills, rng, last=STEPS):
-    """The run SIGKILLed `kills` times (each 0-0.5 s after the trainer began a seeded step's update,
-    on whichever rank was where), resumed after each; the kills' records."""
+    """The run SIGKILLed `kills` times (each 0-0.5 s after a seeded step reached a seeded phase, on
+    whichever rank was where), resumed after each; the kills' records."""
     out = []
     steps = sorted(rng.sample(range(1, last + 1), kills))
     for step in steps:
+        phase = rng.choice(("rollout", "old_pass", "update", "weight_sync", "checkpoint"))
         if os.path.exists(os.path.join(run_dir, "phases.log")):
             os.remove(os.path.join(run_dir, "phases.log"))
         proc = launch(run_dir, extra)
-        wait_for_marker(run_dir, f"{step} update", proc)
+        wait_for_marker(run_dir, f"{step} {phase}", proc)  # "rollout": the engine's or the trainer's, whichever first
         time.sleep(rng.uniform(0.0, 0.5))
         job = kill_job(proc)
         landed = open(os.path.join(run_dir, "phases.log")).read().splitlines()[-1]
-        out.append({"at": step, "landed": landed, "processes": job, "left": left_over(job)})
+        out.append({"at": f"{step} {phase}", "landed": landed, "processes": job, "left": left_over(job)})
         print(f"kill {len(out)}: in step {step}, the job was at {landed!r}, {len(job)} processes, "
               f"{len(out[-1]['left'])} left", flush=True)
     proc = launch(run_dir, extra)
