@@ -4,7 +4,7 @@ torchrun, SIGKILLed at seeded moments and resumed with train.resume=auto.
 - One step off policy (lockstep, max_staleness=1): the killed run ends bit-identical to the run
   never killed: weights, optimizer state, step, data position, entropy statistics, every metric
   row (the rollouts made ahead for the next step are kept in each checkpoint).
-- Partial rollouts at staleness 2 (stale=wait, dynamic sampling on): nothing lost or duplicated:
+- Partial rollouts at staleness 2 (stale=drop, dynamic sampling on): nothing lost or duplicated:
   every data position the steps consumed (trained or filtered), over all launches, once; a version landed mid-response (a response spans two
   versions), every token's staleness is within the bound, and at the tokens sampled under the
   trainer's current weights (continued parts included) the engine's log-probs equal the trainer's.
@@ -33,8 +33,8 @@ BASE = [f"train.steps={STEPS}", "train.save_interval=1", "train.keep_last=2", "r
         "reward.type=tests.verifiers:HasSeven", "rollout.max_response_tokens=40", "data.max_prompt_tokens=16",
         "rollout.placement=separate", "rollout.engine_ranks=1", "algorithm.rollout_correction=tis"]
 OFF1 = ["rollout.max_staleness=1"]
-PARTIAL = ["rollout.max_staleness=2", "rollout.partial=true", "rollout.stale=wait", "train.steps=6",
-           "rollout.dynamic_sampling=true"]
+PARTIAL = ["rollout.max_staleness=2", "rollout.partial=true", "rollout.stale=drop", "train.steps=8",
+           "rollout.dynamic_sampling=true", "train.lr=1e-4"]  # slower learning: groups stay mixed over 8 steps
 VOLATILE = ("time_", "_per_s", "idle_frac", "engine_")
 
 
@@ -127,12 +127,12 @@ def test_partial_rollouts_lose_and_repeat_nothing_across_kills(tmp_path):
     run_dir = str(tmp_path)
     kills = killed_run(run_dir, PARTIAL, int(KILLS or 2), random.Random(SEED + 1), last=4)
     rows = rows_of(run_dir)
-    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert [r["step"] for r in rows] == list(range(1, 9))  # the kills in steps 1-4: the last launch runs 4 or more
     used = [p for r in rows for p in r["positions_seen"]]
     assert len(used) == len(set(used)), f"a prompt used twice: {sorted(used)}"
     frontier = rows[-1]["data_position"]
     assert set(range(frontier)) <= set(used), f"a prompt lost below the frontier {frontier}: {sorted(used)}"
-    assert all(r["staleness_max"] <= 2 and r["stale_dropped"] == 0 for r in rows)  # wait: none went stale
+    assert all(r["staleness_max"] <= 2 for r in rows)  # drop: a group with a token more stale is not trained on
     assert rows[0]["staleness_max"] == 0 and any(r["versions_per_response_max"] >= 2 for r in rows)  # a version landed mid-response
     # exact across switches: at the tokens sampled under the weights the old pass runs (continued parts
     # included) the engine's log-probs, at T = 1 and at each token's temperature, are the trainer's
