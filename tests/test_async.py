@@ -3,7 +3,8 @@ torchrun, SIGKILLed at seeded moments and resumed with train.resume=auto.
 
 - One step off policy (lockstep, max_staleness=1): the killed run ends bit-identical to the run
   never killed: weights, optimizer state, step, data position, entropy statistics, every metric
-  row (the rollouts made ahead for the next step are kept in each checkpoint).
+  row (the rollouts made ahead for the next step are kept in each checkpoint); and so does the same
+  run with two engine ranks.
 - Partial rollouts at staleness 2 (stale=drop, dynamic sampling on): nothing lost or duplicated:
   every data position the steps consumed (trained or filtered), over all launches, once; a version landed mid-response (a response spans two
   versions), every token's staleness is within the bound, and at the tokens sampled under the
@@ -31,7 +32,8 @@ BASE = [f"train.steps={STEPS}", "train.save_interval=1", "train.keep_last=2", "r
         "rollout.samples_per_prompt=4", "train.mini_batch_prompts=2", "train.micro_batch_size=4", "train.lr=1e-3",
         "rollout.dynamic_sampling=false", "eval.at_end=false", "log.progress=off", "reward.workers=0",
         "reward.type=tests.verifiers:HasSeven", "rollout.max_response_tokens=40", "data.max_prompt_tokens=16",
-        "rollout.placement=separate", "rollout.engine_ranks=1", "algorithm.rollout_correction=tis"]
+        "rollout.placement=separate", "rollout.engine_ranks=1", "algorithm.rollout_correction=tis", "eval.interval=2",
+        "eval.num_prompts=8"]
 OFF1 = ["rollout.max_staleness=1"]
 PARTIAL = ["rollout.max_staleness=2", "rollout.partial=true", "rollout.stale=drop", "train.steps=8",
            "rollout.dynamic_sampling=true", "train.lr=1e-4"]  # slower learning: groups stay mixed over 8 steps
@@ -66,9 +68,10 @@ def test_schedule_settings_are_checked():
         arm_overrides("hapo-off")
 
 
-def launch(run_dir, extra):
+def launch(run_dir, extra, ranks=2):
     # partial rollouts: 15 ms more a decoding step, so generation outlasts an update and versions land mid-response
-    return crash.launch(run_dir, extra, base=BASE, env_extra={"PYTHONPATH": ROOT, "MEGATRON_HAPO_TEST_STEP_SLEEP": "0.015"})
+    return crash.launch(run_dir, extra, base=BASE, env_extra={"PYTHONPATH": ROOT, "MEGATRON_HAPO_TEST_STEP_SLEEP": "0.015"},
+                        ranks=ranks)
 
 
 def rows_of(run_dir):
@@ -105,11 +108,14 @@ def off1(tmp_path_factory):
     assert proc.wait(timeout=600) == 0, tail(straight)
     run_dir = str(tmp_path_factory.mktemp("off1-killed"))
     kills = killed_run(run_dir, OFF1, int(KILLS or 1), random.Random(SEED), first=2)  # after a checkpoint: a resume
-    return straight, run_dir, kills
+    two = str(tmp_path_factory.mktemp("off1-two-engines"))  # the same run with two engines (three ranks)
+    proc = launch(two, OFF1 + ["rollout.engine_ranks=2"], ranks=3)
+    assert proc.wait(timeout=600) == 0, tail(two)
+    return straight, run_dir, kills, two
 
 
 def test_one_step_off_resumes_bit_identical_after_kills(off1):
-    straight, run_dir, kills = off1
+    straight, run_dir, kills, _ = off1
     want_rows, got_rows = crash.same_end(straight, run_dir, len(kills), STEPS, VOLATILE)
     assert [r["step"] for r in got_rows] == list(range(1, STEPS + 1))
     assert got_rows == want_rows
@@ -141,3 +147,11 @@ def test_partial_rollouts_lose_and_repeat_nothing_across_kills(tmp_path):
         [(r["step"], r.get("logp_mismatch_max"), r.get("logp_mismatch_at_t_max")) for r in rows]
     for k in kills:
         assert not k["left"], f"killed in step {k['at']} ({k['landed']!r}); left: {k['left']}"
+
+
+def test_two_engines_give_the_same_run(off1):
+    """Each engine generates its slice of a step's prompts, seeded by position: two engines (their ranks
+    agreeing on every message they act on, evaluation included) make the one-engine run exactly."""
+    straight, _, _, two = off1
+    want_rows, got_rows = crash.same_end(straight, two, 0, STEPS, VOLATILE)
+    assert got_rows == want_rows

@@ -45,14 +45,14 @@ def job_env(run_dir):
     return env
 
 
-def launch(run_dir, extra=(), hold=None, base=BASE, env_extra=None):
-    """`megatron-hapo train` of `base` + `extra` under torchrun on 2 ranks, logging to run_dir/launches.log."""
+def launch(run_dir, extra=(), hold=None, base=BASE, env_extra=None, ranks=2):
+    """`megatron-hapo train` of `base` + `extra` under torchrun on `ranks` ranks, logging to run_dir/launches.log."""
     env = {**job_env(run_dir), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     if hold:
         env["MEGATRON_HAPO_TEST_HOLD"] = hold
     os.makedirs(run_dir, exist_ok=True)
     log = open(os.path.join(run_dir, "launches.log"), "a")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron_hapo.train",
            f"train.run_dir={run_dir}", *base, *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

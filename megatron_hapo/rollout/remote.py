@@ -323,20 +323,35 @@ class EngineWorker:
             return True
         raise RuntimeError(f"engine ranks: unexpected message {msg['kind']!r}")
 
+    def agreed_pending(self, block: bool) -> int:
+        """How many of the trainer's messages to act on now, the same on every engine rank (they run
+        collectives together: one rank evaluating while another generates would pair the wrong
+        collectives): each rank counts what it holds (block: waits for one first), all take the
+        smallest count. Messages arrive in the same order everywhere."""
+        if block:
+            self._peek(block=True)
+        self.drain()
+        count = torch.tensor([len(self._pending)], dtype=torch.long)
+        if self.layout.world > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.control)
+        return int(count)
+
     def _lockstep(self, step: int, position: int) -> None:
         n = self.cfg.rollout.max_staleness
         while True:
             need = step - 1 - n  # the version step s's batch is generated under (the one it holds, at start)
             while True:
-                head = self._peek(block=self.version < need)
-                if head is None:
-                    break
-                if head["kind"] == "version":
-                    if head["version"] > self.version and self.version >= need:
+                for _ in range(self.agreed_pending(block=self.version < need)):
+                    head = self._pending[0]
+                    if head["kind"] == "version" and head["version"] > self.version and self.version >= need:
                         break  # a newer version waits: this batch belongs to the one held
-                    self._apply(self._take())  # the next version, or the held one again (a re-sync)
-                elif self.handle(self._take()):
-                    return
+                    msg = self._take()
+                    if msg["kind"] == "version":
+                        self._apply(msg)  # the next version, or the held one again (a re-sync)
+                    elif self.handle(msg):
+                        return
+                if self.version >= need:
+                    break
             position = self._generate_step(step, position)
             step += 1
 

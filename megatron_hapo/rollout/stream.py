@@ -122,15 +122,8 @@ class StreamingSchedule:
 
     def _agreed_messages(self, block: bool) -> List[dict]:
         """The trainer's messages to act on now, the same on every rank of the engine (its TP ranks
-        step vLLM together): each rank counts what it holds, all take the smallest count."""
-        w = self.w
-        if block:
-            w._peek(block=True)
-        w.drain()
-        count = torch.tensor([len(w._pending)], dtype=torch.long)
-        if w.layout.world > 1:
-            dist.all_reduce(count, op=dist.ReduceOp.MIN, group=w.control)
-        return [w._take() for _ in range(int(count))]
+        step vLLM together): `EngineWorker.agreed_pending`."""
+        return [self.w._take() for _ in range(self.w.agreed_pending(block))]
 
     # ---- admission ---------------------------------------------------------------------------------------
 
