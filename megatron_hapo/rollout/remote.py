@@ -51,7 +51,7 @@ from .. import device as dev
 from ..algorithms import EntropyStats
 from ..metrics import progress_bar
 from ..training import stop as phases
-from .collect import Group, GroupSummary, Layout, RolloutCollector, accept_group, describe_groups
+from .collect import GroupSummary, Layout, RolloutCollector
 
 BUCKET_BYTES = 64 * 2**20
 _ALIGN = 16  # byte offset of each tensor in a bucket (any dtype's view of the flat buffer is aligned)
@@ -286,6 +286,10 @@ class EngineWorker:
     def _fail(self, exc: BaseException) -> None:
         """Tells the trainer why (engine 0), and waits until it is sent."""
         self._send({"kind": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        self._bye()
+
+    def _bye(self) -> None:
+        """The last message to the trainer, sent before this returns."""
         self._send({"kind": "bye"})
         if self.outbox is not None:
             self.outbox.outbox.put(None)
@@ -309,10 +313,7 @@ class EngineWorker:
         except BaseException as exc:
             self._fail(exc)
             raise
-        self._send({"kind": "bye"})
-        if self.outbox is not None:
-            self.outbox.outbox.put(None)
-            self.outbox.join(timeout=60)
+        self._bye()
 
     def handle(self, msg: dict) -> bool:
         """An evaluation request or a stop (True: stop now)."""

@@ -28,13 +28,10 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
-from ..metrics import progress_bar
 from ..training import stop as phases
 from .collect import accept_group, describe_groups
 
