@@ -65,11 +65,14 @@ def resolve_layer_spec(value: Optional[str]) -> str:
 
 
 def megatron_scope():
-    """Context for calls into Megatron-Core: on CPU its CUDA assumptions are redirected for the
-    duration (training/cpu_shims); on GPU nothing changes."""
+    """Context for calls into Megatron-Core: what a missing TE/Apex/psutil needs is installed once on
+    any device (training/lib_shims); on CPU its CUDA assumptions are also redirected for the duration
+    (training/cpu_shims); on GPU nothing else changes."""
+    from .training import cpu_shims, lib_shims
+
+    lib_shims.apply()
     if is_gpu():
         return contextlib.nullcontext()
-    from .training import cpu_shims
 
     return cpu_shims.scope()
 

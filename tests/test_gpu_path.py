@@ -291,7 +291,7 @@ def test_gpu_selftest_on_cpu_through_the_device_script(tmp_path):
     self-test with the 2-rank check over gloo, every check that needs CUDA or a missing library says
     why it skipped, every other one measured its figure, and the table and JSON land in the folder."""
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, BUDGET="800")
+    env = dict(os.environ, PYTHON=sys.executable, BUDGET="800", WHEELS=str(tmp_path / "none"))
     res = subprocess.run(["bash", "tools/device_check.sh", str(out), "--skip", "trainer", "--multi-on-cpu"], cwd=ROOT,
                          capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -301,6 +301,8 @@ def test_gpu_selftest_on_cpu_through_the_device_script(tmp_path):
     for r in results.values():
         by_status.setdefault(r["status"], []).append(r["check"])
     assert "FAIL" not in by_status, by_status
+    assert doc["complete"] is True and doc["preflight"] == {"compile": None}, doc["preflight"]
+    assert "local spec, block-diagonal mask" in results[next(c for c in results if c.startswith("packed"))]["figure"]
     # the checks that need CUDA say so; every other one ran on the CPU and measured its figure
     gpu_only = [c for c in results if "sleep/wake" in c or "MFU" in c or "CUDA graphs" in c]
     assert len(gpu_only) == 3 and all(results[c]["figure"].startswith("skipped: no GPU") for c in gpu_only), gpu_only
@@ -324,8 +326,10 @@ def test_gpu_selftest_on_cpu_through_the_device_script(tmp_path):
 
 
 def test_gpu_selftest_budget_and_missing_stack(tmp_path):
-    """Checks not started within --budget are skipped (never a failure), and a machine where the stack
-    does not import gets exit 2 with the way out, not a traceback."""
+    """Checks not started within --budget are skipped (never a failure); a machine where the stack does not
+    import gets exit 2 naming the missing module and the way out, not a traceback; and a machine without
+    psutil (and accelerate, which needs it), as the lent GPU machine, saves and resumes a checkpoint
+    (megatron's forked writer hung there before training/lib_shims) and runs the MoE router."""
     out = tmp_path / "selftest.json"
     res = subprocess.run([sys.executable, "tools/gpu_selftest.py", "--out", str(out), "--budget", "0.5",
                           "--only", "stack,vocab-parallel"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -333,13 +337,35 @@ def test_gpu_selftest_budget_and_missing_stack(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert results[0]["status"] == "pass"  # started at once
     assert any(r["figure"] == "skipped: over the --budget of 0.5 s" for r in results if "vocab" in r["check"])
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    (bare / "python3").write_text("#!/bin/sh\nexec " + sys.executable + " -c 'import megatron_not_here' \"$@\"\n")
-    os.chmod(bare / "python3", 0o755)
+    # the lent machine without transformers (or any module the checks import): exit 2 naming it, before any check
+    env = dict(os.environ, PYTHON=sys.executable, HAPO_BLOCK_MODULES="transformers,psutil", WHEELS=str(tmp_path / "none"),
+               PYTHONPATH=os.path.join(ROOT, "tests", "blocked_site"))
     res = subprocess.run(["bash", "tools/device_check.sh", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, PYTHON=str(bare / "python3")))
-    assert res.returncode == 2 and "does not import" in res.stdout and "megatron_not_here" in res.stdout, res.stdout
+                         timeout=120, env=env)
+    assert res.returncode == 2 and "does not import: missing module 'transformers'" in res.stdout, res.stdout
+    assert "tools/device_wheels.txt" in res.stdout and "--fetch-wheels" in res.stdout, res.stdout
+    assert not (tmp_path / "o" / "gpu_selftest.json").exists()
+    env["HAPO_BLOCK_MODULES"] = "psutil,accelerate"
+    res = subprocess.run(["bash", "tools/device_check.sh", str(tmp_path / "p"), "--only", "stack,save → resume,MoE (tiny"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ran = {r["check"].split(":")[0][:12]: r["status"] for r in json.loads((tmp_path / "p" / "gpu_selftest.json").read_text())[
+        "results"] if r["figure"] != "skipped: not selected"}
+    assert ran == {"stack and na": "pass", "save → resum": "pass", "MoE (tiny Qw": "pass"}, ran
+
+
+def test_device_wheels_pinned_and_named_alike():
+    """The pinned set --fetch-wheels downloads: exact versions, one of each, no torch or CUDA wheel, and the
+    header and the README name that file (the exit-2 message is checked above)."""
+    lines = [x.strip() for x in open(os.path.join(ROOT, "tools", "device_wheels.txt")) if x.strip() and not x.startswith("#")]
+    names = [x.split("==")[0].lower().replace("_", "-") for x in lines]
+    assert all(x.count("==") == 1 for x in lines) and len(set(names)) == len(names), lines
+    assert {"megatron-core", "transformers"} <= set(names) and not any(
+        n in ("torch", "psutil") or n.startswith("nvidia") for n in names), names
+    header = open(os.path.join(ROOT, "tools", "device_check.sh")).read().split("set -uo")[0]
+    assert "tools/device_wheels.txt" in header and f"{len(lines)} wheels" in header
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "tools/device_wheels.txt" in readme and "--fetch-wheels" in readme
 
 
 def test_te_spec_gets_no_explicit_mask():

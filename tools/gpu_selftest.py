@@ -81,6 +81,61 @@ def installed(module: str) -> bool:
         return False
 
 
+# Everything the checks import that is not optional (vLLM and TE are: their checks say "not installed"):
+# tools/device_check.sh runs `--check-imports` first, so a missing wheel is named at once, not mid-run.
+REQUIRED_IMPORTS = ("numpy", "yaml", "safetensors", "transformers", "megatron.core", "megatron.core.dist_checkpointing",
+                    "megatron_hapo.algorithms", "megatron_hapo.parallel", "megatron_hapo.models.hf_config",
+                    "megatron_hapo.models.mapping", "megatron_hapo.models.convert", "megatron_hapo.training.parallel",
+                    "megatron_hapo.training.batch", "megatron_hapo.training.policy", "megatron_hapo.training.checkpoint",
+                    "megatron_hapo.rollout.temperature_processor", "megatron_hapo.rollout.remote")
+
+
+def check_imports() -> int:
+    """Imports every module in REQUIRED_IMPORTS; prints the first that fails with the module it lacks
+    and returns 2, else 0."""
+    import importlib
+
+    for name in REQUIRED_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # ImportError mostly; a broken native module raises others
+            missing = getattr(exc, "name", None) or name
+            print(f"missing module {missing!r} (importing {name}: {type(exc).__name__}: {exc})", flush=True)
+            return 2
+    return 0
+
+
+def compile_preflight() -> Optional[str]:
+    """Why the fused temperature kernel cannot be compiled here, or None: torch.compile builds it with
+    Triton on GPU (a C compiler for its launcher, and Python.h) and as C++ on CPU (a C++ compiler, and
+    Python.h). Said at once, so the kernel checks report that reason instead of a compiler traceback."""
+    import shutil
+    import sysconfig
+
+    if dev.is_gpu():
+        if not installed("triton"):
+            return "Triton is not installed"
+        cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang") or shutil.which("cc")
+        what = "C compiler (gcc, clang or $CC) for Triton's launcher"
+    else:
+        cc = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+        what = "C++ compiler (g++, clang++ or $CXX) for the CPU kernel"
+    if not cc or not shutil.which(cc.split()[0]):
+        return f"no {what} on PATH"
+    include = sysconfig.get_paths().get("include", "")
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        return f"no Python.h in {include or '(no include path)'}: install the Python development headers"
+    return None
+
+
+PREFLIGHT = {"compile": None}
+
+
+def need_compiler():
+    if PREFLIGHT["compile"]:
+        raise Skip(f"skipped: the fused kernel cannot compile here: {PREFLIGHT['compile']}")
+
+
 def need_gpu(n: int = 1):
     have = torch.cuda.device_count() if dev.is_gpu() else 0
     if have < n:
@@ -389,7 +444,7 @@ def c_packed(ctx):
     d_g = abs(out["packed"][1]["grad_norm"] - out["padded"][1]["grad_norm"])
     pad = {k: v[3]["tokens_computed"] / v[3]["tokens_real"] for k, v in out.items()}
     tol = 5e-3 if dev.is_gpu() else 1e-5  # TE's varlen kernels (TF32 on GPU) vs its padded path
-    spec = "TE spec, THD" if dev.is_gpu() else "local spec, block-diagonal mask"
+    spec = "TE spec, THD" if ctx.layer_spec == "te" else "local spec, block-diagonal mask"  # the spec built
     return (f"{spec}: max|Δlogp| {d_logp:.2e}, max|Δw| after a step {d_w:.2e}, |Δ grad norm| {d_g:.1e} (tol {tol:g}); "
             f"padding factor {pad['padded']:.2f} → {pad['packed']:.2f}"), d_logp < tol and d_w < tol and d_g < tol * 10
 
@@ -601,6 +656,7 @@ def c_processor_sync(ctx):
     from megatron_hapo import algorithms as A
     from megatron_hapo.rollout import temperature_processor as tp
 
+    need_compiler()
     device = dev.device()
     stats = A.EntropyStats(q=math.log(4.0), sigma=0.5, z_pos=2.0, z_neg=-3.0)
     vocab = 151936 if dev.is_gpu() else 32768  # Qwen's vocabulary on GPU; smaller on CPU (the suite runs this)
@@ -816,6 +872,7 @@ def c_temperature_kernel(ctx):
     from megatron_hapo import algorithms as A
     from megatron_hapo.rollout import temperature_processor as tp
 
+    need_compiler()
     device = dev.device()
     rows, vocab = (64, 151_936) if dev.is_gpu() else (16, 32_768)
     stats = A.EntropyStats(q=math.log(4.0), sigma=0.5, z_pos=2.0, z_neg=-3.0)
@@ -944,6 +1001,13 @@ def run_isolated(c: Check, layer_spec: str, work: str, timeout: float) -> tuple:
     return r["status"], r["figure"] + " (own process)"
 
 
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def table(results, where) -> str:
     w = max(len(r["check"]) for r in results)
     lines = [f"GPU self-test on {where}", f"| {'check':<{w}} | status  | seconds | peak GiB | figure"]
@@ -965,7 +1029,11 @@ def main(argv=None) -> int:
                    help="seconds: checks not started by then are skipped (the order puts the most important first)")
     p.add_argument("--multi-on-cpu", action="store_true", help="run the 2-rank check over gloo without GPUs (tests)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # one check, by exact name, in this process (isolated checks)
+    p.add_argument("--check-imports", action="store_true",
+                   help="only import what the checks need; exit 2 naming the first missing module")
     a = p.parse_args(argv)
+    if a.check_imports:
+        return check_imports()
     skip = [s for s in a.skip.split(",") if s]
     only = [s for s in a.only.split(",") if s]
     dev.set_current()
@@ -973,7 +1041,24 @@ def main(argv=None) -> int:
     checks = sorted(CHECKS, key=lambda c: c.tier)  # stable: definition order within a tier
     if a.child:
         checks = [c for c in checks if c.name == a.child]
+    PREFLIGHT["compile"] = compile_preflight()
+    if PREFLIGHT["compile"] and not a.child:
+        print(f"preflight: the fused temperature kernel cannot compile here: {PREFLIGHT['compile']}; "
+              f"its checks will say so", flush=True)
     results, t_start = [], time.perf_counter()
+
+    def write(final: bool) -> str:
+        """The JSON and the table as they stand: after every check, so a timeout or a kill keeps what finished."""
+        where = (f"{torch.cuda.get_device_name()}, {torch.cuda.device_count()} GPU(s)" if dev.is_gpu()
+                 else "CPU (no GPU)") + f"; torch {torch.__version__}; layer spec {spec}; " \
+            f"{time.perf_counter() - t_start:.0f} s" + ("" if final else f"; {len(results)} of {len(checks)} checks so far")
+        text = table(results, where) if results else f"GPU self-test on {where}: no check finished"
+        if a.table:
+            _write_atomic(a.table, text + "\n")
+        _write_atomic(a.out, json.dumps({"device": where, "layer_spec": spec, "complete": final,
+                                         "preflight": PREFLIGHT, "results": results}, indent=2))
+        return text
+
     with tempfile.TemporaryDirectory(prefix="gpu-selftest-") as work:
         ctx = Ctx(work, spec)
         ctx.multi_on_cpu = a.multi_on_cpu
@@ -995,17 +1080,10 @@ def main(argv=None) -> int:
             results.append({"check": c.name, "status": status, "figure": figure, "seconds": round(time.perf_counter() - t0, 2),
                             "peak_gib": None if peak is None else round(peak, 3)})
             print(f"[{status:>7}] {c.name}: {figure}", flush=True)
-    where = (f"{torch.cuda.get_device_name()}, {torch.cuda.device_count()} GPU(s)" if dev.is_gpu() else "CPU (no GPU)") + \
-        f"; torch {torch.__version__}; layer spec {spec}; {time.perf_counter() - t_start:.0f} s"
-    text = table(results, where)
+            write(final=False)
+    text = write(final=True)
     if not a.child:
         print("\n" + text)
-    if a.table:
-        with open(a.table, "w") as f:
-            f.write(text + "\n")
-    with open(a.out, "w") as f:
-        json.dump({"device": where, "layer_spec": spec, "results": results}, f, indent=2)
-    if not a.child:
         print(f"wrote {a.out}" + (f" and {a.table}" if a.table else ""))
     try:
         from megatron_hapo.training.parallel import destroy_model_parallel

@@ -13,10 +13,9 @@ measured on megatron-core 0.16.1:
 - Tensor.cuda()/Module.cuda() (tied embeddings with PP > 1, optimizer state) → stay on CPU;
 - tensor.type() checks that expect "torch.cuda.FloatTensor" (grad clipping, optimizers) → report
   CPU tensors under their CUDA type name;
-- the distributed optimizer's fully_reshardable load expects every state key of torch AdamW in the
-  checkpoint, `step` included, which it keeps in the param groups → the current `step` is kept;
-- MoE: `moe_utils` defines `te_general_gemm` and the `fused_*` helpers only when Transformer Engine
-  imports, yet the router tests `te_general_gemm is not None` → defined as None; the alltoall
+- what a missing Transformer Engine, Apex or psutil needs (torch AdamW's `step` on resume, the MoE
+  router's TE names, the checkpoint writer's memory probe) is `lib_shims`, applied on any device;
+- MoE: the alltoall
   dispatcher records an event on its device-to-host stream and later synchronizes on it → a no-op
   event; it converts the split sizes to numpy only for CUDA tensors, and gloo's all_to_all_single
   rejects tensors there → CPU tensors are converted too when numpy is asked for;
@@ -30,6 +29,8 @@ import contextlib
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from . import lib_shims
 
 _APPLIED = False
 _FACTORIES = {
@@ -136,22 +137,7 @@ def apply() -> bool:
 
     torch.Tensor.type = _type
 
-    # The distributed optimizer's fully_reshardable load copies every key of a parameter's optimizer
-    # state from the checkpoint; torch AdamW's per-parameter `step` (the CPU fallback; TE's FusedAdam
-    # keeps none) is not among the saved tensors but restored from the param groups just before.
-    from megatron.core.optimizer import distrib_optimizer as dopt
-
-    set_states = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
-
-    def _set_states(self, model_param, tensors):
-        if "step" not in tensors:
-            group, order = self.model_param_group_index_map[model_param]
-            state = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]]
-            if "step" in state:
-                tensors = {**tensors, "step": state["step"]}
-        return set_states(self, model_param, tensors)
-
-    dopt.DistributedOptimizer._set_main_param_and_optimizer_states = _set_states
+    lib_shims.apply()  # what a missing TE/Apex/psutil needs, on any device (the GPU path applies it too)
     cuda.Event = _Event
     _moe()
     _APPLIED = True
@@ -161,11 +147,6 @@ def apply() -> bool:
 def _moe() -> None:
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
-    for name in ("te_general_gemm", "fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
-                 "fused_permute_with_probs", "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs",
-                 "fused_topk_with_score_function", "fused_unpermute"):
-        if not hasattr(moe_utils, name):
-            setattr(moe_utils, name, None)
     original = moe_utils.maybe_move_tensor_to_cpu
 
     def to_cpu(tensor, as_numpy=False, record_stream=False):
