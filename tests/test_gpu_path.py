@@ -337,6 +337,24 @@ def test_gpu_selftest_budget_and_missing_stack(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert results[0]["status"] == "pass"  # started at once
     assert any(r["figure"] == "skipped: over the --budget of 0.5 s" for r in results if "vocab" in r["check"])
+    # no C++ compiler: said at once, and the kernel checks skip with that reason; the JSON is written after
+    # every check (read here while the run is still going), so a timeout or a kill keeps what finished
+    out = tmp_path / "nocc.json"
+    proc = subprocess.Popen([sys.executable, "tools/gpu_selftest.py", "--out", str(out), "--only", "stack,temperature kernel"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, CXX="/nonexistent/c++"))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[   pass] stack"):
+            break
+    partial = json.loads(out.read_text())
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, rest[-3000:]
+    assert any("preflight: the fused temperature kernel cannot compile here: no C++ compiler" in x for x in lines), lines
+    assert partial["complete"] is False and [r["status"] for r in partial["results"]] == ["pass"], partial
+    kernel = next(r for r in json.loads(out.read_text())["results"] if r["check"].startswith("temperature kernel"))
+    assert kernel["status"] == "skipped" and "cannot compile here: no C++ compiler" in kernel["figure"], kernel
     # the lent machine without transformers (or any module the checks import): exit 2 naming it, before any check
     env = dict(os.environ, PYTHON=sys.executable, HAPO_BLOCK_MODULES="transformers,psutil", WHEELS=str(tmp_path / "none"),
                PYTHONPATH=os.path.join(ROOT, "tests", "blocked_site"))

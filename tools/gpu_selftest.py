@@ -1079,8 +1079,8 @@ def main(argv=None) -> int:
             peak = torch.cuda.max_memory_allocated() / 2**30 if dev.is_gpu() and status != "skipped" else None
             results.append({"check": c.name, "status": status, "figure": figure, "seconds": round(time.perf_counter() - t0, 2),
                             "peak_gib": None if peak is None else round(peak, 3)})
-            print(f"[{status:>7}] {c.name}: {figure}", flush=True)
             write(final=False)
+            print(f"[{status:>7}] {c.name}: {figure}", flush=True)
     text = write(final=True)
     if not a.child:
         print("\n" + text)
