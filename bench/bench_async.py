@@ -46,7 +46,7 @@ def worker(rank, world, run_dir, model, steps, max_tokens, extra):
     import torch
 
     from megatron_hapo.config import Config
-    from megatron_hapo.trainer import Trainer
+    from megatron_hapo.train import run
 
     torch.set_num_threads(1)
     cfg = Config.load(None, [f"train.run_dir={run_dir}", "train.resume=none", f"train.steps={steps}",
@@ -57,14 +57,9 @@ def worker(rank, world, run_dir, model, steps, max_tokens, extra):
                              f"rollout.kv_cache_memory_bytes={256 * 2**20}", "rollout.dynamic_sampling=false",
                              "eval.at_end=false", "log.progress=off", "log.tensorboard=false", "train.lr=1e-4",
                              "reward.workers=0", *extra])
-    trainer = Trainer(cfg)
-    try:
-        t0 = time.perf_counter()
-        history = trainer.fit()
-        wall = time.perf_counter() - t0
-    finally:
-        trainer.close()
-    return {"history": history, "wall": wall}
+    t0 = time.perf_counter()
+    history = run(cfg)  # the engine rank serves until the trainer stops it: None there
+    return {"history": history or [], "wall": time.perf_counter() - t0}
 
 
 def summarize(history) -> dict:

@@ -390,6 +390,27 @@ class Config:
                               f"{p.tensor_model_parallel_size}")
         return self
 
+    def validate_launch(self, launch_world: int) -> "Config":
+        """The placement against the launch's world (torchrun/srun's WORLD_SIZE), before any process group:
+        separate placement's engine ranks (whole inference-TP groups, at least one rank left to train, the
+        prompts divided over the engines, one engine for partial rollouts), then `validate` at the
+        trainers' world."""
+        self.check()
+        r, itp = self.rollout, self.parallel.inference_tensor_parallel_size
+        if r.placement != "separate":
+            return self.validate(launch_world)
+        if not 1 <= r.engine_ranks < launch_world:
+            raise ConfigError(f"rollout.engine_ranks={r.engine_ranks}: separate placement needs at least one engine rank "
+                              f"and one trainer rank among the launch's {launch_world} (torchrun --nproc-per-node × nodes)")
+        if r.engine_ranks % itp:
+            raise ConfigError(f"rollout.engine_ranks={r.engine_ranks} is not a multiple of "
+                              f"parallel.inference_tensor_parallel_size={itp}")
+        engines = r.engine_ranks // itp
+        if r.partial and engines > 1:
+            raise ConfigError(f"rollout.partial: one engine only for now (rollout.engine_ranks={r.engine_ranks} with "
+                              f"parallel.inference_tensor_parallel_size={itp} makes {engines})")
+        return self.validate(launch_world - r.engine_ranks)
+
     def optimizer_steps(self) -> int:
         """Optimizer steps in the whole run (one per mini-batch)."""
         return self.train.steps * (self.rollout.prompts_per_step // self.train.mini_batch_prompts)

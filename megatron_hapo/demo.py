@@ -39,7 +39,7 @@ def supervised_warmup(trainer, steps: int, batch_size: int = 64, seed: int = 777
     eos, device = trainer.stop_ids[0], trainer.device
     kind = source_kind(as_sources(trainer.cfg.data.train)[0])
     target = getattr(embedded_task(kind), "warmup_target", None) if kind in EMBEDDED_TASKS else None
-    fmt = getattr(trainer.engine, "fmt", None)  # the run's tool-call format (rollout.tools), else None
+    fmt = trainer.tool_format()  # the run's tool-call format (rollout.tools), else None
     losses = []
     for k in range(start, start + steps):
         positions = sampler.indices(k * batch_size, batch_size)

@@ -46,7 +46,7 @@ def recipe_worker(rank, world, run_dir, data):
         prompts = [trainer.eval_data[i].prompt_ids for i in range(4)]
         greedy = SamplingConfig(max_tokens=24, base_temperature=1.0, top_k=1, adaptive=False,
                                 stop_token_ids=trainer.stop_ids)
-        engine = [r[0].token_ids for r in trainer.engine.generate(prompts, 1, greedy)] if trainer.collector.layout.engine_leader else None
+        engine = [r[0].token_ids for r in trainer.source.engine.generate(prompts, 1, greedy)] if trainer.source.layout.engine_leader else None
         export = os.path.join(run_dir, "export")
         trainer.export_hf(export)
         out = {"history": history, "stop_ids": list(trainer.stop_ids), "vocab": trainer.spec.vocab_size,

@@ -87,7 +87,7 @@ REQUIRED_IMPORTS = ("numpy", "yaml", "safetensors", "transformers", "megatron.co
                     "megatron_hapo.algorithms", "megatron_hapo.parallel", "megatron_hapo.models.hf_config",
                     "megatron_hapo.models.mapping", "megatron_hapo.models.convert", "megatron_hapo.training.parallel",
                     "megatron_hapo.training.batch", "megatron_hapo.training.policy", "megatron_hapo.training.checkpoint",
-                    "megatron_hapo.rollout.temperature_processor", "megatron_hapo.rollout.remote")
+                    "megatron_hapo.rollout.temperature_processor", "megatron_hapo.rollout.bridge")
 
 
 def check_imports() -> int:

@@ -44,7 +44,7 @@ class Synthetic:
 
 
 def main() -> int:
-    from megatron_hapo.rollout.remote import _receive_message, send_weights
+    from megatron_hapo.rollout.bridge import receive_message, send_weights
     from megatron_hapo.training.parallel import init_roles
 
     work, mib = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 512
@@ -69,7 +69,7 @@ def main() -> int:
         sent = send_weights(big, roles, {"kind": "version", "version": 3})
         _sync()
         t_bridge = time.perf_counter() - t0
-        from megatron_hapo.rollout.remote import recv_obj
+        from megatron_hapo.rollout.bridge import recv_obj
 
         verdict = recv_obj(roles.batches, 1)
         copy = ""
@@ -88,9 +88,9 @@ def main() -> int:
         print("BRIDGE " + json.dumps({"figure": figure, "ok": bool(verdict["exact"])}), flush=True)
     else:
         from megatron_hapo.models.convert import read_hf_tensors
-        from megatron_hapo.rollout.remote import send_obj
+        from megatron_hapo.rollout.bridge import send_obj
 
-        receive = _receive_message(roles, d)
+        receive = receive_message(roles, d)
         first = receive()
         hf = read_hf_tensors(model_dir)
         got = dict(first["tensors"])

@@ -1,7 +1,7 @@
 """What a rollout side needs, built the same way wherever the engines live: the run's model folder
 read (tokenizer, architecture, data, stop tokens) and the engine with its reward pool and
 collector. The colocated trainer builds both on every rank; with rollout.placement=separate the
-trainer ranks build only the inputs and the engine ranks both (rollout/remote.py)."""
+trainer ranks build only the inputs (rollout/remote.py) and the engine ranks both (rollout/engine_rank.py)."""
 from __future__ import annotations
 
 import dataclasses

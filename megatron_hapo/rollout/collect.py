@@ -124,6 +124,43 @@ def accept_group(g: GroupSummary, cfg) -> bool:
     return not cfg.dynamic_sampling or bool(A.informative_groups(correct, [0] * len(correct)).all())
 
 
+class DynamicSamplingFill:
+    """The one dynamic-sampling rule, for both placements' schedules: groups are offered in the order
+    they are used; one is kept while fewer than rollout.prompts_per_step are (under dynamic sampling,
+    only an informative one: `accept_group`); the budget is rollout.max_num_gen_batches ×
+    prompts_per_step groups seen (0: none), and spending it without filling the step is the one error."""
+
+    def __init__(self, cfg):
+        self.cfg, self.need = cfg, cfg.prompts_per_step
+        self.kept: List[GroupSummary] = []
+        self.seen: List[GroupSummary] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.kept) >= self.need
+
+    @property
+    def gen_batches(self) -> int:
+        """Generation batches of prompts_per_step prompts the groups seen make up."""
+        return -(-len(self.seen) // self.need)
+
+    def offer(self, g: GroupSummary) -> bool:
+        """Whether `g` is kept; raises once the budget is spent and the step is not full."""
+        self.seen.append(g)
+        keep = not self.full and accept_group(g, self.cfg)
+        if keep:
+            self.kept.append(g)
+        self.check_budget()
+        return keep
+
+    def check_budget(self) -> None:
+        budget = self.cfg.max_num_gen_batches
+        if budget and not self.full and len(self.seen) >= budget * self.need:
+            raise RuntimeError(f"dynamic sampling: only {len(self.kept)} of {self.need} informative groups after "
+                               f"{len(self.seen)} groups ({budget} generation batches, rollout.max_num_gen_batches); "
+                               f"the groups seen: {describe_groups(self.seen)}")
+
+
 @dataclasses.dataclass
 class RolloutBatch:
     """A step's rollouts: this data-parallel rank's sequences (one row per response, grouped by
@@ -209,6 +246,15 @@ def pad_rows(rows: List[List[int]], prompt_lens: List[int], resp_lens: List[int]
     return ids.to(device or "cpu"), mask.to(device or "cpu")
 
 
+SEED_MODULUS = 2**31 - 1
+
+
+def prompt_seed(seed: int, position: int) -> int:
+    """The one seed rule: a prompt's samples are seeded by (the run's seed, its data position), so they
+    do not depend on the engine, the batch or the placement that generates them."""
+    return (seed * 1_000_003 + position) % SEED_MODULUS
+
+
 @dataclasses.dataclass
 class Layout:
     """Where this rank sits: its engine (and whether it scores for it) and its data-parallel share."""
@@ -220,6 +266,16 @@ class Layout:
     engine_leader: bool
     dp: int
     dp_rank: int
+
+    @classmethod
+    def for_rank(cls, cfg, world: int, rank: int, dp: int = 1, dp_rank: int = 0, hosts_engine: bool = True) -> "Layout":
+        """The one place a layout is built. hosts_engine: this rank holds a share of an engine (colocated
+        ranks, and the engine ranks of separate placement, whose world is their own); else a trainer rank
+        of separate placement, which places only its data-parallel share of the engines' rollouts."""
+        itp = cfg.parallel.inference_tensor_parallel_size
+        if hosts_engine:
+            return cls(world, rank, world // itp, rank // itp, rank % itp == 0, dp, dp_rank)
+        return cls(world, rank, max(cfg.rollout.engine_ranks // itp, 1), 0, False, dp, dp_rank)
 
 
 class RolloutCollector:
@@ -255,16 +311,16 @@ class RolloutCollector:
         lay = self.layout
         mine = split_evenly(list(zip(positions, indices)), lay.num_engines, lay.engine_index)
         prompts = [dataset[i].prompt_ids for _, i in mine]
-        seeds = [(self.seed * 1_000_003 + pos) % (2**31 - 1) for pos, _ in mine]
+        seeds = [prompt_seed(self.seed, pos) for pos, _ in mine]
         outs = self.engine.generate(prompts, n, sampling, stats, seeds=seeds)
-        local = self._score([(pos, dataset[i].prompt_ids) for pos, i in mine], outs, [dataset[i].ground_truth for _, i in mine])
+        local = self.score([(pos, dataset[i].prompt_ids) for pos, i in mine], outs, [dataset[i].ground_truth for _, i in mine])
         gathered = [None] * lay.world
         dist.all_gather_object(gathered, [g.summary() for g in local], group=self.control)
         summaries = sorted((g for part in gathered for g in part), key=lambda g: g.position)
         self.check_reward_errors(summaries)
         return summaries, {g.position: g for g in local}
 
-    def _score(self, groups_prompts, outs, truths) -> List[Group]:
+    def score(self, groups_prompts, outs, truths) -> List[Group]:
         """Rewards for this engine's responses (its first rank scores; the others return nothing)."""
         if not self.layout.engine_leader:
             return []
@@ -314,28 +370,19 @@ class RolloutCollector:
     def gather_groups(self, data_position: int, sampler, dataset, sampling, cfg, stats, bar):
         """The generation side of `collect`: (kept, seen, this rank's full groups, generation batches,
         the new data position); the kept and seen summaries are the same on every rank."""
-        need = cfg.prompts_per_step
-        kept: List[GroupSummary] = []
-        seen: List[GroupSummary] = []
+        need, fill = cfg.prompts_per_step, DynamicSamplingFill(cfg)
         local: Dict[int, Group] = {}
-        gen_batches = 0
-        while len(kept) < need:
-            gen_batches += 1
-            if cfg.max_num_gen_batches and gen_batches > cfg.max_num_gen_batches:
-                raise RuntimeError(f"dynamic sampling: only {len(kept)} of {need} informative groups after "
-                                   f"{cfg.max_num_gen_batches} generation batches (rollout.max_num_gen_batches); "
-                                   f"the {len(seen)} groups seen: {describe_groups(seen)}")
+        while not fill.full:
             positions = list(range(data_position, data_position + need))
             data_position += need
             groups, mine = self.generate(positions, sampler.indices(positions[0], need), dataset, sampling,
                                          cfg.samples_per_prompt, stats)
             local.update(mine)
             for g in groups:
-                seen.append(g)
-                if accept_group(g, cfg) and len(kept) < need:
-                    kept.append(g)
-            bar.update(len(kept) - bar.n)
-            bar.set_postfix_str(f"generation batch {gen_batches}")
+                fill.offer(g)
+            bar.update(len(fill.kept) - bar.n)
+            bar.set_postfix_str(f"generation batch {fill.gen_batches}")
+        kept, seen, gen_batches = fill.kept, fill.seen, fill.gen_batches
         return kept, seen, local, gen_batches, data_position
 
     def build_batch(self, kept: List[GroupSummary], seen: List[GroupSummary], local: Dict[int, Group],

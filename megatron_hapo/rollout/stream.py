@@ -33,7 +33,7 @@ from typing import Dict, List
 import numpy as np
 
 from ..training import stop as phases
-from .collect import accept_group, describe_groups
+from .collect import DynamicSamplingFill, prompt_seed
 
 
 class _Seq:
@@ -82,14 +82,14 @@ class StreamingSchedule:
             for msg in msgs:
                 if msg["kind"] == "version":
                     self._pause()
-                    w._apply(msg)
+                    w.apply_version(msg)
                     self.consumed = max(self.consumed, int(msg.get("consumed", 0)))
                     self._resume()
                 elif msg["kind"] == "consumed":  # the trainer waits for groups: the buffer has room again
                     self.consumed = max(self.consumed, int(msg["consumed"]))
                 elif msg["kind"] == "eval":
                     self._pause()
-                    w._evaluate(msg)
+                    w.evaluate(msg)
                     self._resume()
                 elif w.handle(msg):
                     self._pause()
@@ -114,13 +114,13 @@ class StreamingSchedule:
                     seq.finish = comp.finish_reason
                     finished.append(seq)
             self._close_parts(finished)
-            w.busy_s += time.perf_counter() - t0
+            w.add_busy(time.perf_counter() - t0)
             self._send_done()
 
     def _agreed_messages(self, block: bool) -> List[dict]:
         """The trainer's messages to act on now, the same on every rank of the engine (its TP ranks
-        step vLLM together): `EngineWorker.agreed_pending`."""
-        return [self.w._take() for _ in range(self.w.agreed_pending(block))]
+        step vLLM together): `engine_rank.EngineWorker.agreed_pending`."""
+        return [self.w.take() for _ in range(self.w.agreed_pending(block))]
 
     # ---- admission ---------------------------------------------------------------------------------------
 
@@ -134,7 +134,7 @@ class StreamingSchedule:
             self.next_position += 1
             item = data.train_data[data.sampler.indices(pos, 1)[0]]
             flight = _Flight(pos, list(item.prompt_ids), item.ground_truth, w.version)
-            base = (w.cfg.train.seed * 1_000_003 + pos) % (2**31 - 1)
+            base = prompt_seed(w.cfg.train.seed, pos)
             flight.seqs = [_Seq(flight, j, base + j) for j in range(self.cfg.samples_per_prompt)]
             self.flights[pos] = flight
             for seq in flight.seqs:
@@ -142,7 +142,7 @@ class StreamingSchedule:
             self.admitted += 1
             new.append((pos, w.version))
         if new:
-            w._send({"kind": "admitted", "groups": new})
+            w.send({"kind": "admitted", "groups": new})
 
     def _submit(self, seq: _Seq) -> None:
         """The next part of a response: the prompt and its tokens so far, under the version held."""
@@ -213,13 +213,13 @@ class StreamingSchedule:
             return
         outs = [[Response(0, s.j, s.tokens, s.temps, s.ents, s.lp, s.lp1, s.finish, versions=s.versions) for s in f.seqs]
                 for f in done]
-        groups = w.collector._score([(f.position, f.prompt) for f in done], outs, [f.truth for f in done])
+        groups = w.collector.score([(f.position, f.prompt) for f in done], outs, [f.truth for f in done])
         for f in done:
             del self.flights[f.position]
         for f, g in zip(done, groups):  # the engine's first rank (the others score nothing)
             versions = np.concatenate([s.versions for s in g.samples if s.versions is not None and len(s.versions)]
                                       or [np.array([f.version], dtype=np.int32)])
-            w._send({"kind": "group", "position": f.position, "admitted": f.version, "oldest": int(versions.min()),
+            w.send({"kind": "group", "position": f.position, "admitted": f.version, "oldest": int(versions.min()),
                      "group": g, "summary": g.summary(), **w.take_times()})
 
 
@@ -259,15 +259,15 @@ class TrainerStream:
     def take(self, remote, step: int, cfg):
         """Step `step`'s groups: (metadata as the lockstep batch message has it, {position: Group})."""
         oldest_ok = step - 1 - cfg.max_staleness  # the oldest version a token of this step's groups may have
-        need = cfg.prompts_per_step
-        kept, seen, groups, positions, dropped = [], [], {}, [], 0
+        fill = DynamicSamplingFill(cfg)
+        groups, positions, dropped = {}, [], 0
         waited = 0  # groups in their last allowed step that were still in flight: the trainer waited for them
-        while len(kept) < need:
+        while not fill.full:
             if cfg.stale == "wait":  # groups in their last allowed step go first: wait until they are here
                 due = sum(v <= oldest_ok for v in self.in_flight.values())
                 waited = max(waited, due)
                 while any(v <= oldest_ok for v in self.in_flight.values()):
-                    remote._receive_one(block=True)
+                    remote.receive_one(block=True)
             while not self.buffer:
                 # the engine admits against the consumption it was told of; more is told when the trainer
                 # starves (drop: the buffer is empty; wait: nothing is in flight either, so what it admits
@@ -276,7 +276,7 @@ class TrainerStream:
                 if starved and self.consumed > self.told:
                     remote.tell({"kind": "consumed", "consumed": self.consumed})
                     self.told = self.consumed
-                remote._receive_one(block=True)
+                remote.receive_one(block=True)
             # the oldest admitted first (then arrival order): what would go stale soonest is used soonest
             msg = self.buffer.pop(min(range(len(self.buffer)), key=lambda i: (self.buffer[i]["admitted"], i)))
             self.consumed += 1
@@ -286,18 +286,12 @@ class TrainerStream:
                 dropped += 1
                 continue
             g = msg["summary"]
-            seen.append(g)
-            if accept_group(g, cfg) and len(kept) < need:
-                kept.append(g)
+            if fill.offer(g):
                 groups[g.position] = msg["group"]
-            elif cfg.max_num_gen_batches and len(seen) >= cfg.max_num_gen_batches * need:
-                raise RuntimeError(f"dynamic sampling: only {len(kept)} of {need} informative groups after "
-                                   f"{len(seen)} groups ({cfg.max_num_gen_batches} generation batches, "
-                                   f"rollout.max_num_gen_batches); the groups seen: {describe_groups(seen)}")
         while self.frontier in self.done:
             self.done.discard(self.frontier)
             self.frontier += 1
-        meta = {"kept": kept, "seen": seen, "gen_batches": -(-len(seen) // need), "data_position": self.frontier,
+        meta = {"kept": fill.kept, "seen": fill.seen, "gen_batches": fill.gen_batches, "data_position": self.frontier,
                 "time_generate": self.busy, "engine_busy_s": self.busy, "engine_idle_s": self.idle,
                 "positions_seen": sorted(positions),
                 "stream_metrics": {"stale_dropped": float(dropped), "stale_waited": float(waited),

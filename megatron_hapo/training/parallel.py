@@ -116,6 +116,20 @@ def init_roles(engine_ranks: int, timeout_s: int = 1800, control_timeout_s: int 
     return out
 
 
+def current_roles(cfg) -> Optional[Roles]:
+    """This rank's role for a Trainer: None when colocated; under rollout.placement=separate the launch's
+    split (made here if `train.run` has not), refusing an engine rank: it serves rollouts, it does not train."""
+    if cfg.rollout.placement != "separate":
+        return None
+    p = cfg.parallel
+    out = init_roles(cfg.rollout.engine_ranks, p.timeout_s, p.control_timeout_s)
+    if not out.is_trainer:
+        raise RuntimeError(f"Trainer: launch rank {out.launch_rank} is an engine rank (the last "
+                           f"rollout.engine_ranks={out.engines} of {out.launch_world}); start every rank through "
+                           f"megatron_hapo.train.run(cfg), which serves the engine ranks and trains on the others")
+    return out
+
+
 def control_group():
     """The world over gloo with the long control-plane timeout (object gathers, CPU tensors only)."""
     if _CONTROL is None:
