@@ -155,3 +155,23 @@ def test_two_engines_give_the_same_run(off1):
     straight, _, _, two = off1
     want_rows, got_rows = crash.same_end(straight, two, 0, STEPS, VOLATILE)
     assert got_rows == want_rows
+
+
+def test_colocated_equals_separate_at_staleness_zero(tmp_path):
+    """Placement changes where rollouts are made, not what a step computes: the same run colocated (one
+    rank) and separate with max_staleness=0 (one trainer rank, one engine rank) ends with the same
+    weights, optimizer state and trainer state, and the same metric rows apart from timings and the
+    separate placement's own keys (staleness, versions per response, idle shares). ~100 s: two launches."""
+    steps = 3
+    common = [f"train.steps={steps}", "rollout.max_staleness=0"]
+    colocated, separate = str(tmp_path / "colocated"), str(tmp_path / "separate")
+    procs = [launch(colocated, common + ["rollout.placement=colocated"], ranks=1)]
+    assert procs[0].wait(timeout=600) == 0, tail(colocated)
+    procs.append(launch(separate, common))
+    assert procs[1].wait(timeout=600) == 0, tail(separate)
+    want_rows, got_rows = crash.same_end(colocated, separate, 0, steps, VOLATILE)
+    own = {"staleness_mean", "staleness_max", "staleness_tokens_0", "versions_per_response_max"}
+    assert [set(g) - set(w) for g, w in zip(got_rows, want_rows)] == [own] * steps, (got_rows[0], want_rows[0])
+    assert [{k: v for k, v in g.items() if k not in own} for g in got_rows] == want_rows
+    assert all(g["staleness_max"] == 0 for g in got_rows)
+    assert any("eval" in k for k in want_rows[1])  # evaluation (eval.interval=2) compared too

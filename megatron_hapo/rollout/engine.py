@@ -1,8 +1,10 @@
 """The vLLM rollout engine: generation with HAPO's per-token temperature and exact per-token records,
 and in-place weight updates from the trainer.
 
-The engine runs in the trainer's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): one engine per
-inference-TP group, colocated with Megatron. Placement (`engine_placement`): under torch.distributed
+The engine runs in its rank's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): one engine per
+inference-TP group, colocated with Megatron on the trainer's ranks (`rollout/colocated.py`), or on
+engine ranks of their own under rollout.placement=separate (`rollout/engine_rank.py`, where the
+engines' world is the engine ranks'). Placement (`engine_placement`): under torch.distributed
 every engine uses vLLM's `external_launcher` executor, inference TP 1 included (as verl and TRL
 do): it takes the rank's LOCAL_RANK as its device, where the single-process executor would put
 every rank's engine on cuda:0 and move the process's current device there. The engines of
