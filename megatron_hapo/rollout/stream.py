@@ -270,12 +270,15 @@ class TrainerStream:
                     remote.receive_one(block=True)
             while not self.buffer:
                 # the engine admits against the consumption it was told of; more is told when the trainer
-                # starves (drop: the buffer is empty; wait: nothing is in flight either, so what it admits
-                # now is used now, under the newest version)
+                # starves (drop: the buffer is empty; wait: nothing is in flight either). Under wait only
+                # as much as this step still lacks, so that what the engine admits now, under the version
+                # of the step before, is used now: a full buffer's worth admitted under it would outlive
+                # the bound (tests/test_stream_rule.py found that schedule)
                 starved = cfg.stale == "drop" or not self.in_flight
                 if starved and self.consumed > self.told:
-                    remote.tell({"kind": "consumed", "consumed": self.consumed})
-                    self.told = self.consumed
+                    lacking = cfg.prompts_per_step - len(fill.kept)
+                    self.told = self.consumed if cfg.stale == "drop" else min(self.consumed, self.told + lacking)
+                    remote.tell({"kind": "consumed", "consumed": self.told})
                 remote.receive_one(block=True)
             # the oldest admitted first (then arrival order): what would go stale soonest is used soonest
             msg = self.buffer.pop(min(range(len(self.buffer)), key=lambda i: (self.buffer[i]["admitted"], i)))
