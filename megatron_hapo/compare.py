@@ -239,14 +239,11 @@ def run_compare(out: str, task: str = "chain", arms: Sequence[str] = ("hapo", "d
 
 
 def _separate_run(rank: int, world: int, run_dir: str, task: str, settings: Dict[str, str]) -> None:
-    """One arm's run on its own ranks (rollout.placement=separate), every rank of it."""
-    from .trainer import Trainer
+    """One arm's run on its own ranks (rollout.placement=separate), every rank of it: `train.run` gives
+    each its role (the engine rank serves, the trainer rank trains)."""
+    from .train import run
 
-    tr = Trainer(_config(run_dir, task, **settings))
-    try:
-        tr.fit()
-    finally:
-        tr.close()
+    run(_config(run_dir, task, **settings))
 
 
 def _record_failure(failed: Dict[str, Dict[int, str]], arm: str, seed: int, run_dir: str, reason: str) -> None:
