@@ -14,6 +14,8 @@ After every kill nothing of the job is left.
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -59,6 +61,21 @@ def test_schedule_settings_are_checked():
     with pytest.raises(ConfigError, match="engine_ranks"):
         Config.load(None, ["rollout.placement=separate", "rollout.engine_ranks=3",
                            "parallel.inference_tensor_parallel_size=2"]).validate(1)
+    # against the launch's world, at load, before any process group (seconds, one line naming the setting)
+    separate = ["rollout.placement=separate", "rollout.prompts_per_step=4"]
+    for world, extra, name in ((2, ["rollout.engine_ranks=2"], "rollout.engine_ranks=2"),
+                               (4, ["rollout.engine_ranks=3", "parallel.inference_tensor_parallel_size=2"], "multiple of"),
+                               (4, ["rollout.engine_ranks=2", "rollout.max_staleness=1", "rollout.partial=true"],
+                                "one engine only")):
+        with pytest.raises(ConfigError, match=name):
+            Config.load(None, separate + extra).validate_launch(world)
+    Config.load(None, separate + ["rollout.engine_ranks=1"]).validate_launch(2)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MASTER_PORT")}
+    res = subprocess.run([sys.executable, "-m", "megatron_hapo.train", "rollout.placement=separate", "rollout.engine_ranks=2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**env, "WORLD_SIZE": "2"})
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "megatron-hapo train: config: rollout.engine_ranks=2: separate placement needs at least one engine rank and one "
+        "trainer rank among the launch's 2 (torchrun --nproc-per-node × nodes)"], res.stderr[-2000:]
     assert arm_overrides("hapo-off1") == {"algorithm.name": "hapo", "rollout.placement": "separate",
                                           "rollout.engine_ranks": "1", "rollout.max_staleness": "1",
                                           "rollout.partial": "false", "algorithm.rollout_correction": "tis"}
