@@ -178,8 +178,8 @@ def test_colocated_equals_separate_at_staleness_zero(tmp_path):
     """Placement changes where rollouts are made, not what a step computes: the same run colocated (one
     rank) and separate with max_staleness=0 (one trainer rank, one engine rank) ends with the same
     weights, optimizer state and trainer state, and the same metric rows apart from timings and the
-    separate placement's own keys (staleness, versions per response, idle shares). ~100 s: two launches."""
-    steps = 3
+    separate placement's own keys (staleness, versions per response, idle shares). ~75 s: two launches."""
+    steps = 2
     common = [f"train.steps={steps}", "rollout.max_staleness=0"]
     colocated, separate = str(tmp_path / "colocated"), str(tmp_path / "separate")
     procs = [launch(colocated, common + ["rollout.placement=colocated"], ranks=1)]
