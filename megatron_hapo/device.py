@@ -67,11 +67,12 @@ def resolve_layer_spec(value: Optional[str]) -> str:
 def megatron_scope():
     """Context for calls into Megatron-Core: what a missing TE/Apex/psutil needs is installed once on
     any device (training/lib_shims); on CPU its CUDA assumptions are also redirected for the duration
-    (training/cpu_shims); on GPU nothing else changes."""
+    (training/cpu_shims, which applies lib_shims after its own CUDA patches: megatron's optimizer
+    modules are imported under them); on GPU nothing else changes."""
     from .training import cpu_shims, lib_shims
 
-    lib_shims.apply()
     if is_gpu():
+        lib_shims.apply()
         return contextlib.nullcontext()
 
     return cpu_shims.scope()

@@ -78,6 +78,10 @@ def dist_opt_worker(rank, world, root, stop, resume, save_at):
     return {"metrics": metrics, "weights": policy.hf_state_dict(), "state": state}
 
 
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # as run_ranks' workers: the straight runs it is compared with bit for bit
+
+
 if __name__ == "__main__" and sys.argv[1] != "disk-full":
     root, steps, save_at = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3].split(",") if x]
     policy = build()
