@@ -60,7 +60,7 @@ def main():
     t0 = time.perf_counter()
     supervised_warmup(tr, args.warmup_steps)
     print(f"warm-up: {args.warmup_steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
-    mt = tr.engine  # the MultiTurnEngine
+    mt = tr.source.engine  # the colocated source's MultiTurnEngine
     prompts = [tr.train_data[i].prompt_ids for i in range(args.prompts)]
     seeds = list(range(args.prompts))
     # the step's entropy statistics from one rollout's model tokens (as the trainer's old pass would give):
@@ -69,14 +69,14 @@ def main():
 
     from megatron_hapo.algorithms import entropy_stats
 
-    probe = [r for rs in mt.generate(prompts[:16], 4, tr.sampling, None, seeds=seeds[:16]) for r in rs]
+    probe = [r for rs in mt.generate(prompts[:16], 4, tr.source.sampling, None, seeds=seeds[:16]) for r in rs]
     ents = torch.tensor([h for r in probe for h, m in zip(r.entropies, r.model_mask) if m])
     stats = entropy_stats(ents.view(1, -1), torch.ones(1, ents.numel(), dtype=torch.bool))
     rows = {"multi": [], "single": []}
     for rep in range(args.repeats):
         mt.tool_seconds = 0.0
         t0 = time.perf_counter()
-        out = mt.generate(prompts, args.samples, tr.sampling, stats, seeds=[s + 1000 * rep for s in seeds])
+        out = mt.generate(prompts, args.samples, tr.source.sampling, stats, seeds=[s + 1000 * rep for s in seeds])
         wall = time.perf_counter() - t0
         flat = [r for rs in out for r in rs]
         model = [sum(r.model_mask) for r in flat]
