@@ -96,10 +96,7 @@ class Config:
         if not 1 <= r.engine_ranks < launch_world:
             raise ConfigError(f"rollout.engine_ranks={r.engine_ranks}: separate placement needs at least one engine rank "
                               f"and one trainer rank among the launch's {launch_world} (torchrun --nproc-per-node × nodes)")
-        if r.engine_ranks % itp:
-            raise ConfigError(f"rollout.engine_ranks={r.engine_ranks} is not a multiple of "
-                              f"parallel.inference_tensor_parallel_size={itp}")
-        engines = r.engine_ranks // itp
+        engines = r.engine_ranks // itp  # whole inference-TP groups: `validate` below refuses a remainder
         if r.partial and engines > 1:
             raise ConfigError(f"rollout.partial: one engine only for now (rollout.engine_ranks={r.engine_ranks} with "
                               f"parallel.inference_tensor_parallel_size={itp} makes {engines})")
