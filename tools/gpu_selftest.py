@@ -27,7 +27,9 @@ says "skipped: ..." for the rest: a check never reports a pass it did not measur
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/: the selftest package
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+# tools/ (the selftest package) and the repository (megatron_hapo): on a bare machine neither is installed
+sys.path[:0] = [TOOLS, os.path.dirname(TOOLS)]
 
 from selftest.driver import main  # noqa: E402
 
