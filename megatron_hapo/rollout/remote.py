@@ -59,19 +59,14 @@ class RemoteRollout(RolloutSource):
     def restore(self, checkpoint: str) -> None:
         self._state = ckpt.read_blob(checkpoint, ROLLOUT_STATE) if self.leader else None
 
-    def start(self, policy, version: PolicyVersion, data_position: int) -> Dict[str, float]:
-        if self.started:
-            return {}
-        return self._start(policy, version.number, version.stats, self._state, data_position)
-
     def sync(self, policy, version: PolicyVersion, data_position: int = 0) -> Dict[str, float]:
         """As the current version again (the engines re-apply it); the first one starts them."""
         if not self.started:
             return self.start(policy, version, data_position)
-        return self._sync(policy, version.number, version.stats)
+        return self._sync(policy, version)
 
     def publish(self, policy, version: PolicyVersion) -> Dict[str, float]:
-        return self._sync(policy, version.number, version.stats)
+        return self._sync(policy, version)
 
     def collect(self, step: int, data_position: int, stats) -> Tuple[object, int, Dict[str, Any]]:
         batch, meta = self._collect(step, self.cfg.rollout)
@@ -89,19 +84,21 @@ class RemoteRollout(RolloutSource):
 
     # ---- start, weights ----------------------------------------------------------------------------------
 
-    def _start(self, policy, version: int, stats, state: Optional[dict], data_position: int = 0) -> Dict[str, float]:
+    def start(self, policy, version: PolicyVersion, data_position: int) -> Dict[str, float]:
         """The first version (the loaded or resumed weights) with where the engines start: the step
-        after the rollouts a checkpoint kept (`state`, from `checkpoint_state`) and the data position
+        after the rollouts a checkpoint kept (`restore`, from `checkpoint_state`) and the data position
         after them; without such a state (a fresh run, or a checkpoint of a colocated run), the
-        trainer's `data_position`."""
-        self.engine_position, self.started = data_position, True
-        start = {"step": version + 1, "data_position": data_position}
+        trainer's `data_position`. Only the first call sends anything."""
+        if self.started:
+            return {}
+        self.engine_position, self.started, state = data_position, True, self._state
+        start = {"step": version.number + 1, "data_position": data_position}
         if state:
             self.engine_position = state["engine_position"]
             kept = state.get("batches", {})
             if self.leader:
                 self.mail.update({("batch", s): m for s, m in kept.items()})
-            start = {"step": version + 1 + len(kept), "data_position": self.engine_position}
+            start = {"step": version.number + 1 + len(kept), "data_position": self.engine_position}
             if state.get("stream") is not None:
                 self.stream = state["stream"]
                 start.update(self.stream.start_info())
@@ -111,10 +108,12 @@ class RemoteRollout(RolloutSource):
             self.stream = TrainerStream()
             self.stream.frontier = data_position
             start.update(self.stream.start_info())
-        return self._sync(policy, version, stats, start)
+        return self._sync(policy, version, start)
 
-    def _sync(self, policy, version: int, stats, start: Optional[dict] = None) -> Dict[str, float]:
-        header = {"kind": "version", "version": version, "stats": stats.to_dict() if stats is not None else None}
+    def _sync(self, policy, version: PolicyVersion, start: Optional[dict] = None) -> Dict[str, float]:
+        """`version`'s weights and statistics to the engine ranks (with `start`: where they begin)."""
+        stats = version.stats.to_dict() if version.stats is not None else None
+        header = {"kind": "version", "version": version.number, "stats": stats}
         if self.stream is not None:
             header["consumed"] = self.stream.told = self.stream.consumed
         if start is not None:
