@@ -28,7 +28,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, results, timeout, init=True):
+# Modules a fork server imports once for every later run (`preload`); None: each run spawns fresh interpreters.
+_PRELOAD = {"modules": None}
+
+
+def preload(modules) -> None:
+    """Later `run_ranks` processes start by fork from one server process that imported `modules` once
+    (multiprocessing's forkserver), instead of as fresh interpreters that import torch, Megatron and
+    vLLM again (about 10 s of CPU each here). Each run still gets new processes with no state of an
+    earlier run: the server only imports, it never runs anything, and holds no thread when it forks.
+    What a fork cannot give, a run asks for with `run_ranks(..., fresh=True)`: an interpreter whose
+    imports are still to come (a module made missing at start-up, shims applied once per process)."""
+    _PRELOAD["modules"] = list(modules) if modules else None
+
+
+def _worker(rank, world_size, port, fn, args, results, timeout, init=True, env=None):
+    if env is not None:  # a fork server's child starts with the server's environment: the caller's, as now
+        os.environ.clear()
+        os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -49,13 +66,19 @@ def _worker(rank, world_size, port, fn, args, results, timeout, init=True):
                 pass
 
 
-def run_ranks(world_size: int, fn, *args, timeout: float = 240.0, init: bool = True):
+def run_ranks(world_size: int, fn, *args, timeout: float = 240.0, init: bool = True, fresh: bool = False):
     """fn(rank, world_size, *args) on world_size gloo processes; returns the results by rank. init=False:
-    the processes get only the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT), as under torchrun."""
-    ctx = mp.get_context("spawn")
+    the processes get only the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT), as under torchrun.
+    fresh=True: new interpreters even where `preload` set a fork server up."""
+    if _PRELOAD["modules"] and not fresh:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD["modules"])
+        env = dict(os.environ)
+    else:
+        ctx, env = mp.get_context("spawn"), None
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, timeout, init), daemon=False)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, timeout, init, env), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -235,3 +235,27 @@ def test_chain_task_has_long_worked_answers_and_a_held_out_split(tmp_path):
 
     params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(chain.tiny_model_config()).parameters())
     assert 0.5e6 <= params <= 2e6
+
+
+def test_batched_tokenizing_equals_row_by_row(tmp_path, tok):
+    """Rows are tokenized in batches (one fast-tokenizer call each): the same ids as one call a row, raw
+    text (the tokenizer's own BOS) and chat template alike, with bad rows across batch edges kept in order."""
+    from megatron_hapo.data.datasets import BadRow, Renderer
+
+    rows = [dapo_row(q, str(k)) for k, q in enumerate(QUESTIONS * 3)]
+    rows[4] = {"prompt": "Compute 7*8. " * 200, "answer": "1"}  # too long: found after tokenizing
+    rows[7] = {"answer": "1"}  # found before
+    for opts in (DataOptions(max_prompt_tokens=64), DataOptions(max_prompt_tokens=64, prompt_key="q", apply_chat_template=False)):
+        items = [{"q": r["prompt"][0]["content"] if isinstance(r.get("prompt"), list) else r.get("prompt", ""), **r}
+                 for r in rows] if opts.prompt_key == "q" else rows
+        if opts.prompt_key == "q":
+            del items[7]["q"]
+        render = Renderer(tok, opts)
+        got = list(render.many(((f"r{k}", row) for k, row in enumerate(items)), batch=3))
+        assert [w for w, _ in got] == [f"r{k}" for k in range(len(items))]
+        for k, (_, item) in enumerate(got):
+            if k in (4, 7):
+                assert isinstance(item, BadRow) and ("exceeds" in str(item)) == (k == 4), item
+                continue
+            text, _ = render.text(items[k])
+            assert item.prompt_ids == tok(text, add_special_tokens=not opts.apply_chat_template)["input_ids"]

@@ -190,7 +190,7 @@ def shims_worker(rank, world, tmp):
 
 
 def test_shims_scoped_and_tolerant_checkpoint_loads(tmp_path):
-    out = run_ranks(1, shims_worker, str(tmp_path), timeout=300)[0]
+    out = run_ranks(1, shims_worker, str(tmp_path), timeout=300, fresh=True)[0]  # process-wide state from start-up
     assert out["mode_active_after"] is False  # no process-wide TorchFunctionMode left entered
     assert out["cuda_outside_scope"] != "allowed" and out["cuda_inside_scope"] == "cpu"
     assert out["control_backend"] == "gloo"

@@ -72,7 +72,7 @@ def no_psutil_worker(rank, world, root):
 
 def test_missing_libraries_shimmed_on_any_device(tmp_path):
     """~35 s: one process."""
-    seen = run_ranks(1, no_psutil_worker, str(tmp_path), timeout=300)[0]
+    seen = run_ranks(1, no_psutil_worker, str(tmp_path), timeout=300, fresh=True)[0]  # megatron not yet imported
     assert seen["have_psutil"] is False and seen["pytorch_adamw"] is True, seen
     assert seen["applied_on_gpu_path"] == ["adamw_step", "moe_te_names", "psutil"], seen
     assert seen["cpu_shims_on_gpu_path"] is False, seen

@@ -110,7 +110,7 @@ def _messages(prompt) -> List[Dict[str, str]]:
 
 
 class Renderer:
-    """Row → Example with the tokenizer (chat template or raw text)."""
+    """Rows → Examples with the tokenizer (chat template or raw text), checked row by row, tokenized in batches."""
 
     def __init__(self, tokenizer, opts: DataOptions):
         self.tok, self.opts = tokenizer, opts
@@ -118,7 +118,8 @@ class Renderer:
             raise ValueError("data.apply_chat_template: the tokenizer has no chat template; set it to false to feed "
                              "prompt strings as raw text")
 
-    def __call__(self, row, where: str) -> Example:
+    def text(self, row) -> Tuple[str, Any]:
+        """(the prompt as text, the answer) of a row, or BadRow; tokenizing is `many`'s, in batches."""
         if not isinstance(row, dict):
             raise BadRow(f"expected an object, got {type(row).__name__}")
         if self.opts.prompt_key not in row:
@@ -133,15 +134,61 @@ class Renderer:
             raise BadRow(f"answer of type {type(answer).__name__}")
         if self.opts.apply_chat_template:
             extra = {"tools": self.opts.tools} if self.opts.tools else {}
-            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
-            ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        else:
-            if len(messages) != 1 or not isinstance(row[self.opts.prompt_key], str):
-                raise BadRow("chat messages need data.apply_chat_template=true")
-            ids = self.tok(messages[0]["content"])["input_ids"]
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra), answer
+        if len(messages) != 1 or not isinstance(row[self.opts.prompt_key], str):
+            raise BadRow("chat messages need data.apply_chat_template=true")
+        return messages[0]["content"], answer
+
+    def _encode(self, texts: List[str]) -> List[List[int]]:
+        """Token ids of each text: a chat-rendered prompt holds its special tokens already; raw text gets
+        the tokenizer's own (BOS). One batched call where the tokenizer takes a list (a fast tokenizer
+        encodes it in Rust: 40,000 prompts in a fraction of the per-row calls' seconds)."""
+        special = not self.opts.apply_chat_template
+        backend = getattr(self.tok, "backend_tokenizer", None) if getattr(self.tok, "is_fast", False) else None
+        if backend is not None:  # what the fast tokenizer's __call__ runs, without its per-row Python conversion
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
+        if len(texts) > 1:
+            try:
+                ids = self.tok(texts, add_special_tokens=special)["input_ids"]
+                if isinstance(ids, list) and len(ids) == len(texts) and all(isinstance(x, list) for x in ids):
+                    return ids
+            except (TypeError, ValueError):  # a tokenizer without batch calls: one at a time
+                pass
+        return [self.tok(t, add_special_tokens=special)["input_ids"] for t in texts]
+
+    def _finish(self, text: str, answer, ids, where: str) -> Example:
         if len(ids) > self.opts.max_prompt_tokens:
             raise BadRow(f"prompt of {len(ids)} tokens exceeds data.max_prompt_tokens={self.opts.max_prompt_tokens}")
         return Example(list(ids), answer, where)
+
+    def many(self, rows: Iterator[Tuple[str, Any]], batch: int = 2048) -> Iterator[Tuple[str, Any]]:
+        """(where, Example or BadRow) for every (where, row or BadRow), in order, tokenized in batches."""
+        pending: List[Tuple[str, Any]] = []
+
+        def flush():
+            texts = [item[0] for _, item in pending if not isinstance(item, BadRow)]
+            encoded = iter(self._encode(texts) if texts else [])
+            for where, item in pending:
+                if isinstance(item, BadRow):
+                    yield where, item
+                    continue
+                try:
+                    yield where, self._finish(item[0], item[1], next(encoded), where)
+                except BadRow as exc:
+                    yield where, exc
+            pending.clear()
+
+        for where, row in rows:
+            if isinstance(row, BadRow):
+                pending.append((where, row))
+            else:
+                try:
+                    pending.append((where, self.text(row)))
+                except BadRow as exc:
+                    pending.append((where, exc))
+            if len(pending) >= batch:
+                yield from flush()
+        yield from flush()
 
 
 def _file_rows(path: str) -> Iterator[Tuple[str, Any]]:
@@ -253,11 +300,11 @@ def load_prompts(sources, tokenizer, opts: DataOptions, split: str = "train", se
     examples, skipped, reasons = [], 0, []
     names = source_names(sources)
     for source, short in zip(sources, names):
-        for where, row in source_rows(str(source), split, seed, opts):
+        for where, item in render.many(source_rows(str(source), split, seed, opts)):
             try:
-                if isinstance(row, BadRow):
-                    raise row
-                examples.append(dataclasses.replace(render(row, where), source=short))
+                if isinstance(item, BadRow):
+                    raise item
+                examples.append(dataclasses.replace(item, source=short))
             except BadRow as exc:
                 if opts.strict:
                     raise ValueError(f"data.{split}: malformed row at {where}: {exc} (data.strict=true)") from None
