@@ -10,7 +10,8 @@ or one that answers directly ("561741</s>", almost always wrong). The reward is 
 the model's last turn with the product. The supervised warm-up (`warmup_target`) shows the call on
 a share of its examples (TOOL_SHARE) and direct answers on the rest, so RL starts from a model that
 sometimes calls the tool and has to learn from reward alone that calling it pays. The tokenizer is
-sentencepiece on the task's text with the tags and `print(` as whole pieces; the model is
+sentencepiece on the task's text with the tags and `print(` as whole pieces, and an `<error>` token
+for the tool's errors (it cannot spell them); the model is
 Qwen2-shaped, built in code. Pairs split by a fixed hash: about a tenth held out, never trained on.
 """
 from __future__ import annotations
@@ -76,7 +77,11 @@ def build_tokenizer(out_dir: str):
     lines = []
     for r in rows("train")[:5000]:
         lines.append(r["prompt"] + call_text(r["prompt"]) + TAGS[2] + r["answer"] + TAGS[3] + r["answer"])
-    tok = train_sentencepiece(out_dir, lines, 28, CHAT_TEMPLATE, special_pieces=TAGS + ("print(",))
+    from ..rollout.tools import ERROR_TOKEN
+
+    # <error>: the tool's errors ("Error: timed out ...") are letters this vocabulary cannot spell
+    tok = train_sentencepiece(out_dir, lines, 28, CHAT_TEMPLATE, special_pieces=TAGS + ("print(",),
+                              added_tokens=(ERROR_TOKEN,))
     if len(tok) > VOCAB or (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) != (BOS, EOS, PAD):
         raise RuntimeError(f"multiply tokenizer: unexpected vocabulary ({len(tok)} pieces)")
     return tok

@@ -11,9 +11,10 @@ SPECIALS = {"pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3}
 
 
 def train_sentencepiece(out_dir: str, lines: Iterable[str], vocab_size: int, chat_template: str, *,
-                        split_digits: bool = True, model_type: str = "bpe", special_pieces=()):
+                        split_digits: bool = True, model_type: str = "bpe", special_pieces=(), added_tokens=()):
     """Trains a sentencepiece model on `lines` (<pad>=0, <s>=1, </s>=2, <unk>=3; text kept verbatim:
-    no normalisation, whitespace and newlines preserved; `special_pieces` never split), saves it in
+    no normalisation, whitespace and newlines preserved; `special_pieces` never split; `added_tokens`
+appended after the trained pieces), saves it in
     out_dir as a fast HF tokenizer with `chat_template`, and returns the loaded tokenizer."""
     import sentencepiece as spm
     import transformers
@@ -33,6 +34,8 @@ def train_sentencepiece(out_dir: str, lines: Iterable[str], vocab_size: int, cha
                    "add_prefix_space": False}, f)
     tok = transformers.AutoTokenizer.from_pretrained(out_dir)
     tok.chat_template = chat_template
+    if added_tokens:  # after the trained pieces: their ids stay what the training gave them
+        tok.add_tokens(list(added_tokens))
     tok.save_pretrained(out_dir)
     os.remove(os.path.join(out_dir, "tokenizer.model"))  # tokenizer.json carries it now
     return transformers.AutoTokenizer.from_pretrained(out_dir)

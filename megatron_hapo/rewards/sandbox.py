@@ -24,6 +24,7 @@ import ctypes
 import dataclasses
 import functools
 import os
+import re
 import resource
 import shutil
 import signal
@@ -142,9 +143,55 @@ def _limit(limits: SandboxLimits, drop_privileges: bool, workdir: Optional[str] 
     return preexec
 
 
+DIR_PREFIX = "hapo-sbx-"  # + "io-" for the host-side files; then the creating process's pid, "-", a random part
+_DIR_NAME = re.compile(r"^hapo-sbx-(?:io-)?(?:(\d+)-)?[a-z0-9_]+$")
+LEGACY_AGE_S = 3600.0  # folders named without a pid (earlier versions): removed when untouched this long
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_dirs(tmp: Optional[str] = None) -> int:
+    """Removes the sandbox folders that processes killed with SIGKILL left in the temp directory (a
+    killed scorer or tool call cannot clean up after itself): those whose creating process is gone,
+    and unnamed ones of earlier versions older than LEGACY_AGE_S. Returns how many it removed."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = 0
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return 0
+    now = time.time()
+    for name in names:
+        m = _DIR_NAME.match(name)
+        if not m:
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            if m.group(1) is not None:
+                stale = int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))
+            else:
+                stale = now - os.stat(path).st_mtime > LEGACY_AGE_S
+        except OSError:
+            continue
+        if stale and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += not os.path.exists(path)
+    return removed
+
+
 @functools.lru_cache(maxsize=1)
 def sandbox_status() -> Tuple[bool, str]:
-    """(usable, reason): runs a trivial program in the sandbox once per process."""
+    """(usable, reason): runs a trivial program in the sandbox once per process (first cleaning what
+    killed processes left, `clean_stale_dirs`)."""
+    clean_stale_dirs()
     if shutil.which("bwrap") is None:
         return False, "bubblewrap (bwrap) is not installed: apt-get install bubblewrap"
     if not os.path.exists(PYTHON):
@@ -168,8 +215,8 @@ def _run(python_args, stdin: str, limits: SandboxLimits, use_bwrap: bool, files:
 
 
 def _run_once(python_args, stdin: str, limits: SandboxLimits, use_bwrap: bool, files: Optional[dict] = None) -> RunResult:
-    workdir = tempfile.mkdtemp(prefix="hapo-sbx-")
-    outdir = tempfile.mkdtemp(prefix="hapo-sbx-io-")  # host side, never visible inside
+    workdir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
+    outdir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}io-{os.getpid()}-")  # host side, never visible inside
     try:
         os.chmod(workdir, 0o777)
         if not use_bwrap:  # rlimits only: the files go into the host's folder (no namespaces here)

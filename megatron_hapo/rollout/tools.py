@@ -15,8 +15,11 @@ context (prompt + model + tool tokens) is bounded by the engine's max_model_len;
 bounds the model turns (a call that closes the last one is not run).
 
 Failure is data: a malformed call, a program that errors, times out, floods its output or hits a
-sandbox limit becomes a short tool message saying so, counted per response (tool_calls,
-tool_errors, tool_timeouts, turns). Two call syntaxes (`ToolCallFormat`): the chat template's
+sandbox limit becomes a short tool message saying so ("Error: ..." after what it printed, kept
+whatever the cut; the tokenizer's <error> token where it cannot spell it), counted per response
+(tool_calls, tool_errors, tool_timeouts, turns). Tool output is plain text: a program printing a
+control token's string (`</s>`, `<|im_start|>`, the format's tags) never puts that token in the
+context (`ToolCallFormat.plain_ids`). Two call syntaxes (`ToolCallFormat`): the chat template's
 Qwen `<tool_call>{"name": "python", "arguments": {"code": ...}}</tool_call>` form, and a tag pair
 for base models (`<python>print(3*4)</python>` → `<output>12</output>`).
 """
@@ -39,6 +42,7 @@ PYTHON_TOOL = {"type": "function", "function": {
                    "required": ["code"]}}}
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 TRUNCATED = "…"  # appended to a result cut to max_tool_output_tokens
+ERROR_TOKEN = "<error>"  # marks a tool error where the tokenizer cannot spell the message (the multiply task's)
 
 
 def _single_token(tokenizer, text: str, setting: str) -> int:
@@ -78,6 +82,63 @@ class ToolCallFormat:
         else:
             self.open, self.close, self.result_open, self.result_close = tags
             self.close_id = _single_token(tokenizer, self.close, "rollout.tool_tags[1]")
+        self._plain_setup(tags if kind == "tags" else (CALL_OPEN, CALL_CLOSE))
+
+    # ---- tool and environment text as plain text ------------------------------------------------------
+    #
+    # A tokenizer matches its added and special tokens inside any text it is given: a program printing
+    # `</s>` or `<|im_start|>assistant` would put an end of sequence or a new turn into the model's
+    # context. Text from outside the model is split at every such string (and the format's own tags)
+    # and those parts are tokenized one character at a time, where no multi-character token can match:
+    # the model reads the characters the tool printed (as far as the tokenizer can spell them), never a
+    # control token.
+
+    def _plain_setup(self, tags) -> None:
+        import re
+
+        tok = self.tok
+        added = {i: getattr(t, "content", str(t)) for i, t in getattr(tok, "added_tokens_decoder", {}).items()}
+        names = set(added.values()) | {str(x) for x in getattr(tok, "all_special_tokens", [])} | set(tags)
+        unk = getattr(tok, "unk_token_id", None)
+        self._control_ids = ({i for i, c in added.items() if len(c) > 1} | set(getattr(tok, "all_special_ids", []))) - {unk}
+        names = sorted((n for n in names if len(n) > 1), key=len, reverse=True)
+        self._control_re = re.compile("|".join(map(re.escape, names))) if names else None
+        ids = tok(ERROR_TOKEN, add_special_tokens=False)["input_ids"]
+        self.error_id = ids[0] if len(ids) == 1 else None
+        probe = "Error: timed out after 5 s"
+        if not self._spells(probe) and self.error_id is None:
+            raise ValueError(f"rollout.tools: this tokenizer cannot spell a tool's error ({probe!r} reads as "
+                             f"{self.tok.decode(self.plain_ids(probe))!r}) and has no {ERROR_TOKEN} token to mark one with; "
+                             f"add it (tokenizer.add_tokens([{ERROR_TOKEN!r}]), within the model's vocabulary)")
+
+    def _enc(self, text: str) -> List[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def plain_ids(self, text: str) -> List[int]:
+        """`text` (a tool's output, an environment's reply) as plain text: no added or special token of the
+        tokenizer, nor the format's tags, whatever the text holds."""
+        if self._control_re is None or not self._control_re.search(text):
+            ids = self._enc(text)
+        else:
+            ids, at = [], 0
+            for m in self._control_re.finditer(text):
+                ids += self._enc(text[at:m.start()])
+                ids += [i for ch in m.group() for i in self._enc(ch)]
+                at = m.end()
+            ids += self._enc(text[at:])
+        if self._control_ids.intersection(ids):  # a tokenizer that merges plain text into one: every character alone
+            ids = [i for ch in text for i in self._enc(ch) if i not in self._control_ids]
+        return ids
+
+    def _spells(self, text: str) -> bool:
+        return self.tok.decode(self.plain_ids(text), skip_special_tokens=False) == text
+
+    def error_ids(self, message: str, lead: str = "") -> List[int]:
+        """"Error: message" as plain text, or the tokenizer's <error> token where it cannot spell it."""
+        text = f"{lead}Error: {message}"
+        if self._spells(text) or self.error_id is None:
+            return self.plain_ids(text)
+        return [self.error_id]
 
     def render_prompt_tools(self) -> Optional[list]:
         """What a prompt's chat template gets as tools= (chat_template form), else None."""
@@ -110,19 +171,23 @@ class ToolCallFormat:
             return None, "malformed call: arguments.code must be a non-empty string"
         return code, None
 
-    def result_ids(self, output: str, max_tokens: int) -> List[int]:
-        """The tokens of a tool turn holding `output`, cut to max_tokens tokens of output (marked)."""
-        ids = self.tok(output, add_special_tokens=False)["input_ids"]
-        if len(ids) > max_tokens:
-            output = self.tok.decode(ids[:max_tokens]) + TRUNCATED
+    def result_ids(self, output: str, max_tokens: int, error: Optional[str] = None) -> List[int]:
+        """The tokens of a tool turn holding `output` as plain text, cut to max_tokens tokens (marked), and
+        after it the error, if any, whatever the cut: the output gives way to it (the error itself is
+        cut to max_tokens, its start "Error:" first)."""
+        err = self.error_ids(error, "\n" if output else "")[:max_tokens] if error else []
+        ids, room = self.plain_ids(output), max(0, max_tokens - len(err))
+        if len(ids) > room:
+            ids = ids[:room] + self.plain_ids(TRUNCATED)
         before, after = (self.result_open, self.result_close) if self.kind == "tags" else self._around
-        return self.tok(before + output + after, add_special_tokens=False)["input_ids"]
+        return self._enc(before) + ids + err + self._enc(after)
 
 
 @dataclasses.dataclass
 class ToolResult:
-    text: str  # what the model sees
+    text: str  # what the program printed (the model reads it as plain text)
     status: str  # ok | error | timeout | malformed
+    error: Optional[str] = None  # what went wrong, shown after the text whatever the cut
 
 
 class PythonTool:
@@ -148,11 +213,13 @@ class PythonTool:
         if res.status == "ok":
             return ToolResult(res.stdout.rstrip(), "ok")
         if res.status == "timeout":
-            return ToolResult(f"Error: timed out after {self.limits.wall_s:g} s", "timeout")
+            # what it printed before the limit is left out: how much depends on the machine's speed, and a
+            # rollout (and its resume after a kill) must not
+            return ToolResult("", "timeout", f"timed out after {self.limits.wall_s:g} s")
         last = next((line for line in reversed(res.stderr.strip().splitlines()) if line.strip()), "")
         reason = {"output_limit": "output limit reached", "disk_limit": "disk limit reached", "memory": "out of memory",
                   "killed": "killed", "unavailable": "sandbox unavailable"}.get(res.status, last or f"exit code {res.returncode}")
-        return ToolResult((res.stdout.rstrip() + "\n" if res.stdout.strip() else "") + f"Error: {reason}", "error")
+        return ToolResult(res.stdout.rstrip(), "error", reason)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -207,8 +274,8 @@ class MultiTurnEngine:
                 break
             live = []
             for t, program, error in zip(calls, programs, errors):
-                res = next(ran) if program is not None else ToolResult(f"Error: {error}", "malformed")
-                t.add_tool(self.fmt.result_ids(res.text, self.max_tool_output_tokens), res.status)
+                res = next(ran) if program is not None else ToolResult("", "malformed", error)
+                t.add_tool(self.fmt.result_ids(res.text, self.max_tool_output_tokens, res.error), res.status)
                 t.budget = min(sampling.max_tokens - t.model_tokens, max_len - t.context_len)
                 if t.budget < 1:  # the model-token cap or the context is used up: the response ends here
                     t.finish_reason = "length"
