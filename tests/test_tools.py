@@ -260,6 +260,47 @@ def test_sandbox_folders_left_by_killed_processes_are_cleaned_at_start(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[k] for k in ("mine", "alive", "legacy_new", "other"))
 
 
+@pytest.mark.skipif(not sandbox_status()[0], reason=f"the code sandbox is unavailable: {sandbox_status()[1]}")
+def test_a_reused_sandbox_leaves_nothing_for_the_next_call():
+    """One pooled sandbox (a fork server, a fresh child per call), each call followed by one that looks
+    for what it left: files (in /sandbox and /tmp), background processes (a setsid'd daemon, a sleeping
+    child, a fork bomb's), interpreter state (modules, builtins, sys.path, signal handlers, recursion
+    limit, rlimits), environment, working directory. Then a program that kills the fork server: the
+    call is `killed`, the next runs in a new sandbox. ~4 s."""
+    from megatron_hapo.rewards.sandbox import SandboxLimits
+    from megatron_hapo.rewards.sandbox_pool import SandboxPool
+
+    look = ("import os, sys, builtins, signal, resource\n"
+            "procs = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
+            "print(sorted(os.listdir('/sandbox')), sorted(os.listdir('/tmp')), len(procs), os.getcwd(), os.environ.get('LEAK'),\n"
+            "      'json' in sys.modules, hasattr(builtins, 'leak'), sys.path[-1] == '/x', signal.getsignal(signal.SIGTERM),\n"
+            "      sys.getrecursionlimit() == 50, resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    leaves = {
+        "files": "import os\nopen('/sandbox/a', 'w').write('x'); os.makedirs('/tmp/d/e'); open('/tmp/d/e/f', 'w').write('y')",
+        "daemon": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(60)\n    os._exit(0)",
+        "child": "import subprocess; subprocess.Popen(['sleep', '60'])",
+        "fork bomb": "import os\nwhile True:\n    try: os.fork()\n    except OSError: pass",
+        "state": ("import sys, json, builtins, signal, resource, os\nbuiltins.leak = 1; sys.path.append('/x')\n"
+                  "signal.signal(signal.SIGTERM, signal.SIG_IGN); sys.setrecursionlimit(50)\n"
+                  "resource.setrlimit(resource.RLIMIT_NOFILE, (8, 8)); os.environ['LEAK'] = '1'; os.chdir('/proc')"),
+    }
+    pool = SandboxPool(SandboxLimits(wall_s=1.0, max_output_bytes=4096), workers=1)
+    try:
+        clean = pool.run(look)
+        assert clean.status == "ok", clean
+        for name, program in leaves.items():
+            ran = pool.run(program)
+            assert ran.status in ("ok", "timeout"), (name, ran)
+            after = pool.run(look)
+            assert (after.status, after.stdout) == ("ok", clean.stdout), (name, after, clean.stdout)
+        assert pool.started == 1  # all of it in the one sandbox
+        killed = pool.run("import os, signal; os.kill(os.getppid(), signal.SIGKILL); import time; time.sleep(5)")
+        assert killed.status == "killed", killed
+        assert pool.run(look).stdout == clean.stdout and pool.started == 2
+    finally:
+        pool.close()
+
+
 def _trajectories():
     """Four responses of two groups; rows 0 and 2 called a tool once (tokens 3-6 of their response are
     the tool's), row 1 twice, row 3 answered directly."""

@@ -214,6 +214,23 @@ def _run(python_args, stdin: str, limits: SandboxLimits, use_bwrap: bool, files:
     return res
 
 
+def classify(timed_out: bool, rc: Optional[int], out_bytes: int, cap: int, err: str) -> str:
+    """A finished program's status from how it ended (rc < 0: killed by that signal)."""
+    if timed_out or rc == -signal.SIGXCPU:
+        return "timeout"
+    if out_bytes >= cap:
+        return "output_limit"
+    if rc == -signal.SIGXFSZ or (rc != 0 and _DISK_FULL in err):  # a file over the cap, or /sandbox full
+        return "disk_limit"
+    if rc == 0:
+        return "ok"
+    if "MemoryError" in err:
+        return "memory"
+    if rc is not None and rc < 0:
+        return "killed"
+    return "exit_code"
+
+
 def _run_once(python_args, stdin: str, limits: SandboxLimits, use_bwrap: bool, files: Optional[dict] = None) -> RunResult:
     workdir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
     outdir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}io-{os.getpid()}-")  # host side, never visible inside
@@ -255,21 +272,7 @@ def _run_once(python_args, stdin: str, limits: SandboxLimits, use_bwrap: bool, f
         cap = limits.max_output_bytes
         out = open(paths["out"], "rb").read(cap + 1).decode("utf-8", errors="replace")
         err = open(paths["err"], "rb").read(64 * 1024).decode("utf-8", errors="replace")
-        if timed_out or rc == -signal.SIGXCPU:
-            status = "timeout"
-        elif os.path.getsize(paths["out"]) >= cap:
-            status = "output_limit"
-        elif rc == -signal.SIGXFSZ or (rc != 0 and _DISK_FULL in err):  # a file over the cap, or /sandbox full
-            status = "disk_limit"
-        elif rc == 0:
-            status = "ok"
-        elif "MemoryError" in err:
-            status = "memory"
-        elif rc is not None and rc < 0:
-            status = "killed"
-        else:
-            status = "exit_code"
-        return RunResult(status, rc, out, err)
+        return RunResult(classify(timed_out, rc, os.path.getsize(paths["out"]), cap, err), rc, out, err)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(outdir, ignore_errors=True)
