@@ -1,6 +1,6 @@
 """Multi-turn rollouts with tools against single-turn generation of the same model tokens.
 
-    .venv/bin/python bench/bench_tools.py [--warmup-steps 300] [--prompts 64] [--samples 8] [--repeats 3]
+    .venv/bin/python bench/bench_tools.py [--warmup-steps 300] [--prompts 64] [--samples 8] [--repeats 3] [--calls 100]
 
 The tool task (`multiply`, rollout.tools=[python]): its model built in code and warmed up the way
 `megatron-hapo compare --task multiply` does (a share of the examples call the tool), so that
@@ -13,7 +13,14 @@ rollouts hold real calls. Timed, in one process on the same engine and prompts:
   no tool round-trips.
 
 Reported: model tokens/s of each and their ratio, the share of the multi-turn wall time spent in
-tools (sandbox runs, waited for), the rounds and calls. Medians over --repeats.
+tools (sandbox runs, waited for), the rounds and calls. Medians over --repeats. The multi-turn row
+runs twice per repeat: with the tool's pooled sandboxes (a fork server per sandbox, a fresh child
+per call: what `rollout.tools=[python]` uses) and with a new sandbox and interpreter per call (the
+one-shot `run_python`, as before the pool), in the same process on the same engine.
+
+Then the sandbox's own cost per call: a program that prints one line, `--calls` times one at a time,
+pooled against one-shot (median and p90 of the wall time of a call, and the overhead over the
+program's own time measured inside the sandbox).
 """
 from __future__ import annotations
 
@@ -47,7 +54,9 @@ def main():
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--calls", type=int, default=100)
     args = p.parse_args()
+    sandbox_table(args.calls)
 
     from vllm import SamplingParams, TokensPrompt
 
@@ -72,21 +81,25 @@ def main():
     probe = [r for rs in mt.generate(prompts[:16], 4, tr.source.sampling, None, seeds=seeds[:16]) for r in rs]
     ents = torch.tensor([h for r in probe for h, m in zip(r.entropies, r.model_mask) if m])
     stats = entropy_stats(ents.view(1, -1), torch.ones(1, ents.numel(), dtype=torch.bool))
-    rows = {"multi": [], "single": []}
+    rows = {"multi": [], "fresh": [], "single": []}
+    pooled = mt.tool.sandboxes
     for rep in range(args.repeats):
-        mt.tool_seconds = 0.0
-        t0 = time.perf_counter()
-        out = mt.generate(prompts, args.samples, tr.source.sampling, stats, seeds=[s + 1000 * rep for s in seeds])
-        wall = time.perf_counter() - t0
-        flat = [r for rs in out for r in rs]
-        model = [sum(r.model_mask) for r in flat]
-        context = sum(len(r.token_ids) for r in flat)
-        calls = sum(r.tools[0] for r in flat)
-        if rep == 0:
-            show = next((r for r in flat if r.tools[0]), flat[0])
-            print_trajectory(tr.tokenizer, prompts[show.prompt_index], show)
-        rows["multi"].append(dict(wall=wall, model=sum(model), context=context, calls=calls, tools=mt.tool_seconds,
-                                  rounds=max(r.tools[3] for r in flat)))
+        for mode in ("fresh", "multi"):
+            mt.tool.sandboxes = OneShot(mt.tool.limits) if mode == "fresh" else pooled
+            mt.tool_seconds = 0.0
+            t0 = time.perf_counter()
+            out = mt.generate(prompts, args.samples, tr.source.sampling, stats, seeds=[s + 1000 * rep for s in seeds])
+            wall = time.perf_counter() - t0
+            flat = [r for rs in out for r in rs]
+            model = [sum(r.model_mask) for r in flat]
+            context = sum(len(r.token_ids) for r in flat)
+            calls = sum(r.tools[0] for r in flat)
+            if rep == 0 and mode == "multi":
+                show = next((r for r in flat if r.tools[0]), flat[0])
+                print_trajectory(tr.tokenizer, prompts[show.prompt_index], show)
+            rows[mode].append(dict(wall=wall, model=sum(model), context=context, calls=calls, tools=mt.tool_seconds,
+                                   rounds=max(r.tools[3] for r in flat)))
+        mt.tool.sandboxes = pooled
         # the same model tokens in single-turn requests: sample k of prompt i generates model[k] tokens
         reqs, params = [], []
         for k, (r, n) in enumerate(zip(flat, model)):
@@ -113,9 +126,58 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| single-turn, same model tokens | {med('single', 'model'):.0f} | {med('single', 'model'):.0f} | "
           f"{med('single', 'wall'):.2f} | {s_tps:.0f} | 1.00 | 0 | 1 | 0 % |")
-    print(f"| multi-turn with python | {med('multi', 'model'):.0f} | {med('multi', 'context'):.0f} | {med('multi', 'wall'):.2f} | "
-          f"{m_tps:.0f} | {m_tps / s_tps:.2f} | {med('multi', 'calls'):.0f} | {med('multi', 'rounds'):.0f} | "
-          f"{100 * med('multi', 'tools') / med('multi', 'wall'):.0f} % |")
+    for mode, label in (("fresh", "multi-turn, a new sandbox per call (before)"), ("multi", "multi-turn, pooled sandboxes")):
+        tps = med(mode, "model") / med(mode, "wall")
+        print(f"| {label} | {med(mode, 'model'):.0f} | {med(mode, 'context'):.0f} | {med(mode, 'wall'):.2f} | "
+              f"{tps:.0f} | {tps / s_tps:.2f} | {med(mode, 'calls'):.0f} | {med(mode, 'rounds'):.0f} | "
+              f"{100 * med(mode, 'tools') / med(mode, 'wall'):.0f} % |")
+
+
+class OneShot:
+    """The tool's sandbox as before the pool: `run_python`, a new sandbox and interpreter per call."""
+
+    def __init__(self, limits):
+        self.limits = limits
+
+    def run(self, source, stdin=""):
+        from megatron_hapo.rewards.sandbox import run_python
+
+        return run_python(source, stdin, self.limits)
+
+
+def sandbox_table(calls: int) -> None:
+    """Wall time of one call of a one-line program, pooled vs one-shot, one call at a time; the
+    program's own time is measured inside the sandbox (it prints its own perf_counter span)."""
+    from megatron_hapo.rewards.sandbox import SandboxLimits, sandbox_status
+    from megatron_hapo.rewards.sandbox_pool import SandboxPool
+
+    if not sandbox_status()[0]:
+        print(f"sandbox unavailable: {sandbox_status()[1]}")
+        return
+    program = "import time\nt = time.perf_counter()\nprint(6 * 7)\nprint(time.perf_counter() - t)"
+    limits = SandboxLimits()
+    pool = SandboxPool(limits, workers=1)
+    out = {}
+    try:
+        for name, runner in (("one-shot (before)", OneShot(limits)), ("pooled", pool)):
+            runner.run(program)  # a pooled sandbox starts on its first call: not timed
+            walls, own = [], []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                res = runner.run(program)
+                walls.append(time.perf_counter() - t0)
+                own.append(float(res.stdout.split()[1]))
+            walls.sort()
+            out[name] = (walls[len(walls) // 2], walls[int(len(walls) * 0.9)], statistics.median(own))
+    finally:
+        pool.close()
+    base = out["one-shot (before)"][0]
+    print(f"sandbox cost per call ({calls} calls of a one-line program, one at a time; machine: {os.cpu_count()} CPUs)")
+    print("| sandbox | median ms | p90 ms | overhead over the program, median ms | vs one-shot |")
+    print("|---|---|---|---|---|")
+    for name, (mid, p90, own) in out.items():
+        print(f"| {name} | {mid * 1e3:.1f} | {p90 * 1e3:.1f} | {(mid - own) * 1e3:.1f} | {mid / base:.2f} |")
+    print(flush=True)
 
 
 if __name__ == "__main__":
