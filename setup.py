@@ -20,6 +20,7 @@ CPU = [
     "tqdm",  # progress bars
     "gguf",  # megatron-hapo convert gguf-to-hf: transformers' GGUF loader reads the file with it
     "accelerate",  # transformers' GGUF loader requires it
+    "bm25s",  # the search tool's index (rollout.tools=[search])
 ]
 # On GPU (the Dockerfile): torch 2.13.0 from PyPI (CUDA 13.0), the release vLLM 0.32.0 is built
 # against, and Transformer Engine built against that torch. One vLLM API level on both stacks: the
@@ -41,6 +42,7 @@ GPU = [
     "tqdm",
     "gguf",
     "accelerate",
+    "bm25s",
 ]
 TEST = [
     "pytest",

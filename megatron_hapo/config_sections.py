@@ -81,9 +81,12 @@ class RolloutConfig:
     max_num_gen_batches: int = 10  # 0 = unlimited
     overlong_buffer: int = 0  # 0 = no overlong shaping
     overlong_penalty_factor: float = 1.0  # DAPO's overlong shaping: the penalty reached at the cap
-    # multi-turn tool use (rollout/tools.py): the tools the model may call mid-response ([] = single-turn);
-    # `python` runs the call's program in the code sandbox (reward.sandbox's limits, tool_timeout_s wall clock)
+    # multi-turn tool use (rollout/tools.py): the tools the model may call mid-response ([] = single-turn):
+    # built-in python (the call's program in the code sandbox: reward.sandbox's limits, tool_timeout_s wall
+    # clock), calculator, search; or a user's Tool class by import path, "mypkg.tools:Search" (tool_api.py)
     tools: List[str] = dataclasses.field(default_factory=list)
+    # each tool's settings by its name, passed to its constructor (e.g. {search: {path: docs.jsonl}})
+    tool_settings: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
     max_turns: int = 4  # model turns per response at most (a call that closes the last turn is not run)
     max_tool_output_tokens: int = 64  # a tool result longer than this is cut (and marked), in tokens
     tool_timeout_s: float = 5.0  # wall clock of one tool call; past it the call is killed and reported as timed out
@@ -129,8 +132,17 @@ class RolloutConfig:
               if self.overlong_buffer > 0 else f"must be ≥ 0, got {self.overlong_buffer}")
         _need(self.overlong_penalty_factor >= 0, "rollout.overlong_penalty_factor",
               f"must be ≥ 0, got {self.overlong_penalty_factor}")
-        unknown = sorted(set(self.tools) - {"python"})
-        _need(not unknown, "rollout.tools", f"unknown tools {unknown}; available: ['python']")
+        if self.tools:  # resolved here, at load: a typo or an import error is named before any process starts
+            from .rollout.tool_api import schemas
+
+            try:
+                names = [t["function"]["name"] for t in schemas(self.tools)]
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            unknown = sorted(set(self.tool_settings) - set(names))
+            _need(not unknown, "rollout.tool_settings", f"settings for tools not in rollout.tools: {unknown}")
+        else:
+            _need(not self.tool_settings, "rollout.tool_settings", "set without rollout.tools")
         _need(self.max_turns >= 1 and self.max_tool_output_tokens >= 1 and self.tool_workers >= 1, "rollout.max_turns",
               f"rollout.max_turns, max_tool_output_tokens and tool_workers must be ≥ 1, got {self.max_turns}, "
               f"{self.max_tool_output_tokens}, {self.tool_workers}")

@@ -103,9 +103,9 @@ class Trainer:
         """The run's tool-call format (rollout.tools), else None: what the supervised warm-up writes calls in."""
         if not self.cfg.rollout.tools:
             return None
-        from .rollout.tools import ToolCallFormat
+        from .rollout.tools import format_for_run
 
-        return ToolCallFormat(self.tokenizer, self.cfg.rollout.tool_format, self.cfg.rollout.tool_tags)
+        return format_for_run(self.cfg.rollout, self.tokenizer)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
 

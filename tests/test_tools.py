@@ -18,7 +18,8 @@ from megatron_hapo import algorithms as A
 from megatron_hapo.parallel import vocab_parallel_logprobs_and_entropy
 from megatron_hapo.rewards import sandbox_status
 from megatron_hapo.rollout.collect import RolloutBatch
-from megatron_hapo.rollout.tools import PYTHON_TOOL, PythonTool, ToolCallFormat
+from megatron_hapo.rollout.tool_api import ToolBox
+from megatron_hapo.rollout.tools import PYTHON_TOOL, ToolCallFormat
 
 from . import reference as R
 
@@ -69,11 +70,11 @@ def test_chat_template_with_tools_renders_and_parses_calls(chat_tokenizer):
                                      add_generation_prompt=True, tools=fmt.render_prompt_tools())
     assert json.dumps(PYTHON_TOOL) in prompt and prompt.endswith("<|im_start|>assistant\n")
     turn = '<tool_call>\n{"name": "python", "arguments": {"code": "print(6*7)"}}\n</tool_call>'
-    assert fmt.parse(turn) == ("print(6*7)", None)
-    assert fmt.parse('<tool_call>\n{"name": "python", "arguments": "{\\"code\\": \\"print(1)\\"}"}\n</tool_call>') == ("print(1)", None)
+    assert fmt.parse(turn) == (("python", {"code": "print(6*7)"}), None)
+    assert fmt.parse('<tool_call>\n{"name": "python", "arguments": "{\\"code\\": \\"print(1)\\"}"}\n</tool_call>') == (("python", {"code": "print(1)"}), None)
     assert fmt.parse("<tool_call>\n{not json}\n</tool_call>")[1].startswith("malformed call: not JSON")
     assert fmt.parse('<tool_call>{"name": "bash", "arguments": {"code": "ls"}}</tool_call>')[1] == "unknown tool 'bash'; available: python"
-    assert fmt.parse('<tool_call>{"name": "python", "arguments": {}}</tool_call>')[1] == "malformed call: arguments.code must be a non-empty string"
+    assert fmt.parse('<tool_call>{"name": "python", "arguments": []}</tool_call>')[1] == "malformed call: arguments must be a JSON object"
     assert fmt.parse("no call </tool_call>")[1] == "malformed call: no <tool_call> before </tool_call>"
     # the tool turn is the template's own: what it renders after the call's close, around the output
     full = tok.apply_chat_template(
@@ -93,9 +94,9 @@ def test_tags_format_and_what_it_refuses(tmp_path):
     tok = multiply.build_tokenizer(str(tmp_path))
     fmt = ToolCallFormat(tok, "auto")  # no tool calls in its template: tags
     assert fmt.kind == "tags" and fmt.close_id == tok.convert_tokens_to_ids("</python>")
-    assert fmt.parse("<python>print(12*34)</python>") == ("print(12*34)", None)
+    assert fmt.parse("<python>print(12*34)</python>") == (("python", {"code": "print(12*34)"}), None)
     assert fmt.parse("12</python>")[1] == "malformed call: no <python> before </python>"
-    assert fmt.parse("<python></python>")[1] == "malformed call: empty program"
+    assert fmt.parse("<python></python>")[1] == "malformed call: empty code"
     assert tok.convert_ids_to_tokens(fmt.result_ids("408", 8)) == ["<output>", "4", "0", "8", "</output>"]
     with pytest.raises(ValueError, match=r"rollout.tool_tags\[1\]: '12\*' is 3 tokens"):
         ToolCallFormat(tok, "tags", ("<python>", "12*", "<output>", "</output>"))
@@ -103,12 +104,64 @@ def test_tags_format_and_what_it_refuses(tmp_path):
         ToolCallFormat(tok, "chat_template")
 
 
+def test_user_tools_by_import_path_with_settings_and_the_built_in_host_tools(byte_tokenizer, tmp_path):
+    """`rollout.tools=[calculator, search, tests.user_tools:Lookup, tests.user_tools:add]` with settings: the
+    template lists every schema; a call is dispatched by name; arguments are checked against the tool's
+    schema; an exception, a timeout, an unknown tool each come back as an error result, never a raise."""
+    from megatron_hapo.config import Config
+    from megatron_hapo.rewards.sandbox import SandboxLimits
+    from megatron_hapo.rollout.tools import format_for_run
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("\n".join(json.dumps(r) for r in [{"title": "Rivers", "text": "The Nile is the longest river in Africa."},
+                                                        {"title": "Peaks", "text": "Everest is the highest mountain on Earth."}]))
+    cfg = Config.load(None, ["rollout.tools=[calculator,search,tests.user_tools:Lookup,tests.user_tools:add]",
+                             f"rollout.tool_settings.search.path={corpus}", "rollout.tool_settings.search.top_k=1",
+                             "rollout.tool_settings.lookup.table={cat: feline}", "rollout.tool_format=chat_template"])
+    fmt = format_for_run(cfg.rollout, byte_tokenizer)
+    assert [t["function"]["name"] for t in fmt.render_prompt_tools()] == ["calculator", "search", "lookup", "add"]
+    assert fmt.render_prompt_tools()[3]["function"]["parameters"] == {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a"]}
+    prompt = byte_tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True,
+                                                tools=fmt.render_prompt_tools())
+    assert '"name": "search"' in prompt and '"description": "Adds two integers."' in prompt
+    call = fmt.parse('<tool_call>{"name": "lookup", "arguments": {"word": "cat", "upper": true}}</tool_call>')
+    assert call == (("lookup", {"word": "cat", "upper": True}), None)
+    assert fmt.parse('<tool_call>{"name": "python", "arguments": {"code": "1"}}</tool_call>')[1] == \
+        "unknown tool 'python'; available: calculator, search, lookup, add"
+    box = ToolBox(cfg.rollout.tools, cfg.rollout.tool_settings, SandboxLimits(), 2.0, 4)
+    try:
+        assert box.sandboxes is None  # host tools only: no sandbox started
+        got = box.run([call[0], ("calculator", {"expression": "123*4567"}), ("search", {"query": "highest mountain"}),
+                       ("add", {"a": 2, "b": 40}), ("lookup", {"word": "boom"}), ("lookup", {"word": 3}),
+                       ("lookup", {}), ("lookup", {"word": "cat", "colour": "red"}), ("calculator", {"expression": "9**9**9"}),
+                       ("calculator", {"expression": "__import__('os').system('true')"}), ("lookup", {"word": "slow"}),
+                       ("add", {"a": 1}), ("nope", {})])
+    finally:
+        box.close()
+    assert [(r.status, r.text) for r in got[:4]] == [("ok", "FELINE"), ("ok", "561741"),
+                                                      ("ok", "[1] Peaks: Everest is the highest mountain on Earth."), ("ok", "42")]
+    assert (got[4].status, got[4].error) == ("error", "KeyError: 'boom'")
+    assert [(r.status, r.error) for r in got[5:8]] == [
+        ("malformed", "lookup: argument word must be string, got int"), ("malformed", "lookup: missing argument word"),
+        ("malformed", "lookup: unknown argument colour; expected ['upper', 'word']")]
+    assert got[8].error == "ValueError: result too large (more than 4096 bits)" and "unsupported syntax" in got[9].error
+    assert (got[10].status, got[10].error) == ("timeout", "timed out after 2 s")
+    assert (got[11].status, got[11].text) == ("ok", "1")
+    assert (got[12].status, got[12].error) == ("malformed", "unknown tool 'nope'; available: calculator, search, lookup, add")
+    with pytest.raises(ValueError, match=r"rollout.tool_settings.lookup: tool 'lookup': unknown settings \['tabel'\]|"
+                                         r"rollout.tool_settings.lookup: .*unexpected keyword argument 'tabel'"):
+        ToolBox(["tests.user_tools:Lookup"], {"lookup": {"tabel": {}}}, SandboxLimits(), 1.0, 1)
+    with pytest.raises(ValueError, match="rollout.tool_format=tags: the tags carry one tool's one argument"):
+        ToolCallFormat(byte_tokenizer, "tags", ("<t>", "</tool_call>", "<o>", "</o>"), fmt.render_prompt_tools())
+
+
 @pytest.mark.skipif(not sandbox_status()[0], reason=f"the code sandbox is unavailable: {sandbox_status()[1]}")
 def test_hostile_programs_as_tools_stay_bounded():
     """Every kind of bad program comes back as a short message with its status; none escapes or hangs."""
     from megatron_hapo.rewards.sandbox import SandboxLimits
 
-    tool = PythonTool(SandboxLimits(max_output_bytes=4096), timeout_s=1.0, workers=4)
+    tool = ToolBox(["python"], {}, SandboxLimits(max_output_bytes=4096), timeout_s=1.0, workers=4)
     programs = {
         "ok": "print(123*456)",
         "loop": "while True: pass",
@@ -122,7 +175,7 @@ def test_hostile_programs_as_tools_stay_bounded():
         "exits": "import sys; sys.exit(3)",
     }
     try:
-        results = dict(zip(programs, tool.run(list(programs.values()))))
+        results = dict(zip(programs, tool.run([("python", {"code": p}) for p in programs.values()])))
     finally:
         tool.close()
     assert results["ok"].status == "ok" and results["ok"].text == "56088" and results["ok"].error is None
@@ -198,10 +251,10 @@ def test_hostile_output_through_the_sandbox_and_errors_kept_whatever_the_cut(byt
     from megatron_hapo.rewards.sandbox import SandboxLimits
 
     fmt, tok = ToolCallFormat(byte_tokenizer), byte_tokenizer
-    tool = PythonTool(SandboxLimits(max_output_bytes=4096), timeout_s=1.0, workers=2)
+    tool = ToolBox(["python"], {}, SandboxLimits(max_output_bytes=4096), timeout_s=1.0, workers=2)
     try:
-        hostile, flood, raises, slow = tool.run([f"print({''.join(HOSTILE)!r})", "while True: print('x' * 100)", "1/0",
-                                                 "import time; time.sleep(9)"])
+        hostile, flood, raises, slow = tool.run([("python", {"code": c}) for c in (
+            f"print({''.join(HOSTILE)!r})", "while True: print('x' * 100)", "1/0", "import time; time.sleep(9)")])
     finally:
         tool.close()
     wrapper = _control(fmt, fmt.result_ids("", 64))

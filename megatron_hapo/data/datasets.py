@@ -377,9 +377,9 @@ def load_run_data(cfg, tokenizer, max_positions: int):
                        max_prompt_tokens=max_prompt, strict=d.strict, reasoning_gym_size=d.reasoning_gym_size,
                        reasoning_gym_config=dict(d.reasoning_gym_config))
     if r.tools:
-        from ..rollout.tools import ToolCallFormat
+        from ..rollout.tools import format_for_run
 
-        opts.tools = ToolCallFormat(tokenizer, r.tool_format, r.tool_tags).render_prompt_tools()
+        opts.tools = format_for_run(r, tokenizer).render_prompt_tools()
     train = load_prompts(d.train, tokenizer, opts, "train", seed=cfg.train.seed)
     eval_sources = d.eval if d.eval is not None else held_out_sources(d.train)
     evals = load_prompts(eval_sources, tokenizer, opts, "eval", seed=cfg.train.seed) if eval_sources else None

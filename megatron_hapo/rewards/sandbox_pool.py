@@ -279,12 +279,13 @@ class SandboxPool:
         self.started = 0  # sandboxes started (restarts included)
         self._closed = False
 
-    def run(self, source: str, stdin: str = "") -> RunResult:
+    def run(self, source: str, stdin: str = "", wall_s: Optional[float] = None) -> RunResult:
+        """`source` as /sandbox/main.py with `stdin`, within wall_s (None: the pool's limits.wall_s)."""
         worker = self._idle.get()
         try:
             if worker is None or not worker.alive():
                 worker = self._start(worker)
-            res = worker.call(source, stdin, self.limits.wall_s)
+            res = worker.call(source, stdin, self.limits.wall_s if wall_s is None else wall_s)
             if res is None:  # the server died (the program killed it) or missed its deadline
                 self._forget(worker)
                 worker = None

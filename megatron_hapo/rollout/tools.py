@@ -25,7 +25,6 @@ for base models (`<python>print(3*4)</python>` → `<output>12</output>`).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import time
 import dataclasses
 import json
@@ -33,13 +32,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
-from ..rewards.sandbox import SandboxLimits, sandbox_status
+from ..rewards.sandbox import SandboxLimits
+from .builtin_tools import Python
 from ..training import stop
 
-PYTHON_TOOL = {"type": "function", "function": {
-    "name": "python", "description": "Runs a Python program and returns what it prints (stdout).",
-    "parameters": {"type": "object", "properties": {"code": {"type": "string", "description": "the program"}},
-                   "required": ["code"]}}}
+PYTHON_TOOL = Python.schema()
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 TRUNCATED = "…"  # appended to a result cut to max_tool_output_tokens
 ERROR_TOKEN = "<error>"  # marks a tool error where the tokenizer cannot spell the message (the multiply task's)
@@ -56,8 +53,12 @@ def _single_token(tokenizer, text: str, setting: str) -> int:
 class ToolCallFormat:
     """How calls are written and results rendered, for one tokenizer: `kind` chat_template | tags."""
 
-    def __init__(self, tokenizer, kind: str = "auto", tags: Sequence[str] = ("<python>", "</python>", "<output>", "</output>")):
+    def __init__(self, tokenizer, kind: str = "auto", tags: Sequence[str] = ("<python>", "</python>", "<output>", "</output>"),
+                 tools: Optional[Sequence[dict]] = None):
+        """tools: the schemas of the run's tools (tool_api.schemas; default: python alone). The tags form
+        writes one tool's calls: the text between the tags is its one required string argument."""
         self.tok = tokenizer
+        self.tools = list(tools) if tools else [PYTHON_TOOL]
         template = getattr(tokenizer, "chat_template", None) or ""
         if kind == "auto":
             kind = "chat_template" if CALL_CLOSE in template and len(
@@ -82,6 +83,13 @@ class ToolCallFormat:
         else:
             self.open, self.close, self.result_open, self.result_close = tags
             self.close_id = _single_token(tokenizer, self.close, "rollout.tool_tags[1]")
+            fn = self.tools[0]["function"]
+            required = fn.get("parameters", {}).get("required", [])
+            if len(self.tools) != 1 or len(required) != 1:
+                raise ValueError(f"rollout.tool_format=tags: the tags carry one tool's one argument; the run has "
+                                 f"{[t['function']['name'] for t in self.tools]} (use a chat template with tool calls "
+                                 f"for several tools)")
+            self.tag_tool, self.tag_argument = fn["name"], required[0]
         self._plain_setup(tags if kind == "tags" else (CALL_OPEN, CALL_CLOSE))
 
     # ---- tool and environment text as plain text ------------------------------------------------------
@@ -142,34 +150,36 @@ class ToolCallFormat:
 
     def render_prompt_tools(self) -> Optional[list]:
         """What a prompt's chat template gets as tools= (chat_template form), else None."""
-        return [PYTHON_TOOL] if self.kind == "chat_template" else None
+        return list(self.tools) if self.kind == "chat_template" else None
 
-    def parse(self, turn_text: str) -> Tuple[Optional[str], Optional[str]]:
-        """(program, None) from the text of a model turn that ended with the call's close, or (None,
-        what is wrong with the call)."""
+    def parse(self, turn_text: str) -> Tuple[Optional[Tuple[str, dict]], Optional[str]]:
+        """((tool name, arguments), None) from the text of a model turn that ended with the call's close,
+        or (None, what is wrong with the call). The arguments are checked against the tool's schema when
+        the call runs (`tool_api.ToolBox`)."""
         body = turn_text[:turn_text.rfind(self.close)] if self.close in turn_text else turn_text
         start = body.rfind(self.open)
         if start < 0:
             return None, f"malformed call: no {self.open} before {self.close}"
         body = body[start + len(self.open):]
         if self.kind == "tags":
-            return (body, None) if body.strip() else (None, "malformed call: empty program")
+            return ((self.tag_tool, {self.tag_argument: body}), None) if body.strip() else \
+                (None, f"malformed call: empty {self.tag_argument}")
         try:
             call = json.loads(body)
         except ValueError as exc:
             return None, f"malformed call: not JSON ({exc.msg})"
-        if not isinstance(call, dict) or call.get("name") != "python":
-            return None, f"unknown tool {call.get('name') if isinstance(call, dict) else call!r}; available: python"
+        names = [t["function"]["name"] for t in self.tools]
+        if not isinstance(call, dict) or call.get("name") not in names:
+            return None, f"unknown tool {call.get('name') if isinstance(call, dict) else call!r}; available: {', '.join(names)}"
         args = call.get("arguments", {})
         if isinstance(args, str):
             try:
                 args = json.loads(args)
             except ValueError:
                 return None, "malformed call: arguments are not JSON"
-        code = args.get("code") if isinstance(args, dict) else None
-        if not isinstance(code, str) or not code.strip():
-            return None, "malformed call: arguments.code must be a non-empty string"
-        return code, None
+        if not isinstance(args, dict):
+            return None, "malformed call: arguments must be a JSON object"
+        return (call["name"], args), None
 
     def result_ids(self, output: str, max_tokens: int, error: Optional[str] = None) -> List[int]:
         """The tokens of a tool turn holding `output` as plain text, cut to max_tokens tokens (marked), and
@@ -190,57 +200,16 @@ class ToolResult:
     error: Optional[str] = None  # what went wrong, shown after the text whatever the cut
 
 
-class PythonTool:
-    """Runs programs in the code sandbox, `workers` at once, each within `timeout_s` of wall clock: in
-    `workers` long-lived sandboxes, a fresh child of a fork server per call (rewards/sandbox_pool.py:
-    a call costs the program's own time plus a few milliseconds, and leaves nothing for the next)."""
-
-    def __init__(self, limits: SandboxLimits, timeout_s: float, workers: int):
-        from ..rewards.sandbox_pool import SandboxPool
-
-        usable, why = sandbox_status()
-        if not usable:
-            raise RuntimeError(f"rollout.tools=[python]: the code sandbox is unavailable ({why}); tools run untrusted "
-                               "model output and never run outside it")
-        self.limits = dataclasses.replace(limits, wall_s=timeout_s, cpu_s=max(1, min(limits.cpu_s, int(timeout_s + 1))))
-        self.sandboxes = SandboxPool(self.limits, workers)
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tool")
-
-    def run(self, programs: Sequence[str]) -> List[ToolResult]:
-        return [f.result() for f in self.submit(programs)]
-
-    def submit(self, programs: Sequence[str]) -> List["concurrent.futures.Future"]:
-        """The programs started (`workers` at a time); each future's result is a ToolResult."""
-        return [self.pool.submit(self._one, p) for p in programs]
-
-    def _one(self, program: str) -> ToolResult:
-        res = self.sandboxes.run(program)
-        if res.status == "ok":
-            return ToolResult(res.stdout.rstrip(), "ok")
-        if res.status == "timeout":
-            # what it printed before the limit is left out: how much depends on the machine's speed, and a
-            # rollout (and its resume after a kill) must not
-            return ToolResult("", "timeout", f"timed out after {self.limits.wall_s:g} s")
-        last = next((line for line in reversed(res.stderr.strip().splitlines()) if line.strip()), "")
-        reason = {"output_limit": "output limit reached", "disk_limit": "disk limit reached", "memory": "out of memory",
-                  "killed": "killed", "unavailable": "sandbox unavailable"}.get(res.status, last or f"exit code {res.returncode}")
-        return ToolResult(res.stdout.rstrip(), "error", reason)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-        self.sandboxes.close()
-
-
 class MultiTurnEngine:
     """The rollout engine with tools: the same `generate` as `RolloutEngine` (the collector does not
     know the difference), each response a whole trajectory with its model mask and tool counts."""
 
-    def __init__(self, engine, fmt: ToolCallFormat, tool: Optional[PythonTool], max_turns: int, max_tool_output_tokens: int,
-                 group=None):
-        """group: the engine's inference-TP group (gloo) when it spans several ranks: every rank of an
-        engine must send it the same requests, so its first rank runs the tools (`tool`; None on the
-        others) and broadcasts the results (a timeout on one rank only would make the contexts differ)."""
-        self.engine, self.fmt, self.tool, self.group = engine, fmt, tool, group
+    def __init__(self, engine, fmt: ToolCallFormat, tools, max_turns: int, max_tool_output_tokens: int, group=None):
+        """tools: the run's `tool_api.ToolBox`. group: the engine's inference-TP group (gloo) when it spans
+        several ranks: every rank of an engine must send it the same requests, so its first rank runs the
+        tools (None on the others) and broadcasts the results (a timeout on one rank only would make the
+        contexts differ)."""
+        self.engine, self.fmt, self.tool, self.group = engine, fmt, tools, group
         self.max_turns, self.max_tool_output_tokens = max_turns, max_tool_output_tokens
         self.tool_seconds = 0.0  # wall time spent in tools (bench)
 
@@ -358,12 +327,21 @@ def tools_for_run(cfg, engine, tokenizer, limits: SandboxLimits):
     torch.distributed every rank calls it (the inference-TP groups are created collectively)."""
     from ..training.parallel import engine_group
 
+    from .tool_api import ToolBox
+
     r = cfg.rollout
     if not r.tools:
         return engine
-    fmt = ToolCallFormat(tokenizer, r.tool_format, r.tool_tags)
+    fmt = format_for_run(r, tokenizer)
     itp = cfg.parallel.inference_tensor_parallel_size
     group = engine_group(itp, cfg.parallel.control_timeout_s) if dist.is_initialized() else None
     runs_tools = group is None or dist.get_rank() % itp == 0
-    tool = PythonTool(limits, r.tool_timeout_s, r.tool_workers) if runs_tools else None
-    return MultiTurnEngine(engine, fmt, tool, r.max_turns, r.max_tool_output_tokens, group)
+    tools = ToolBox(r.tools, r.tool_settings, limits, r.tool_timeout_s, r.tool_workers) if runs_tools else None
+    return MultiTurnEngine(engine, fmt, tools, r.max_turns, r.max_tool_output_tokens, group)
+
+
+def format_for_run(r, tokenizer) -> ToolCallFormat:
+    """The call format of a run's rollout config (rollout.tools, tool_format, tool_tags) for its tokenizer."""
+    from .tool_api import schemas
+
+    return ToolCallFormat(tokenizer, r.tool_format, r.tool_tags, schemas(r.tools))
