@@ -88,6 +88,41 @@ def test_chat_template_with_tools_renders_and_parses_calls(chat_tokenizer):
     assert "<tool_response>\n4242" in long and "42" * 6 not in long and long.endswith("\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_several_calls_in_one_turn_run_in_parallel_and_answer_in_order(chat_tokenizer):
+    """Chat template: a turn runs to the model's end of turn and may hold several calls (a malformed one
+    among them); the tool turn after it is the template's own for that many tool messages, in call
+    order, each result cut on its own, and the context equals the whole conversation rendered."""
+    from megatron_hapo.rewards.sandbox import SandboxLimits
+    from megatron_hapo.rollout.tools import ToolResult
+
+    tok, fmt = chat_tokenizer, ToolCallFormat(chat_tokenizer)
+    assert fmt.stop_ids() == ()  # the turn is not cut at the first call's close
+    calls = [{"type": "function", "function": {"name": "python", "arguments": {"code": c}}} for c in ("print(6*7)", "print(7*6)")]
+    turn = "".join(f'\n<tool_call>\n{{"name": "python", "arguments": {{"code": "{c}"}}}}\n</tool_call>' for c in ("print(6*7)", "print(7*6)"))
+    text = turn + "<tool_call>not json</tool_call><|im_end|>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert fmt.wants_tools(ids, text) and not fmt.wants_tools(ids[:1], "42<|im_end|>")
+    parsed = fmt.parse_turn(text)
+    assert [p[0] for p in parsed[:2]] == [("python", {"code": "print(6*7)"}), ("python", {"code": "print(7*6)"})]
+    assert parsed[2][0] is None and parsed[2][1].startswith("malformed call: not JSON")
+    assert fmt.parse_turn('<tool_call>{"name": "python"')[-1][1] == "malformed call: no </tool_call> after <tool_call>"
+    box = ToolBox(["python"], {}, SandboxLimits(), 2.0, 2)
+    try:
+        results = box.run([p[0] for p in parsed[:2]]) + [ToolResult("", "malformed", parsed[2][1])]
+    finally:
+        box.close()
+    assert [r.text for r in results[:2]] == ["42", "42"]
+    after = fmt.turn_ids(results[:2], 16, "<|im_end|>")
+    messages = [{"role": "user", "content": "What is 6*7?"}, {"role": "assistant", "content": "", "tool_calls": calls},
+                {"role": "tool", "content": "42"}, {"role": "tool", "content": "42"}]
+    full = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, tools=[PYTHON_TOOL])
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True, tools=[PYTHON_TOOL])
+    assert prompt + turn.lstrip("\n") + "<|im_end|>" + tok.decode(after, skip_special_tokens=False) == full
+    three = tok.decode(fmt.turn_ids(results, 16, "<|im_end|>"), skip_special_tokens=False)
+    bodies = [b.split("\n</tool_response>")[0] for b in three.split("<tool_response>\n")[1:]]
+    assert bodies[:2] == ["42", "42"] and len(bodies) == 3 and "rror" in bodies[2]  # in call order, the error last
+
+
 def test_tags_format_and_what_it_refuses(tmp_path):
     from megatron_hapo.data import multiply
 

@@ -6,10 +6,11 @@ model mask: the engine's records (temperature, entropy, log-probs) exist for mod
 tool tokens are context (loss mask 0), so they never enter the entropy statistics, h-hat, the
 advantages, redistribution, clipping, TIS or the mismatch metrics (docs/HAPO.md, "Tools").
 
-A round: every live trajectory of the batch generates until its call closes (the close is a stop
-token, so it must be one token), EOS, or its budget; the calls of every paused trajectory run in
-parallel in sandboxes (`rollout.tool_workers` at once, each bounded by `rollout.tool_timeout_s`);
-each result, cut to `rollout.max_tool_output_tokens`, is appended and the trajectory goes on in the
+A round: every live trajectory of the batch generates until its turn ends (chat template: EOS, the
+turn holding any number of <tool_call> blocks; tags: the close tag, a stop token, so it must be one
+token, after one call), or its budget; the calls of every paused trajectory run in parallel
+(`rollout.tool_workers` at once, each bounded by its timeout; rollout/tool_api.py), each result, cut
+to `rollout.max_tool_output_tokens`, is appended in call order and the trajectory goes on in the
 next round with prefix caching. Caps: `rollout.max_response_tokens` counts model tokens; the
 context (prompt + model + tool tokens) is bounded by the engine's max_model_len; `rollout.max_turns`
 bounds the model turns (a call that closes the last one is not run).
@@ -70,16 +71,7 @@ class ToolCallFormat:
         if kind == "chat_template":
             self.open, self.close = CALL_OPEN, CALL_CLOSE
             self.close_id = _single_token(tokenizer, CALL_CLOSE, "rollout.tool_format=chat_template")
-            # the template's own tool turn, around a sentinel output: [user, assistant with a call, tool]
-            # rendered, what follows the call's close (the assistant's end, the tool message, the next
-            # assistant header) split at the sentinel
-            sentinel = "\x00TOOL-OUTPUT\x00"
-            call = {"role": "assistant", "content": "", "tool_calls": [
-                {"type": "function", "function": {"name": "python", "arguments": {"code": "x"}}}]}
-            text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, call, {"role": "tool", "content": sentinel}],
-                                                 tokenize=False, add_generation_prompt=True, tools=[PYTHON_TOOL])
-            at = text.index(sentinel)
-            self._around = (text[text.rindex(CALL_CLOSE, 0, at) + len(CALL_CLOSE):at], text[at + len(sentinel):])
+            self._turns: dict = {}  # the template's tool turn for n results (`_around`)
         else:
             self.open, self.close, self.result_open, self.result_close = tags
             self.close_id = _single_token(tokenizer, self.close, "rollout.tool_tags[1]")
@@ -152,6 +144,39 @@ class ToolCallFormat:
         """What a prompt's chat template gets as tools= (chat_template form), else None."""
         return list(self.tools) if self.kind == "chat_template" else None
 
+    # ---- a model turn's calls ----------------------------------------------------------------------
+    #
+    # Tags: a turn stops at the close tag and holds one call. Chat template: a turn goes on to the
+    # model's end of turn (EOS) and may hold several <tool_call> blocks (Qwen's templates render them
+    # in one assistant message); they run in parallel and their results follow in call order, each a
+    # tool message of the template's tool turn.
+
+    def stop_ids(self) -> Tuple[int, ...]:
+        """What ends a model turn besides EOS: the close tag (tags form), nothing more (chat template)."""
+        return (self.close_id,) if self.kind == "tags" else ()
+
+    def wants_tools(self, turn_ids: List[int], turn_text: str) -> bool:
+        """Whether a turn that ended on a stop token (EOS or the close tag) calls tools."""
+        if self.kind == "tags":
+            return bool(turn_ids) and turn_ids[-1] == self.close_id
+        return self.open in turn_text or self.close_id in turn_ids
+
+    def parse_turn(self, turn_text: str) -> List[Tuple[Optional[Tuple[str, dict]], Optional[str]]]:
+        """Each call of a turn, in order, as `parse` gives it."""
+        if self.kind == "tags":
+            return [self.parse(turn_text)]
+        out, at = [], 0
+        while True:
+            start, end = turn_text.find(self.open, at), turn_text.find(self.close, at)
+            if start < 0 and end < 0:
+                break
+            if end < 0:
+                out.append((None, f"malformed call: no {self.close} after {self.open}"))
+                break
+            out.append(self.parse(turn_text[at:end + len(self.close)]))
+            at = end + len(self.close)
+        return out or [(None, f"malformed call: no {self.open} … {self.close}")]
+
     def parse(self, turn_text: str) -> Tuple[Optional[Tuple[str, dict]], Optional[str]]:
         """((tool name, arguments), None) from the text of a model turn that ended with the call's close,
         or (None, what is wrong with the call). The arguments are checked against the tool's schema when
@@ -189,8 +214,48 @@ class ToolCallFormat:
         ids, room = self.plain_ids(output), max(0, max_tokens - len(err))
         if len(ids) > room:
             ids = ids[:room] + self.plain_ids(TRUNCATED)
-        before, after = (self.result_open, self.result_close) if self.kind == "tags" else self._around
+        before, after = (self.result_open, self.result_close) if self.kind == "tags" else self._around(1, "")[::2]
         return self._enc(before) + ids + err + self._enc(after)
+
+    def _body_ids(self, res: "ToolResult", max_tokens: int) -> List[int]:
+        err = self.error_ids(res.error, "\n" if res.text else "")[:max_tokens] if res.error else []
+        ids, room = self.plain_ids(res.text), max(0, max_tokens - len(err))
+        if len(ids) > room:
+            ids = ids[:room] + self.plain_ids(TRUNCATED)
+        return ids + err
+
+    def turn_ids(self, results: Sequence["ToolResult"], max_tokens: int, turn_end: str = "") -> List[int]:
+        """The tokens after a model turn that called tools: each result (`result_ids`' rules, max_tokens
+        each) in call order, in the template's tool turn, up to the next assistant header. turn_end: the
+        text of the turn's last token (the model's EOS), which the template's text after the calls
+        starts with and the context already holds."""
+        if self.kind == "tags":
+            return self.result_ids(results[0].text, max_tokens, results[0].error)
+        head, sep, tail = self._around(len(results), turn_end)
+        ids = self._enc(head)
+        for k, res in enumerate(results):
+            ids += (self._enc(sep) if k else []) + self._body_ids(res, max_tokens)
+        return ids + self._enc(tail)
+
+    def _around(self, n: int, turn_end: str) -> Tuple[str, str, str]:
+        """(head, separator, tail) of the template's tool turn for n results: [user, assistant with n calls,
+        n tool messages] rendered with sentinel outputs and split at them; the head begins after the last
+        call's close, without `turn_end` where it begins with it."""
+        if n not in self._turns:
+            marks = [f"\x00TOOL-OUTPUT-{k}\x00" for k in range(n)]
+            call = {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "python", "arguments": {"code": "x"}}}] * n}
+            text = self.tok.apply_chat_template([{"role": "user", "content": "x"}, call] +
+                                                [{"role": "tool", "content": m} for m in marks],
+                                                tokenize=False, add_generation_prompt=True, tools=[PYTHON_TOOL])
+            at = [text.index(m) for m in marks]
+            head = text[text.rindex(CALL_CLOSE, 0, at[0]) + len(CALL_CLOSE):at[0]]
+            sep = text[at[0] + len(marks[0]):at[1]] if n > 1 else ""
+            self._turns[n] = (head, sep, text[at[-1] + len(marks[-1]):])
+        head, sep, tail = self._turns[n]
+        if turn_end and head.startswith(turn_end):
+            head = head[len(turn_end):]
+        return head, sep, tail
 
 
 @dataclasses.dataclass
@@ -226,17 +291,18 @@ class MultiTurnEngine:
         sample j of prompt i seeded with seeds[i] + j + 1_000_003·k, so results do not depend on the batch."""
         from .engine import Response
 
-        sampling = dataclasses.replace(sampling, stop_token_ids=tuple(sampling.stop_token_ids) + (self.fmt.close_id,))
+        sampling = dataclasses.replace(sampling, stop_token_ids=tuple(sampling.stop_token_ids) + self.fmt.stop_ids())
         max_len = self.engine.max_model_len
         first = self.engine.generate(prompts, n, sampling, stats, seeds=seeds)
         out = [[_Trajectory(list(p), r) for r in rs] for p, rs in zip(prompts, first)]
         live = [t for rs in out for t in rs]
         for turn in range(1, self.max_turns + 1):
             # a call that closes the last allowed turn is not run
-            calls = [t for t in live if t.wants_tool(self.fmt.close_id)] if turn < self.max_turns else []
-            programs, errors = zip(*(self.fmt.parse(self._decode(t.last_turn)) for t in calls)) if calls else ((), ())
+            calls = [t for t in live if t.ended_on_stop() and self.fmt.wants_tools(t.last_turn, self._decode(t.last_turn))] \
+                if turn < self.max_turns else []
+            parsed = [self.fmt.parse_turn(self._decode(t.last_turn)) for t in calls]
             t0 = time.perf_counter()
-            pending = self.tool.submit([p for p in programs if p is not None]) if self.tool is not None else []
+            pending = self.tool.submit([c for p in parsed for c, _ in p if c is not None]) if self.tool is not None else []
             stop.mark("tools")  # every round, calls or not: where the kill tests land with tools in flight
             ran = [f.result() for f in pending]
             if self.group is not None:  # the engine's first rank ran them; all its ranks continue alike
@@ -248,9 +314,10 @@ class MultiTurnEngine:
             if not calls:
                 break
             live = []
-            for t, program, error in zip(calls, programs, errors):
-                res = next(ran) if program is not None else ToolResult("", "malformed", error)
-                t.add_tool(self.fmt.result_ids(res.text, self.max_tool_output_tokens, res.error), res.status)
+            for t, turn_calls in zip(calls, parsed):
+                results = [next(ran) if c is not None else ToolResult("", "malformed", error) for c, error in turn_calls]
+                end = self.fmt.tok.decode(t.last_turn[-1:], skip_special_tokens=False)
+                t.add_tool(self.fmt.turn_ids(results, self.max_tool_output_tokens, end), [r.status for r in results])
                 t.budget = min(sampling.max_tokens - t.model_tokens, max_len - t.context_len)
                 if t.budget < 1:  # the model-token cap or the context is used up: the response ends here
                     t.finish_reason = "length"
@@ -303,13 +370,13 @@ class _Trajectory:
         self.last_turn, self.finish_reason = list(r.token_ids), r.finish_reason
         self.error = self.error or r.error
 
-    def wants_tool(self, close_id: int) -> bool:
-        return not self.error and self.finish_reason == "stop" and bool(self.last_turn) and self.last_turn[-1] == close_id
+    def ended_on_stop(self) -> bool:
+        return not self.error and self.finish_reason == "stop" and bool(self.last_turn)
 
-    def add_tool(self, ids: List[int], status: str) -> None:
-        self.calls += 1
-        self.errors += status in ("error", "malformed")
-        self.timeouts += status == "timeout"
+    def add_tool(self, ids: List[int], statuses: List[str]) -> None:
+        self.calls += len(statuses)
+        self.errors += sum(s in ("error", "malformed") for s in statuses)
+        self.timeouts += sum(s == "timeout" for s in statuses)
         self.ids += ids
         self.mask += [False] * len(ids)
         fill = {"temperatures": 1.0, "entropies": 0.0, "logprobs": 0.0, "logprobs_t1": 0.0}  # not sampled: masked out
