@@ -33,7 +33,7 @@ from typing import Dict, List
 import numpy as np
 
 from ..training import stop as phases
-from .collect import DynamicSamplingFill, prompt_seed
+from .collect import SEED_MODULUS, DynamicSamplingFill, prompt_seed
 
 
 class _Seq:
@@ -155,7 +155,7 @@ class StreamingSchedule:
             seq.finish = "length"
             return
         seq.tag = f"p{next(self.counter)}"
-        seed = seq.seed if seq.parts == 0 else (seq.seed * 1_000_003 + 7919 * seq.parts) % (2**31 - 1)
+        seed = seq.seed if seq.parts == 0 else (seq.seed * 1_000_003 + 7919 * seq.parts) % SEED_MODULUS
         stats = w.stats if w.cfg.algorithm.adaptive_temperature else None
         params = self.engine.request_params(w.sampling, stats, seq.tag, seed, budget, delta=True)
         self.le.add_request(seq.tag, TokensPrompt(prompt_token_ids=context), params)

@@ -289,6 +289,7 @@ class MultiTurnEngine:
     def generate(self, prompts, n: int, sampling, stats=None, seeds=None):
         """n trajectories per prompt; the first turn as `RolloutEngine.generate` (the same seeds), turn k of
         sample j of prompt i seeded with seeds[i] + j + 1_000_003·k, so results do not depend on the batch."""
+        from .collect import SEED_MODULUS
         from .engine import Response
 
         sampling = dataclasses.replace(sampling, stop_token_ids=tuple(sampling.stop_token_ids) + self.fmt.stop_ids())
@@ -327,7 +328,7 @@ class MultiTurnEngine:
                 break
             conts = self.engine.generate(
                 [t.context for t in live], 1, sampling, stats,
-                seeds=None if seeds is None else [(seeds[t.i] + t.j + 1_000_003 * turn) % (2**31 - 1) for t in live],
+                seeds=None if seeds is None else [(seeds[t.i] + t.j + 1_000_003 * turn) % SEED_MODULUS for t in live],
                 max_tokens=[t.budget for t in live])
             for t, rs in zip(live, conts):
                 t.add_model(rs[0])
