@@ -210,12 +210,8 @@ class ToolCallFormat:
         """The tokens of a tool turn holding `output` as plain text, cut to max_tokens tokens (marked), and
         after it the error, if any, whatever the cut: the output gives way to it (the error itself is
         cut to max_tokens, its start "Error:" first)."""
-        err = self.error_ids(error, "\n" if output else "")[:max_tokens] if error else []
-        ids, room = self.plain_ids(output), max(0, max_tokens - len(err))
-        if len(ids) > room:
-            ids = ids[:room] + self.plain_ids(TRUNCATED)
         before, after = (self.result_open, self.result_close) if self.kind == "tags" else self._around(1, "")[::2]
-        return self._enc(before) + ids + err + self._enc(after)
+        return self._enc(before) + self._body_ids(ToolResult(output, "", error), max_tokens) + self._enc(after)
 
     def _body_ids(self, res: "ToolResult", max_tokens: int) -> List[int]:
         err = self.error_ids(res.error, "\n" if res.text else "")[:max_tokens] if res.error else []
