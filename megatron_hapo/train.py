@@ -2,13 +2,19 @@
 cluster entry point (the same as `megatron-hapo train`). `run(cfg)` decides each rank's role: under
 rollout.placement=separate an engine rank serves rollouts until the trainer ranks stop it
 (`rollout/engine_rank.py`); every other rank trains (`Trainer(cfg).fit()`)."""
+from __future__ import annotations
+
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from . import quiet
-from .config import Config, ConfigError
-from .training import checkpoint as ckpt
+
+if TYPE_CHECKING:
+    from .config import Config
+
+# Nothing heavy at the top: the reward pool's workers start with `spawn`, which imports the launched
+# module again (as __mp_main__) in every worker; torch and the config stack here cost each of them ~3 s.
 
 
 def launch_world() -> int:
@@ -49,6 +55,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="YAML config (optional)")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. algorithm.name=dapo train.steps=100")
     a = p.parse_args(argv)
+    from .config import Config, ConfigError
+    from .training import checkpoint as ckpt
+
     try:
         cfg = Config.load(a.config, a.overrides)
         cfg.validate_launch(launch_world())

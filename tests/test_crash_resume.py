@@ -34,7 +34,10 @@ BASE = [f"train.steps={STEPS}", "train.save_interval=1", "train.keep_last=2", "r
         # multi-turn: the tool task's model (random) writes calls every step; the python tool runs them in
         # sandboxes, so kills land with tool calls in flight (the "tools" phase) and the resume regenerates them
         "data.train=multiply", "rollout.tools=[python]", "rollout.max_response_tokens=16", "rollout.max_turns=3",
-        "data.max_prompt_tokens=16"]
+        "data.max_prompt_tokens=16",
+        # the eager temperature processor (exact too): a launch skips the fused kernel's ~4 s of torch.compile
+        # tracing, ten launches here; the fused kernel is checked in test_temperature_kernels and the trainer tests
+        "rollout.fused_processor=false"]
 VOLATILE = ("time_", "_per_s")  # wall-clock figures: the only metrics that may differ
 
 
