@@ -35,7 +35,7 @@ BASE = [f"train.steps={STEPS}", "train.save_interval=1", "train.keep_last=2", "r
         "rollout.dynamic_sampling=false", "eval.at_end=false", "log.progress=off", "reward.workers=0",
         "reward.type=tests.verifiers:HasSeven", "rollout.max_response_tokens=40", "data.max_prompt_tokens=16",
         "rollout.placement=separate", "rollout.engine_ranks=1", "algorithm.rollout_correction=tis", "eval.interval=2",
-        "eval.num_prompts=8", "rollout.fused_processor=false"]  # eager processor: ~4 s less a launch (test_crash_resume)
+        "eval.num_prompts=8"]
 OFF1 = ["rollout.max_staleness=1"]
 PARTIAL = ["rollout.max_staleness=2", "rollout.partial=true", "rollout.stale=drop", "train.steps=8",
            "rollout.dynamic_sampling=true", "train.lr=1e-4"]  # slower learning: groups stay mixed over 8 steps
