@@ -166,7 +166,7 @@ def demo_worker(rank, world, root):
     from megatron_hapo.demo import run_demo
 
     dist.destroy_process_group()  # the demo starts its trainers the way `make demo` does
-    run_demo(root, warmup_steps=20, rl_steps=1, algorithms=("hapo",))  # an earlier demo left its runs behind
+    run_demo(root, warmup_steps=200, rl_steps=1, algorithms=("hapo",))  # an earlier demo left its runs behind
     return run_demo(root, warmup_steps=200, rl_steps=2, algorithms=("hapo", "dapo"))
 
 
