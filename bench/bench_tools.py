@@ -139,10 +139,13 @@ class OneShot:
     def __init__(self, limits):
         self.limits = limits
 
-    def run(self, source, stdin=""):
+    def run(self, source, stdin="", wall_s=None):
+        import dataclasses
+
         from megatron_hapo.rewards.sandbox import run_python
 
-        return run_python(source, stdin, self.limits)
+        limits = self.limits if wall_s is None else dataclasses.replace(self.limits, wall_s=wall_s)
+        return run_python(source, stdin, limits)
 
 
 def sandbox_table(calls: int) -> None:
