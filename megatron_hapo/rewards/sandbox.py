@@ -113,7 +113,11 @@ def _private_tmpfs(path: str, size_bytes: int, inodes: int, files: dict) -> None
             f.write(text)
 
 
-def _limit(limits: SandboxLimits, drop_privileges: bool, workdir: Optional[str] = None, files: Optional[dict] = None):
+def _limit(limits: SandboxLimits, drop_privileges: bool, workdir: Optional[str] = None, files: Optional[dict] = None,
+           per_call: bool = True):
+    """The sandbox process's set-up, run between fork and exec. per_call=False (a pooled sandbox's fork
+    server, sandbox_pool.py): without the per-program limits (CPU seconds, address space, file size,
+    open files), which the server sets in each call's child; processes stay capped for the sandbox."""
     def preexec():
         try:
             setup()
@@ -132,12 +136,13 @@ def _limit(limits: SandboxLimits, drop_privileges: bool, workdir: Optional[str] 
         # never outlive the scoring process (set after the uid change, which clears it; bwrap's
         # --die-with-parent then covers what it starts)
         die_with_parent()
-        mem = limits.memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_output_bytes, limits.max_output_bytes))
+        if per_call:
+            mem = limits.memory_mb * 2**20
+            resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
+            resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_output_bytes, limits.max_output_bytes))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
         resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_MSGQUEUE, (0, 0))  # POSIX message queues: none
     return preexec

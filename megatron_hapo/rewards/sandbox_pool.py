@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -36,9 +38,7 @@ import tempfile
 import threading
 from typing import Dict, Optional
 
-from .sandbox import (DIR_PREFIX, NOBODY, PYTHON, RunResult, SandboxLimits, _bwrap_cmd, _private_tmpfs, classify,
-                      sandbox_status)
-from ..procs import die_with_parent
+from .sandbox import DIR_PREFIX, PYTHON, RunResult, SandboxLimits, _bwrap_cmd, _limit, classify, sandbox_status
 
 GRACE_S = 5.0  # past wall_s: a server this late is killed (its own wall clock failed)
 
@@ -172,32 +172,6 @@ while True:
 '''
 
 
-def _server_preexec(limits: SandboxLimits, workdir: str):
-    """The bubblewrap process of one pooled sandbox: a session and a private tmpfs at /sandbox (as a
-    one-shot run), uid 65534 when started by root, processes capped for the whole sandbox, no core
-    files or message queues; the per-call limits are the fork server's to set in each child."""
-    import resource
-
-    from .sandbox import SETUP_FAILED
-
-    def preexec():
-        try:
-            os.setsid()
-            if os.geteuid() == 0:
-                os.setgroups([])
-                os.setgid(NOBODY)
-                os.setuid(NOBODY)
-            _private_tmpfs(workdir, limits.disk_mb * 2**20, limits.max_files, {})
-            die_with_parent()
-            resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            resource.setrlimit(resource.RLIMIT_MSGQUEUE, (0, 0))
-        except BaseException as exc:  # noqa: BLE001 - subprocess only says "Exception occurred in preexec_fn"
-            os.write(2, f"{SETUP_FAILED}{type(exc).__name__}: {exc}".encode())
-            raise
-    return preexec
-
-
 class _Worker:
     """One sandbox with its fork server."""
 
@@ -210,7 +184,7 @@ class _Worker:
         cmd = _bwrap_cmd(self.workdir, [PYTHON, "-I", "-c", SERVER, str(req_r), str(ans_w)])
         try:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         preexec_fn=_server_preexec(limits, self.workdir),
+                                         preexec_fn=_limit(limits, os.geteuid() == 0, self.workdir, {}, per_call=False),
                                          pass_fds=(req_r, ans_w), env={"PATH": "/usr/bin:/bin"}, cwd="/")
         finally:
             os.close(req_r)
@@ -230,8 +204,6 @@ class _Worker:
             return None
 
     def _read(self, n: int, timeout: float) -> bytes:
-        import select
-
         buf = b""
         while len(buf) < n:
             if not select.select([self.ans_r], [], [], timeout)[0]:
@@ -257,8 +229,6 @@ class _Worker:
                 os.close(fd)
             except OSError:
                 pass
-        import shutil
-
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
