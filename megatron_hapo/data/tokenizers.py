@@ -14,8 +14,8 @@ def train_sentencepiece(out_dir: str, lines: Iterable[str], vocab_size: int, cha
                         split_digits: bool = True, model_type: str = "bpe", special_pieces=(), added_tokens=()):
     """Trains a sentencepiece model on `lines` (<pad>=0, <s>=1, </s>=2, <unk>=3; text kept verbatim:
     no normalisation, whitespace and newlines preserved; `special_pieces` never split; `added_tokens`
-appended after the trained pieces), saves it in
-    out_dir as a fast HF tokenizer with `chat_template`, and returns the loaded tokenizer."""
+    appended after the trained pieces), saves it in out_dir as a fast HF tokenizer with `chat_template`,
+    and returns the loaded tokenizer."""
     import sentencepiece as spm
     import transformers
 
