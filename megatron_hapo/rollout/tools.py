@@ -295,9 +295,12 @@ class MultiTurnEngine:
         live = [t for rs in out for t in rs]
         for turn in range(1, self.max_turns + 1):
             # a call that closes the last allowed turn is not run
-            calls = [t for t in live if t.ended_on_stop() and self.fmt.wants_tools(t.last_turn, self._decode(t.last_turn))] \
-                if turn < self.max_turns else []
-            parsed = [self.fmt.parse_turn(self._decode(t.last_turn)) for t in calls]
+            ended = [(t, self._decode(t.last_turn)) for t in live if t.ended_on_stop()] if turn < self.max_turns else []
+            calls, parsed = [], []
+            for t, text in ended:
+                if self.fmt.wants_tools(t.last_turn, text):
+                    calls.append(t)
+                    parsed.append(self.fmt.parse_turn(text))
             t0 = time.perf_counter()
             pending = self.tool.submit([c for p in parsed for c, _ in p if c is not None]) if self.tool is not None else []
             stop.mark("tools")  # every round, calls or not: where the kill tests land with tools in flight
