@@ -4,6 +4,7 @@ shared supervised warm-up, reported with 95 % intervals over seeds.
     megatron-hapo compare --task chain --arms hapo,dapo --seeds 0,1,2 --out runs/compare
     megatron-hapo compare --task chain --arms hapo,dapo --ablations --seeds 0,1,2   # + HAPO without A, B, C or D
     megatron-hapo compare --task multiply --arms hapo,dapo,hapo-no-tools             # the tool task (rollout.tools)
+    megatron-hapo compare --task guess --arms hapo,dapo                              # the environment task
 
 Per seed: a warm-up run (teacher-forced, `demo.supervised_warmup`) exported once; then every arm
 trains from it with the same seed, data order and budget, so arms differ only in the algorithm
@@ -48,6 +49,11 @@ TASKS = {
                  "train.mini_batch_prompts": 8, "train.micro_batch_size": 64, "rollout.kv_cache_memory_bytes": 128 * 2**20,
                  "rollout.max_num_gen_batches": 20, "rollout.tools": "[python]", "rollout.max_turns": 2,
                  "rollout.max_tool_output_tokens": 16, "data.max_prompt_tokens": 16},
+    # the environment task (rollout/env_api.py, data/guess.py): up to 4 guesses, each answered higher/lower
+    "guess": {"rollout.max_response_tokens": 12, "rollout.prompts_per_step": 16, "rollout.samples_per_prompt": 8,
+              "train.mini_batch_prompts": 8, "train.micro_batch_size": 64, "rollout.kv_cache_memory_bytes": 64 * 2**20,
+              "rollout.max_num_gen_batches": 20, "rollout.environment": "guess", "rollout.max_turns": 4,
+              "rollout.max_tool_output_tokens": 4, "data.max_prompt_tokens": 8},
 }
 @dataclasses.dataclass(frozen=True)
 class Warmup:
@@ -71,7 +77,7 @@ class Warmup:
 # chain's model learns the procedure abruptly, somewhere between 300 and 500 steps depending on the seed:
 # a fixed count leaves some seeds near 0 (no RL signal) and others near 80 %, so it warms up into a band
 WARMUP = {"chain": Warmup(800, 2e-3, band=(0.2, 0.4), first_check=200), "addition": Warmup(300, 1e-3),
-          "multiply": Warmup(300, 2e-3)}
+          "multiply": Warmup(300, 2e-3), "guess": Warmup(300, 2e-3)}
 
 
 def arm_overrides(arm: str) -> Dict[str, str]:

@@ -41,6 +41,12 @@ class Config:
         """Every section's own ranges (run by `load`; `validate` runs it again for configs built in code)."""
         for name in SECTIONS[:-1]:
             getattr(self, name).check()
+        if self.reward.type == "environment" and not self.rollout.environment:
+            raise ConfigError("reward.type=environment: the run has no rollout.environment to give rewards")
+        from .data.datasets import as_sources, source_kind
+
+        if not self.rollout.environment and any(source_kind(str(s)) == "guess" for s in as_sources(self.data.train)):
+            raise ConfigError("data.train=guess is the environment task: set rollout.environment=guess")
         return self
 
     def validate(self, world_size: int = 1) -> "Config":

@@ -91,11 +91,19 @@ class RolloutConfig:
     max_tool_output_tokens: int = 64  # a tool result longer than this is cut (and marked), in tokens
     tool_timeout_s: float = 5.0  # wall clock of one tool call; past it the call is killed and reported as timed out
     tool_workers: int = 4  # tool calls of one generation round run in parallel in this many sandboxes
+    # multi-turn with an environment (rollout/env_api.py): a world or user that answers every model turn
+    # (reset(row) -> first message, step(turn) -> (reply, done, reward)), one instance per trajectory; built-in
+    # guess (the number-guessing game) or a user's Environment class, "mypkg.envs:Maze"; None = no environment.
+    # Its reward is the run's (reward.type=auto → environment); steps run in tool_workers threads, each
+    # within tool_timeout_s; a reply is cut to max_tool_output_tokens
+    environment: Optional[str] = None
+    environment_settings: Dict[str, Any] = dataclasses.field(default_factory=dict)  # the environment's constructor's keywords
     # chat_template: the Qwen <tool_call>{"name": ..., "arguments": {"code": ...}}</tool_call> form of the
-    # tokenizer's template (rendered with tools=); tags: tool_tags; auto: chat_template where the template
-    # and tokenizer define <tool_call> … </tool_call>, tags otherwise
+    # tokenizer's template (rendered with tools=), an environment's replies as user turns; tags: tool_tags;
+    # auto: chat_template where the template and tokenizer define <tool_call> … </tool_call> (with an
+    # environment only: where the template marks a user turn), tags otherwise
     tool_format: str = "auto"
-    # tags form: call open, call close, result open, result close; the call's close must be one token
+    # tags form: call open, call close, result open (an environment's reply too), result close; the call's close must be one token
     tool_tags: List[str] = dataclasses.field(default_factory=lambda: ["<python>", "</python>", "<output>", "</output>"])
     # π_old of the clip: trainer (a forward pass of the weights that sampled, at T = 1) | engine (no such
     # pass: the engine's recorded log-probs at each token's temperature are π_old and its recorded
@@ -143,6 +151,22 @@ class RolloutConfig:
             _need(not unknown, "rollout.tool_settings", f"settings for tools not in rollout.tools: {unknown}")
         else:
             _need(not self.tool_settings, "rollout.tool_settings", "set without rollout.tools")
+        if self.environment is not None:  # resolved, and its settings bound to its constructor, at load
+            import inspect
+
+            from .rollout.env_api import resolve
+
+            try:
+                cls = resolve(self.environment)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            try:
+                inspect.signature(cls).bind(**self.environment_settings)
+            except TypeError as exc:
+                raise ConfigError(f"rollout.environment_settings: {self.environment!r} does not take "
+                                  f"{sorted(self.environment_settings)}: {exc}") from None
+        else:
+            _need(not self.environment_settings, "rollout.environment_settings", "set without rollout.environment")
         _need(self.max_turns >= 1 and self.max_tool_output_tokens >= 1 and self.tool_workers >= 1, "rollout.max_turns",
               f"rollout.max_turns, max_tool_output_tokens and tool_workers must be ≥ 1, got {self.max_turns}, "
               f"{self.max_tool_output_tokens}, {self.tool_workers}")
@@ -164,10 +188,10 @@ class RolloutConfig:
         _need(not self.partial or self.max_staleness >= 1, "rollout.partial",
               "needs rollout.max_staleness ≥ 1 (a version arriving mid-rollout is a version the rollout lags)")
         _need(self.stale in ("drop", "wait"), "rollout.stale", f"expected drop | wait, got {self.stale!r}")
-        _need(not (self.partial and (self.tools or self.routing_replay)), "rollout.partial",
-              "not with rollout.tools or rollout.routing_replay yet (a continued request would split a tool "
-              "turn or the routing record)")
-        _need(not (self.tools and self.routing_replay), "rollout.tools",
+        _need(not (self.partial and (self.tools or self.environment or self.routing_replay)), "rollout.partial",
+              "not with rollout.tools, rollout.environment or rollout.routing_replay yet (a continued request would "
+              "split a tool or environment turn or the routing record)")
+        _need(not ((self.tools or self.environment) and self.routing_replay), "rollout.tools",
               "not supported with rollout.routing_replay (the engine records routing per request, a multi-turn "
               "response is several requests)")
 
@@ -198,7 +222,9 @@ class DataConfig:
 
 @dataclasses.dataclass
 class RewardConfig:
-    type: str = "auto"  # math | exact | reasoning_gym | code | module:Class; auto: by the data source
+    # math | exact | reasoning_gym | code | module:Class | environment (rollout.environment's own rewards);
+    # auto: environment with one, else by the data source
+    type: str = "auto"
     workers: int = 2  # scoring processes; 0 = in the trainer's process (no hang protection)
     timeout_s: float = 10.0  # per response; a verifier past it gets the failure reward, counted
     correct: Optional[float] = None  # reward values; None: the verifier's (math: ±1, others 1/0)
@@ -220,8 +246,8 @@ class RewardConfig:
     def check(self) -> None:
         from .rewards.registry import BUILTIN
 
-        _need(self.type == "auto" or self.type in BUILTIN or ":" in self.type, "reward.type",
-              f"unknown verifier {self.type!r}; expected auto, one of {list(BUILTIN)} or 'module:Class'")
+        _need(self.type in ("auto", "environment") or self.type in BUILTIN or ":" in self.type, "reward.type",
+              f"unknown verifier {self.type!r}; expected auto, environment, one of {list(BUILTIN)} or 'module:Class'")
         _need(0 < self.max_error_fraction <= 1, "reward.max_error_fraction", f"must lie in (0, 1], got {self.max_error_fraction}")
         self.sandbox_limits()
         _need(self.workers >= 0 and self.timeout_s > 0, "reward.workers",

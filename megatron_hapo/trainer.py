@@ -100,9 +100,8 @@ class Trainer:
         return self.source.start(self.policy, self._version(), self.data_position)
 
     def tool_format(self):
-        """The run's tool-call format (rollout.tools), else None: what the supervised warm-up writes calls in."""
-        if not self.cfg.rollout.tools:
-            return None
+        """The run's multi-turn format (rollout.tools or rollout.environment), else None: what the supervised
+        warm-up writes calls and replies in."""
         from .rollout.tools import format_for_run
 
         return format_for_run(self.cfg.rollout, self.tokenizer)

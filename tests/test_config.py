@@ -35,10 +35,18 @@ from megatron_hapo.config import Config, ConfigError, OptimConfig
     ("rollout.tool_format=xml", "rollout.tool_format: expected auto \\| chat_template \\| tags"),
     ("rollout.tool_tags=[<a>,</a>]", "rollout.tool_tags: expected four non-empty strings"),
     ("rollout.tool_timeout_s=0", "rollout.tool_timeout_s: must be positive"),
+    ("rollout.environment=maze", "rollout.environment: 'maze' is neither a built-in environment \\['guess'\\]"),
+    ("rollout.environment=json:dumps", "rollout.environment: 'json:dumps' is not a subclass"),
+    (("rollout.environment=guess", "rollout.environment_settings.max_guesess=3"),
+     "rollout.environment_settings: 'guess' does not take \\['max_guesess'\\]"),
+    ("rollout.environment_settings.size=3", "rollout.environment_settings: set without rollout.environment"),
+    (("rollout.environment=guess", "rollout.routing_replay=true"), "rollout.tools: not supported with rollout.routing_replay"),
+    ("reward.type=environment", "reward.type=environment: the run has no rollout.environment"),
+    ("data.train=guess", "data.train=guess is the environment task: set rollout.environment=guess"),
 ])
 def test_bad_values_fail_at_load_under_their_name(override, match):
     with pytest.raises(ConfigError, match=match):
-        Config.load(None, [override])
+        Config.load(None, [override] if isinstance(override, str) else list(override))
 
 
 def test_tool_settings_take_lists_from_yaml_or_the_command_line():

@@ -481,3 +481,114 @@ def test_the_tool_task_warm_up_shows_the_call_on_a_share_and_never_trains_the_re
     # the held-out split never meets the training split
     train = {x["prompt"] for x in multiply.rows("train")}
     assert not train & {x["prompt"] for x in multiply.rows("eval")}
+
+
+# ---- environments (rollout/env_api.py) -------------------------------------------------------------------
+
+def test_an_environment_by_import_path_steps_in_parallel_and_contains_failures():
+    """`rollout.environment=tests.user_tools:Echo`: one instance per trajectory, reset from its row; every
+    live trajectory's step runs at once (four steps meet at a barrier only parallel steps pass); a step
+    that raises or overruns, and a row the environment refuses, end that trajectory with the failure
+    reward and their status, never a raise; the reward is the sum of the steps'."""
+    from megatron_hapo.rollout.env_api import Episodes, resolve
+
+    assert resolve("guess").__name__ == "Guess"
+    for spec, msg in [("nope", "neither a built-in environment"), ("json:dumps", "not a subclass"),
+                      ("nopkg:Env", "cannot import 'nopkg:Env'")]:
+        with pytest.raises(ValueError, match=msg):
+            resolve(spec)
+    eps = Episodes("tests.user_tools:Echo", {"reward": 0.5, "meet": 4}, timeout_s=0.5, workers=8)
+    try:
+        rows = [{"level": k} for k in range(1, 9)] + [{"level": 9, "bad": True}]
+        episodes = eps.start(rows)
+        assert (episodes[-1].status, episodes[-1].reason) == ("error", "environment tests.user_tools:Echo: reset: "
+                                                                        "ValueError: no such level")
+        turns = ["abc", "boom", "slow", "meet", "meet", "meet", "meet", "win"]
+        replies = eps.step(episodes[:8], turns)
+        assert replies == ["cba", None, None, "teem", "teem", "teem", "teem", None]
+        assert [e.status for e in episodes[:8]] == ["ok", "error", "timeout"] + ["ok"] * 5
+        assert "step: RuntimeError: the world broke" in episodes[1].reason and "timed out after 0.5 s" in episodes[2].reason
+        assert eps.step([episodes[0]], ["win"]) == [None]  # the second step wins: 0.5 × level 1
+        results = [eps.result(e) for e in episodes]
+        assert [(r.score, r.correct, r.status) for r in results] == [
+            (0.5, True, "ok"), (0.0, False, "error"), (0.0, False, "timeout"), (0.0, False, "ok"), (0.0, False, "ok"),
+            (0.0, False, "ok"), (0.0, False, "ok"), (4.0, True, "ok"), (0.0, False, "error")]
+    finally:
+        eps.close()
+
+
+def test_environment_replies_are_plain_text_turns(byte_tokenizer, tmp_path):
+    """An environment's reply is the template's next user turn (after the model's <|im_end|>, up to the
+    assistant header) or sits between the result tags; whatever it holds, the model reads its characters,
+    never a control token; a long reply is cut and marked."""
+    from megatron_hapo.data import guess
+    from megatron_hapo.rollout.tools import TextFormat
+
+    fmt = TextFormat(byte_tokenizer)
+    tok = byte_tokenizer
+    assert fmt.kind == "chat_template"
+    ids = fmt.reply_ids("lower", 64, "<|im_end|>")
+    assert tok.decode(ids, skip_special_tokens=False) == "\n<|im_start|>user\nlower<|im_end|>\n<|im_start|>assistant\n"
+    wrapper = _control(fmt, ids)
+    for h in HOSTILE:
+        ids = fmt.reply_ids(f"12{h}34", 256, "<|im_end|>")
+        assert _control(fmt, ids) == wrapper, h
+        assert f"12{h}34" in tok.decode(ids, skip_special_tokens=False), h
+    cut = tok.decode(fmt.reply_ids("x" * 100, 8, "<|im_end|>"))
+    assert "x" * 100 not in cut and "…" in cut
+    gtok = guess.build_tokenizer(str(tmp_path))
+    tags = TextFormat(gtok)  # the task's template marks no turns: the result tags
+    assert tags.kind == "tags"
+    assert gtok.convert_ids_to_tokens(tags.reply_ids("higher", 8, "</s>")) == ["<output>", "higher", "</output>"]
+    ids = tags.reply_ids("1</output></s>2", 16)  # it spells digits and the replies' letters only
+    assert _control(tags, ids) == [ids[0], ids[-1]] and gtok.decode(ids[1:-1]) == "1o2"
+
+
+def test_the_guess_environment_and_its_warm_up(tmp_path):
+    """The game: halving wins every game within MAX_TURNS; the warm-up's consistent random player wins
+    only some; its games replay exactly through the environment, replies unscored; bad guesses are
+    answered "invalid" and use a turn."""
+    from megatron_hapo.data import guess
+    from megatron_hapo.rollout.tools import TextFormat
+
+    def bisect(hi, x):
+        env, lo, top = guess.Guess(), 1, hi
+        env.reset({"hi": hi, "answer": str(x)})
+        for _ in range(guess.MAX_TURNS):
+            g = (lo + top) // 2
+            reply, done, reward = env.step(f"{g}</s>")
+            if done:
+                return reward
+            lo, top = (g + 1, top) if reply == "higher" else (lo, g - 1)
+        return 0.0
+
+    assert all(bisect(hi, x) == 1.0 for hi, x in guess.pairs())
+    env = guess.Guess()
+    assert env.reset({"hi": 9, "answer": "4"}) == "1-9?"
+    assert [env.step(t) for t in ("x</s>", "12</s>", "7</s>", "4</s>")] == [
+        ("invalid", False, 0.0), ("invalid", False, 0.0), ("lower", False, 0.0), ("", True, 1.0)]
+    tok = guess.build_tokenizer(str(tmp_path))
+    fmt = TextFormat(tok)
+    rows = guess.rows("train")
+    wins = 0
+    for k, r in enumerate(rows):
+        ids, mask = guess.warmup_target(r["prompt"], r["answer"], k, tok, fmt)
+        env = guess.Guess()
+        env.reset(r)
+        turns, replies, cur, other = [], [], [], []
+        for i, m in zip(ids, mask):
+            if m:
+                if other:
+                    replies.append(tok.decode(other[1:-1]))
+                    other = []
+                cur.append(i)
+                if i == tok.eos_token_id:
+                    turns.append(tok.decode(cur, skip_special_tokens=False))
+                    cur = []
+            else:
+                other.append(i)
+        assert not cur and not other and len(turns) <= guess.MAX_TURNS
+        steps = [env.step(t) for t in turns]
+        assert [s[0] for s in steps[:-1]] == replies and all(s[0] in ("higher", "lower") for s in steps[:-1])
+        wins += steps[-1][2] == 1.0
+    assert 0.5 < wins / len(rows) < 0.95, wins / len(rows)  # room for RL: halving wins them all

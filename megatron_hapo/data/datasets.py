@@ -37,6 +37,7 @@ class Example:
     ground_truth: Any
     where: str  # "file:line" (or "source#index"), for messages
     source: str = ""  # the short name of the source it came from (per-benchmark evaluation)
+    row: Optional[dict] = None  # rollout.environment: the dataset row its episodes reset from
 
 
 @dataclasses.dataclass
@@ -70,6 +71,7 @@ class DataOptions:
     reasoning_gym_size: int = 1000
     reasoning_gym_config: Dict[str, Any] = dataclasses.field(default_factory=dict)
     tools: Optional[List[dict]] = None  # multi-turn, chat-template calls: the tools the template renders (tools=)
+    environment: Optional[Tuple[str, dict]] = None  # rollout.environment and its settings: the prompt is reset(row)
 
 
 def _dig(row: dict, path: str):
@@ -109,6 +111,14 @@ def _messages(prompt) -> List[Dict[str, str]]:
     return out
 
 
+@dataclasses.dataclass
+class _WithRow:
+    """An environment row's answer (None without one) and the row itself, through the batched tokenizing."""
+
+    answer: Any
+    row: dict
+
+
 class Renderer:
     """Rows → Examples with the tokenizer (chat template or raw text), checked row by row, tokenized in batches."""
 
@@ -117,11 +127,19 @@ class Renderer:
         if opts.apply_chat_template and not getattr(tokenizer, "chat_template", None):
             raise ValueError("data.apply_chat_template: the tokenizer has no chat template; set it to false to feed "
                              "prompt strings as raw text")
+        self.env = None
+        if opts.environment:
+            from ..rollout.env_api import make
+
+            self.env = make(*opts.environment)
 
     def text(self, row) -> Tuple[str, Any]:
-        """(the prompt as text, the answer) of a row, or BadRow; tokenizing is `many`'s, in batches."""
+        """(the prompt as text, the answer) of a row, or BadRow; tokenizing is `many`'s, in batches. With an
+        environment the prompt is its first message, reset(row), and the answer optional."""
         if not isinstance(row, dict):
             raise BadRow(f"expected an object, got {type(row).__name__}")
+        if self.env is not None:
+            return self._env_text(row)
         if self.opts.prompt_key not in row:
             raise BadRow(f"no {self.opts.prompt_key!r} field")
         messages = _messages(row[self.opts.prompt_key])
@@ -139,6 +157,22 @@ class Renderer:
             raise BadRow("chat messages need data.apply_chat_template=true")
         return messages[0]["content"], answer
 
+    def _env_text(self, row: dict) -> Tuple[str, Any]:
+        from ..rollout.env_api import first_message
+
+        try:
+            first = first_message(self.env, row)
+        except Exception as exc:  # noqa: BLE001 - the user's environment refusing a row: that row is malformed
+            raise BadRow(f"environment reset: {type(exc).__name__}: {exc}") from None
+        try:
+            answer = _answer(row, self.opts.answer_key)
+        except BadRow:
+            answer = None
+        if self.opts.apply_chat_template:
+            return self.tok.apply_chat_template([{"role": "user", "content": first}], tokenize=False,
+                                                add_generation_prompt=True), _WithRow(answer, row)
+        return first, _WithRow(answer, row)
+
     def _encode(self, texts: List[str]) -> List[List[int]]:
         """Token ids of each text: a chat-rendered prompt holds its special tokens already; raw text gets
         the tokenizer's own (BOS). One batched call (a fast tokenizer encodes it in Rust: 40,000 prompts
@@ -152,6 +186,8 @@ class Renderer:
     def _finish(self, answer, ids, where: str) -> Example:
         if len(ids) > self.opts.max_prompt_tokens:
             raise BadRow(f"prompt of {len(ids)} tokens exceeds data.max_prompt_tokens={self.opts.max_prompt_tokens}")
+        if isinstance(answer, _WithRow):
+            return Example(list(ids), answer.answer, where, row=answer.row)
         return Example(list(ids), answer, where)
 
     def many(self, rows: Iterator[Tuple[str, Any]], batch: int = 2048) -> Iterator[Tuple[str, Any]]:
@@ -230,8 +266,8 @@ def _reasoning_gym_rows(name: str, size: int, seed: int, config: dict) -> Iterat
         yield f"{name}#{n}", {"prompt": entry["question"] + RG_INSTRUCTION, "answer": dict(entry)}
 
 
-EMBEDDED_TASKS = ("addition", "chain", "multiply")  # modules of megatron_hapo.data: rows, build_model_dir
-SOURCE_REWARDS = {"addition": "exact", "chain": "exact", "multiply": "exact", "reasoning_gym": "reasoning_gym", "file": "math"}
+EMBEDDED_TASKS = ("addition", "chain", "multiply", "guess")  # modules of megatron_hapo.data: rows, build_model_dir
+SOURCE_REWARDS = {"addition": "exact", "chain": "exact", "multiply": "exact", "guess": "environment", "reasoning_gym": "reasoning_gym", "file": "math"}
 
 
 def as_sources(sources) -> List[str]:
@@ -373,6 +409,8 @@ def load_run_data(cfg, tokenizer, max_positions: int):
         from ..rollout.tools import format_for_run
 
         opts.tools = format_for_run(r, tokenizer).render_prompt_tools()
+    if r.environment:
+        opts.environment = (r.environment, dict(r.environment_settings))
     train = load_prompts(d.train, tokenizer, opts, "train", seed=cfg.train.seed)
     eval_sources = d.eval if d.eval is not None else held_out_sources(d.train)
     evals = load_prompts(eval_sources, tokenizer, opts, "eval", seed=cfg.train.seed) if eval_sources else None

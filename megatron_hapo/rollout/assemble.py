@@ -38,6 +38,13 @@ def run_inputs(cfg, model_dir: str) -> RunInputs:
     return RunInputs(model_dir, tokenizer, spec, train_data, eval_data, sampler, stop_token_ids(tokenizer, model_dir))
 
 
+def run_reward_type(cfg) -> str:
+    """reward.type with auto resolved: the environment's rewards where the run has one, else by the data."""
+    if cfg.reward.type != "auto":
+        return cfg.reward.type
+    return "environment" if cfg.rollout.environment else default_reward_type(cfg.data.train)
+
+
 def rollout_side(cfg, inputs: RunInputs, layout: Layout, control):
     """(engine, reward pool, collector, sampling config) of this rank: its engine (with the run's
     tools), the reward pool on its engine's first rank, the collector over `control`."""
@@ -45,13 +52,13 @@ def rollout_side(cfg, inputs: RunInputs, layout: Layout, control):
     from .tools import tools_for_run
 
     rw = cfg.reward
-    verifier = build_verifier(rw.type if rw.type != "auto" else default_reward_type(cfg.data.train), rw.correct,
-                              rw.wrong, rw.sandbox_limits())
-    rewards = start_reward_pool(verifier, rw.workers, rw.timeout_s, layout.engine_leader, control)
+    kind = run_reward_type(cfg)
+    verifier = build_verifier(kind, rw.correct, rw.wrong, rw.sandbox_limits()) if kind != "environment" else None
+    rewards = start_reward_pool(verifier, rw.workers, rw.timeout_s, layout.engine_leader, control) if verifier else None
     engine = tools_for_run(cfg, engine_for_run(cfg, inputs.model_dir, inputs.spec), inputs.tokenizer,
                            rw.sandbox_limits())
     collector = RolloutCollector(
-        engine, rewards, verifier.failure_reward,
+        engine, rewards, verifier.failure_reward if verifier else 0.0,
         lambda ids: inputs.tokenizer.batch_decode(ids, skip_special_tokens=True), layout, control, cfg.train.seed,
-        rw.max_error_fraction, rw.type)
+        rw.max_error_fraction, kind)
     return engine, rewards, collector, SamplingConfig.for_rollout(cfg.rollout, cfg.algorithm, inputs.stop_ids)

@@ -312,7 +312,8 @@ class RolloutCollector:
         mine = split_evenly(list(zip(positions, indices)), lay.num_engines, lay.engine_index)
         prompts = [dataset[i].prompt_ids for _, i in mine]
         seeds = [prompt_seed(self.seed, pos) for pos, _ in mine]
-        outs = self.engine.generate(prompts, n, sampling, stats, seeds=seeds)
+        rows = {"rows": [dataset[i].row for _, i in mine]} if getattr(self.engine, "needs_rows", False) else {}
+        outs = self.engine.generate(prompts, n, sampling, stats, seeds=seeds, **rows)
         local = self.score([(pos, dataset[i].prompt_ids) for pos, i in mine], outs, [dataset[i].ground_truth for _, i in mine])
         gathered = [None] * lay.world
         dist.all_gather_object(gathered, [g.summary() for g in local], group=self.control)
@@ -327,10 +328,13 @@ class RolloutCollector:
         flat = [x for responses in outs for x in responses]
         texts = self.decode([x.token_ids[getattr(x, 'answer_start', 0):] for x in flat])  # multi-turn: the model's last turn
         stop.mark("scoring")
-        try:
-            results = self.rewards.score(texts, [g for g, responses in zip(truths, outs) for _ in responses])
-        except RewardWorkersError as exc:  # a re-spawn failed: every response errors, and the check stops the run
-            results = [RewardResult(self.failure_reward, str(exc), status="error")] * len(flat)
+        if self.reward_name == "environment":  # each episode's own reward (rollout/env_api.py)
+            results = [x.env or RewardResult(self.failure_reward, "no environment result", status="error") for x in flat]
+        else:
+            try:
+                results = self.rewards.score(texts, [g for g, responses in zip(truths, outs) for _ in responses])
+            except RewardWorkersError as exc:  # a re-spawn failed: every response errors, and the check stops the run
+                results = [RewardResult(self.failure_reward, str(exc), status="error")] * len(flat)
         out, k = [], 0
         for (position, prompt), responses in zip(groups_prompts, outs):
             res = results[k: k + len(responses)]
@@ -351,10 +355,13 @@ class RolloutCollector:
         if not errors or errors < limit * len(statuses):
             return
         first = next((g.first_error for g in groups if g.first_error), "(no reason recorded)")
-        raise RuntimeError(f"reward: the verifier failed on {errors} of {len(statuses)} responses of a batch "
-                           f"(reward.max_error_fraction={limit:g}); the first error:\n    {first}\n"
-                           f"Check reward.type={self.reward_name!r} on one response by hand "
-                           f"(megatron_hapo.rewards.build_verifier(...).score(text, answer)).")
+        check = ("Check the environment's reset(row) and step(turn) by hand (megatron_hapo.rollout.env_api.make(...))"
+                 if self.reward_name == "environment" else
+                 f"Check reward.type={self.reward_name!r} on one response by hand "
+                 f"(megatron_hapo.rewards.build_verifier(...).score(text, answer))")
+        raise RuntimeError(f"reward: the {'environment' if self.reward_name == 'environment' else 'verifier'} failed "
+                           f"on {errors} of {len(statuses)} responses of a batch (reward.max_error_fraction={limit:g}); "
+                           f"the first error:\n    {first}\n{check}.")
 
     # ---- a training step's rollouts ---------------------------------------------------------------
 

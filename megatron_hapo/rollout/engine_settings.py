@@ -75,6 +75,7 @@ class Response:
     answer_start: int = 0
     tools: Optional[Tuple[int, int, int, int]] = None
     versions: Optional[List[int]] = None  # separate placement, partial rollouts: per token, the weight version sampled under
+    env: Optional[object] = None  # rollout.environment: the episode's reward (rewards.RewardResult), on the rank that stepped it
 
     @property
     def length(self) -> int:
@@ -118,7 +119,7 @@ def run_context_length(cfg, max_positions: int) -> int:
     most rollout.max_tool_output_tokens + TOOL_TURN_OVERHEAD tokens), capped by the model's positions."""
     r = cfg.rollout
     response = max(r.max_response_tokens, cfg.eval.max_response_tokens)
-    tools = (r.max_turns - 1) * (r.max_tool_output_tokens + TOOL_TURN_OVERHEAD) if r.tools else 0
+    tools = (r.max_turns - 1) * (r.max_tool_output_tokens + TOOL_TURN_OVERHEAD) if r.tools or r.environment else 0
     return min(max_positions, cfg.data.max_prompt_tokens + response + tools)
 
 

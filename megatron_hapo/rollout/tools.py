@@ -51,38 +51,23 @@ def _single_token(tokenizer, text: str, setting: str) -> int:
     return ids[0]
 
 
-class ToolCallFormat:
-    """How calls are written and results rendered, for one tokenizer: `kind` chat_template | tags."""
+class TextFormat:
+    """Text from outside the model (a tool's output, an environment's reply) as plain tokens, for one
+    tokenizer, and an environment's reply as a turn: kind chat_template (a user turn of the template) |
+    tags (between the result tags, tags[2] and tags[3]) | auto (chat_template where the template marks
+    a user turn, else tags)."""
 
     def __init__(self, tokenizer, kind: str = "auto", tags: Sequence[str] = ("<python>", "</python>", "<output>", "</output>"),
-                 tools: Optional[Sequence[dict]] = None):
-        """tools: the schemas of the run's tools (tool_api.schemas; default: python alone). The tags form
-        writes one tool's calls: the text between the tags is its one required string argument."""
+                 errors: bool = False):
+        """errors: the model may read a tool's error, which the tokenizer must spell or mark (<error>)."""
         self.tok = tokenizer
-        self.tools = list(tools) if tools else [PYTHON_TOOL]
-        template = getattr(tokenizer, "chat_template", None) or ""
+        self._turns: dict = {}  # the template's tool turns for n results, user turn (`_around`, `_user_turn`)
         if kind == "auto":
-            kind = "chat_template" if CALL_CLOSE in template and len(
-                tokenizer(CALL_CLOSE, add_special_tokens=False)["input_ids"]) == 1 else "tags"
-        if kind == "chat_template" and CALL_OPEN not in template:
-            raise ValueError("rollout.tool_format=chat_template: the tokenizer's chat template defines no "
-                             f"{CALL_OPEN} … {CALL_CLOSE} calls; use rollout.tool_format=tags")
+            kind = "chat_template" if any(self._user_turn("")) else "tags"
         self.kind = kind
-        if kind == "chat_template":
-            self.open, self.close = CALL_OPEN, CALL_CLOSE
-            self.close_id = _single_token(tokenizer, CALL_CLOSE, "rollout.tool_format=chat_template")
-            self._turns: dict = {}  # the template's tool turn for n results (`_around`)
-        else:
-            self.open, self.close, self.result_open, self.result_close = tags
-            self.close_id = _single_token(tokenizer, self.close, "rollout.tool_tags[1]")
-            fn = self.tools[0]["function"]
-            required = fn.get("parameters", {}).get("required", [])
-            if len(self.tools) != 1 or len(required) != 1:
-                raise ValueError(f"rollout.tool_format=tags: the tags carry one tool's one argument; the run has "
-                                 f"{[t['function']['name'] for t in self.tools]} (use a chat template with tool calls "
-                                 f"for several tools)")
-            self.tag_tool, self.tag_argument = fn["name"], required[0]
-        self._plain_setup(tags if kind == "tags" else (CALL_OPEN, CALL_CLOSE))
+        if kind == "tags":
+            self.result_open, self.result_close = tags[2], tags[3]
+        self._plain_setup(tags if kind == "tags" else (CALL_OPEN, CALL_CLOSE), errors)
 
     # ---- tool and environment text as plain text ------------------------------------------------------
     #
@@ -93,7 +78,7 @@ class ToolCallFormat:
     # the model reads the characters the tool printed (as far as the tokenizer can spell them), never a
     # control token.
 
-    def _plain_setup(self, tags) -> None:
+    def _plain_setup(self, tags, errors: bool) -> None:
         import re
 
         tok = self.tok
@@ -106,7 +91,7 @@ class ToolCallFormat:
         ids = tok(ERROR_TOKEN, add_special_tokens=False)["input_ids"]
         self.error_id = ids[0] if len(ids) == 1 else None
         probe = "Error: timed out after 5 s"
-        if not self._spells(probe) and self.error_id is None:
+        if errors and not self._spells(probe) and self.error_id is None:
             raise ValueError(f"rollout.tools: this tokenizer cannot spell a tool's error ({probe!r} reads as "
                              f"{self.tok.decode(self.plain_ids(probe))!r}) and has no {ERROR_TOKEN} token to mark one with; "
                              f"add it (tokenizer.add_tokens([{ERROR_TOKEN!r}]), within the model's vocabulary)")
@@ -141,7 +126,74 @@ class ToolCallFormat:
         return [self.error_id]
 
     def render_prompt_tools(self) -> Optional[list]:
-        """What a prompt's chat template gets as tools= (chat_template form), else None."""
+        """What a prompt's chat template gets as tools= (chat_template form with tools), else None."""
+        return None
+
+    def stop_ids(self) -> Tuple[int, ...]:
+        """What ends a model turn besides EOS."""
+        return ()
+
+    # ---- an environment's reply ---------------------------------------------------------------------
+
+    def reply_ids(self, text: str, max_tokens: int, turn_end: str = "") -> List[int]:
+        """The tokens after a model turn that an environment answered: its reply as plain text, cut to
+        max_tokens (marked), as the template's next user turn up to the assistant header (turn_end: the
+        text of the model's last token, which the context holds already) or between the result tags."""
+        ids = self.plain_ids(text)
+        if len(ids) > max_tokens:
+            ids = ids[:max_tokens] + self.plain_ids(TRUNCATED)
+        before, after = (self.result_open, self.result_close) if self.kind == "tags" else self._user_turn(turn_end)
+        return self._enc(before) + ids + self._enc(after)
+
+    def _user_turn(self, turn_end: str) -> Tuple[str, str]:
+        """(head, tail) of the template's user turn after an assistant turn: [user, assistant, user]
+        rendered with sentinels and split; the head without `turn_end` where it begins with it."""
+        if "user" not in self._turns:
+            marks = [f"\x00HAPO-{k}\x00" for k in range(3)]
+            try:
+                text = self.tok.apply_chat_template([{"role": r, "content": m} for r, m in zip(("user", "assistant", "user"), marks)],
+                                                    tokenize=False, add_generation_prompt=True)
+                at = text.index(marks[1]) + len(marks[1])
+                self._turns["user"] = (text[at:text.index(marks[2])], text[text.index(marks[2]) + len(marks[2]):])
+            except Exception:  # noqa: BLE001 - no template, or one without these roles (jinja's own errors)
+                self._turns["user"] = ("", "")
+        head, tail = self._turns["user"]
+        if turn_end and head.startswith(turn_end):
+            head = head[len(turn_end):]
+        return head, tail
+
+
+class ToolCallFormat(TextFormat):
+    """How calls are written and results rendered, for one tokenizer: `kind` chat_template | tags."""
+
+    def __init__(self, tokenizer, kind: str = "auto", tags: Sequence[str] = ("<python>", "</python>", "<output>", "</output>"),
+                 tools: Optional[Sequence[dict]] = None):
+        """tools: the schemas of the run's tools (tool_api.schemas; default: python alone). The tags form
+        writes one tool's calls: the text between the tags is its one required string argument."""
+        self.tools = list(tools) if tools else [PYTHON_TOOL]
+        template = getattr(tokenizer, "chat_template", None) or ""
+        if kind == "auto":
+            kind = "chat_template" if CALL_CLOSE in template and len(
+                tokenizer(CALL_CLOSE, add_special_tokens=False)["input_ids"]) == 1 else "tags"
+        if kind == "chat_template" and CALL_OPEN not in template:
+            raise ValueError("rollout.tool_format=chat_template: the tokenizer's chat template defines no "
+                             f"{CALL_OPEN} … {CALL_CLOSE} calls; use rollout.tool_format=tags")
+        super().__init__(tokenizer, kind, tags, errors=True)
+        if kind == "chat_template":
+            self.open, self.close = CALL_OPEN, CALL_CLOSE
+            self.close_id = _single_token(tokenizer, CALL_CLOSE, "rollout.tool_format=chat_template")
+        else:
+            self.open, self.close = tags[0], tags[1]
+            self.close_id = _single_token(tokenizer, self.close, "rollout.tool_tags[1]")
+            fn = self.tools[0]["function"]
+            required = fn.get("parameters", {}).get("required", [])
+            if len(self.tools) != 1 or len(required) != 1:
+                raise ValueError(f"rollout.tool_format=tags: the tags carry one tool's one argument; the run has "
+                                 f"{[t['function']['name'] for t in self.tools]} (use a chat template with tool calls "
+                                 f"for several tools)")
+            self.tag_tool, self.tag_argument = fn["name"], required[0]
+
+    def render_prompt_tools(self) -> Optional[list]:
         return list(self.tools) if self.kind == "chat_template" else None
 
     # ---- a model turn's calls ----------------------------------------------------------------------
@@ -262,17 +314,25 @@ class ToolResult:
 
 
 class MultiTurnEngine:
-    """The rollout engine with tools: the same `generate` as `RolloutEngine` (the collector does not
-    know the difference), each response a whole trajectory with its model mask and tool counts."""
+    """The rollout engine with tools or an environment: the same `generate` as `RolloutEngine` (the
+    collector does not know the difference, but passes each prompt's dataset row where `needs_rows`),
+    each response a whole trajectory with its model mask and tool counts."""
 
-    def __init__(self, engine, fmt: ToolCallFormat, tools, max_turns: int, max_tool_output_tokens: int, group=None):
-        """tools: the run's `tool_api.ToolBox`. group: the engine's inference-TP group (gloo) when it spans
-        several ranks: every rank of an engine must send it the same requests, so its first rank runs the
-        tools (None on the others) and broadcasts the results (a timeout on one rank only would make the
-        contexts differ)."""
-        self.engine, self.fmt, self.tool, self.group = engine, fmt, tools, group
+    def __init__(self, engine, fmt: TextFormat, tools, max_turns: int, max_tool_output_tokens: int, group=None,
+                 env=None, has_env: bool = False):
+        """tools: the run's `tool_api.ToolBox`; env: its `env_api.Episodes` (has_env: the run has an
+        environment, on every rank). group: the engine's inference-TP group (gloo) when it spans several
+        ranks: every rank of an engine must send it the same requests, so its first rank runs the tools
+        and steps the environments (None on the others) and broadcasts the results (a timeout on one rank
+        only would make the contexts differ)."""
+        self.engine, self.fmt, self.tool, self.group, self.env = engine, fmt, tools, group, env
+        self.has_tools, self.has_env = isinstance(fmt, ToolCallFormat), has_env or env is not None
         self.max_turns, self.max_tool_output_tokens = max_turns, max_tool_output_tokens
-        self.tool_seconds = 0.0  # wall time spent in tools (bench)
+        self.tool_seconds = 0.0  # wall time spent in tools and environments (bench)
+
+    @property
+    def needs_rows(self) -> bool:
+        return self.env is not None
 
     def __getattr__(self, name):  # weights, sleep, greedy, score: the engine's own
         return getattr(self.engine, name)
@@ -280,11 +340,14 @@ class MultiTurnEngine:
     def close(self) -> None:
         if self.tool is not None:
             self.tool.close()
+        if self.env is not None:
+            self.env.close()
         self.engine.close()
 
-    def generate(self, prompts, n: int, sampling, stats=None, seeds=None):
+    def generate(self, prompts, n: int, sampling, stats=None, seeds=None, rows=None):
         """n trajectories per prompt; the first turn as `RolloutEngine.generate` (the same seeds), turn k of
-        sample j of prompt i seeded with seeds[i] + j + 1_000_003·k, so results do not depend on the batch."""
+        sample j of prompt i seeded with seeds[i] + j + 1_000_003·k, so results do not depend on the batch.
+        rows: each prompt's dataset row (an environment's reset; on the rank that steps it)."""
         from .collect import SEED_MODULUS
         from .engine import Response
 
@@ -292,32 +355,51 @@ class MultiTurnEngine:
         max_len = self.engine.max_model_len
         first = self.engine.generate(prompts, n, sampling, stats, seeds=seeds)
         out = [[_Trajectory(list(p), r) for r in rs] for p, rs in zip(prompts, first)]
+        if self.env is not None:
+            if rows is None or len(rows) != len(prompts):
+                raise ValueError("rollout.environment: generate() needs each prompt's dataset row (rows=)")
+            for row, rs in zip(rows, out):
+                for t, ep in zip(rs, self.env.start([row] * len(rs))):
+                    t.episode = ep
         live = [t for rs in out for t in rs]
         for turn in range(1, self.max_turns + 1):
-            # a call that closes the last allowed turn is not run
-            ended = [(t, self._decode(t.last_turn)) for t in live if t.ended_on_stop()] if turn < self.max_turns else []
-            calls, parsed = [], []
-            for t, text in ended:
-                if self.fmt.wants_tools(t.last_turn, text):
-                    calls.append(t)
-                    parsed.append(self.fmt.parse_turn(text))
+            last = turn == self.max_turns
+            calls, parsed, answered = [], [], []
+            for t in live:
+                if not t.ended_on_stop() or t.env_over:
+                    continue
+                text = self._decode(t.last_turn)
+                if self.has_tools and self.fmt.wants_tools(t.last_turn, text):
+                    if not last:  # a call that closes the last allowed turn is not run
+                        calls.append(t)
+                        parsed.append(self.fmt.parse_turn(text))
+                elif self.has_env:  # the environment answers every turn, the last one too (its reward counts)
+                    answered.append((t, text))
             t0 = time.perf_counter()
             pending = self.tool.submit([c for p in parsed for c, _ in p if c is not None]) if self.tool is not None else []
+            replies = self.env.step([t.episode for t, _ in answered], [x for _, x in answered]) \
+                if self.env is not None and answered else []
             stop.mark("tools")  # every round, calls or not: where the kill tests land with tools in flight
             ran = [f.result() for f in pending]
             if self.group is not None:  # the engine's first rank ran them; all its ranks continue alike
-                box = [ran]
+                box = [(ran, replies)]
                 dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
-                ran = box[0]
+                ran, replies = box[0]
             ran = iter(ran)
             self.tool_seconds += time.perf_counter() - t0
-            if not calls:
-                break
-            live = []
+            grown = []
             for t, turn_calls in zip(calls, parsed):
                 results = [next(ran) if c is not None else ToolResult("", "malformed", error) for c, error in turn_calls]
-                end = self.fmt.tok.decode(t.last_turn[-1:], skip_special_tokens=False)
-                t.add_tool(self.fmt.turn_ids(results, self.max_tool_output_tokens, end), [r.status for r in results])
+                t.add_tool(self.fmt.turn_ids(results, self.max_tool_output_tokens, self._end(t)), [r.status for r in results])
+                grown.append(t)
+            for (t, _), reply in zip(answered, replies):
+                if reply is None:  # done, failed or timed out: the trajectory ends with this turn
+                    t.env_over = True
+                elif not last:
+                    t.add_tool(self.fmt.reply_ids(reply, self.max_tool_output_tokens, self._end(t)), [])
+                    grown.append(t)
+            live = []
+            for t in grown:
                 t.budget = min(sampling.max_tokens - t.model_tokens, max_len - t.context_len)
                 if t.budget < 1:  # the model-token cap or the context is used up: the response ends here
                     t.finish_reason = "length"
@@ -331,10 +413,14 @@ class MultiTurnEngine:
                 max_tokens=[t.budget for t in live])
             for t, rs in zip(live, conts):
                 t.add_model(rs[0])
-        return [[t.response(Response) for t in rs] for rs in out]
+        return [[t.response(Response, self.env) for t in rs] for rs in out]
 
     def _decode(self, ids) -> str:
         return self.fmt.tok.decode(ids, skip_special_tokens=False)
+
+    def _end(self, t) -> str:
+        """The text of a turn's last token (the model's EOS), which the template's next turn starts with."""
+        return self.fmt.tok.decode(t.last_turn[-1:], skip_special_tokens=False)
 
 
 class _Trajectory:
@@ -346,6 +432,7 @@ class _Trajectory:
         self.records = {k: [] for k in ("temperatures", "entropies", "logprobs", "logprobs_t1")}
         self.calls = self.errors = self.timeouts = self.turns = 0
         self.answer_start, self.error, self.last_turn = 0, first.error, []
+        self.episode, self.env_over = None, False  # environment: this trajectory's episode; it has ended
         self.add_model(first)
 
     @property
@@ -383,32 +470,40 @@ class _Trajectory:
         for k, v in self.records.items():
             v += [fill[k]] * len(ids)
 
-    def response(self, cls):
+    def response(self, cls, env=None):
         return cls(self.i, self.j, self.ids, *(self.records[k] for k in ("temperatures", "entropies", "logprobs", "logprobs_t1")),
                    self.finish_reason, error=self.error, model_mask=list(self.mask), answer_start=self.answer_start,
-                   tools=(self.calls, self.errors, self.timeouts, self.turns))
+                   tools=(self.calls, self.errors, self.timeouts, self.turns),
+                   env=env.result(self.episode) if env is not None and self.episode is not None else None)
 
 
 def tools_for_run(cfg, engine, tokenizer, limits: SandboxLimits):
-    """The run's engine with tools (rollout.tools), or the engine itself when there are none. Under
-    torch.distributed every rank calls it (the inference-TP groups are created collectively)."""
+    """The run's engine with tools (rollout.tools) or an environment (rollout.environment), or the
+    engine itself with neither. Under torch.distributed every rank calls it (the inference-TP groups
+    are created collectively)."""
     from ..training.parallel import engine_group
 
+    from .env_api import Episodes
     from .tool_api import ToolBox
 
     r = cfg.rollout
-    if not r.tools:
+    if not r.tools and not r.environment:
         return engine
     fmt = format_for_run(r, tokenizer)
     itp = cfg.parallel.inference_tensor_parallel_size
     group = engine_group(itp, cfg.parallel.control_timeout_s) if dist.is_initialized() else None
-    runs_tools = group is None or dist.get_rank() % itp == 0
-    tools = ToolBox(r.tools, r.tool_settings, limits, r.tool_timeout_s, r.tool_workers) if runs_tools else None
-    return MultiTurnEngine(engine, fmt, tools, r.max_turns, r.max_tool_output_tokens, group)
+    leader = group is None or dist.get_rank() % itp == 0
+    tools = ToolBox(r.tools, r.tool_settings, limits, r.tool_timeout_s, r.tool_workers) if leader and r.tools else None
+    env = Episodes(r.environment, r.environment_settings, r.tool_timeout_s, r.tool_workers) \
+        if leader and r.environment else None
+    return MultiTurnEngine(engine, fmt, tools, r.max_turns, r.max_tool_output_tokens, group, env, bool(r.environment))
 
 
-def format_for_run(r, tokenizer) -> ToolCallFormat:
-    """The call format of a run's rollout config (rollout.tools, tool_format, tool_tags) for its tokenizer."""
+def format_for_run(r, tokenizer) -> TextFormat:
+    """The multi-turn format of a run's rollout config for its tokenizer: its tool calls (rollout.tools,
+    tool_format, tool_tags) and an environment's replies; None for a single-turn run."""
     from .tool_api import schemas
 
-    return ToolCallFormat(tokenizer, r.tool_format, r.tool_tags, schemas(r.tools))
+    if r.tools:
+        return ToolCallFormat(tokenizer, r.tool_format, r.tool_tags, schemas(r.tools))
+    return TextFormat(tokenizer, r.tool_format, r.tool_tags) if r.environment else None
