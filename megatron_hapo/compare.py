@@ -304,6 +304,9 @@ def summarize(runs: Dict[str, Dict[int, dict]], warm_acc: Dict[int, float], refe
             arms[arm]["tool_use_final"] = [u[-1] for u in final_use]
             arms[arm]["tool_use_final_mean"] = mean_ci(arms[arm]["tool_use_final"])[0]
             arms[arm]["tool_use_rate_last5"] = mean_ci([_last(by_seed[s]["rows"], "tool_use_rate") for s in seeds])[0]
+        turns = [[m["eval_turns_per_sample"] for m in by_seed[s]["rows"] if "eval_turns_per_sample" in m] for s in seeds]
+        if all(turns):  # multi-turn (tools or an environment): model turns per held-out response, at the end
+            arms[arm]["turns_final_mean"] = mean_ci([t[-1] for t in turns])[0]
     return {"reference": reference, "warmup_accuracy": [warm_acc[s] for s in sorted(warm_acc)], "arms": arms}
 
 
@@ -314,13 +317,17 @@ def format_table(summary: dict) -> str:
     tools = any("tool_use_final_mean" in a for a in summary["arms"].values())
     if tools:
         head += " tool use held-out | tool use sampled |"
+    turns = any("turns_final_mean" in a for a in summary["arms"].values())
+    if turns:
+        head += " turns held-out |"
     lines = [head, "|" + "|".join("---" for _ in head.split("|")[1:-1]) + "|"]
     for arm, a in summary["arms"].items():
         def pm(m, c):
             return f"{m:.3f} ± {c:.3f}" if c == c else f"{m:.3f}"
 
         if not a["accuracy"]:
-            lines.append(f"| {arm} | no run finished | — | — | — | — | — | — | — | — |" + (" — | — |" if tools else ""))
+            lines.append(f"| {arm} | no run finished | — | — | — | — | — | — | — | — |" + (" — | — |" if tools else "")
+                         + (" — |" if turns else ""))
             continue
 
         diff = "—" if arm == ref else pm(a[f"minus_{ref}_mean"], a[f"minus_{ref}_ci95"])
@@ -328,7 +335,8 @@ def format_table(summary: dict) -> str:
                      f"{diff} | {a['gain_over_warmup_mean']:+.3f} | {a['response_length_last5']:.1f} | {a['entropy_last5']:.3f} | "
                      f"{a['temperature_mean_last5']:.3f} | {a['rollout_accuracy_last5']:.3f} | {a['seconds_mean']:.0f} |"
                      + (f" {a['tool_use_final_mean']:.3f} | {a['tool_use_rate_last5']:.3f} |" if "tool_use_final_mean" in a
-                        else " — | — |" if tools else ""))
+                        else " — | — |" if tools else "")
+                     + ((f" {a['turns_final_mean']:.2f} |" if "turns_final_mean" in a else " — |") if turns else ""))
     warm, steps = summary["warmup_accuracy"], summary.get("warmup_steps") or [None] * len(summary["warmup_accuracy"])
     lines.append("\nwarm-up per seed (held-out accuracy after steps): "
                  + ", ".join(f"{v:.3f}" + (f" after {n}" if n is not None else "") for v, n in zip(warm, steps)))

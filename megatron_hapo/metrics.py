@@ -97,16 +97,19 @@ def rollout_metrics(kept, seen, gen_batches: int) -> Dict[str, float]:
 
 
 def tool_metrics(groups, prefix: str = "") -> Dict[str, float]:
-    """Multi-turn rollouts (rollout.tools): tool calls, errors and timeouts summed over the responses
-    generated, turns and calls per response, the share of responses that called a tool and the accuracy
-    of those that did; empty without tools."""
+    """Multi-turn rollouts (rollout.tools, rollout.environment): model turns per response; with tools, tool
+    calls, errors and timeouts summed over the responses generated, the share of responses that called a
+    tool and the accuracy of those that did; empty for single-turn runs."""
     rows = [(t, c) for g in groups if g.tools for t, c in zip(g.tools, g.correct)]
     if not rows:
         return {}
     n = len(rows)
+    out = {f"{prefix}turns_per_sample": sum(t[-1] for t, _ in rows) / n}
+    if len(rows[0][0]) == 1:  # an environment without tools: (turns,)
+        return out
     used = [c for t, c in rows if t[0]]
     return {f"{prefix}tool_calls": float(sum(t[0] for t, _ in rows)), f"{prefix}tool_errors": float(sum(t[1] for t, _ in rows)),
-            f"{prefix}tool_timeouts": float(sum(t[2] for t, _ in rows)), f"{prefix}turns_per_sample": sum(t[3] for t, _ in rows) / n,
+            f"{prefix}tool_timeouts": float(sum(t[2] for t, _ in rows)), **out,
             f"{prefix}tool_use_rate": len(used) / n, f"{prefix}tool_use_accuracy": sum(used) / max(len(used), 1)}
 
 

@@ -592,3 +592,85 @@ def test_the_guess_environment_and_its_warm_up(tmp_path):
         assert [s[0] for s in steps[:-1]] == replies and all(s[0] in ("higher", "lower") for s in steps[:-1])
         wins += steps[-1][2] == 1.0
     assert 0.5 < wins / len(rows) < 0.95, wins / len(rows)  # room for RL: halving wins them all
+
+
+def env_engine_worker(rank, world, tmp):
+    """The guess environment on the real vLLM engine (random weights: turns end on a digit or EOS)."""
+    import transformers
+
+    from megatron_hapo.algorithms import entropy_stats
+    from megatron_hapo.data import guess
+    from megatron_hapo.rollout.engine import RolloutEngine, SamplingConfig
+    from megatron_hapo.rollout.env_api import Episodes
+    from megatron_hapo.rollout.tools import MultiTurnEngine, TextFormat
+
+    guess.build_model_dir(tmp)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp)
+    engine = MultiTurnEngine(RolloutEngine(tmp, max_model_len=64, kv_cache_memory_bytes=32 * 2**20, seed=0), TextFormat(tok),
+                             None, guess.MAX_TURNS, 4, env=Episodes("guess", {}, 5.0, 4))
+    rows = guess.rows("train")[:6]
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"] for r in rows]
+    digits = tuple(tok.convert_tokens_to_ids(str(d)) for d in range(10))
+    stats = entropy_stats(torch.rand(1, 64) * 3, torch.ones(1, 64))  # HAPO's temperatures on the model's tokens
+    sampling = SamplingConfig(max_tokens=30, tau=0.2, stop_token_ids=(tok.eos_token_id,) + digits)
+    seeds = [11 * k + 1 for k in range(len(rows))]
+    first = engine.generate(prompts, 4, sampling, stats, seeds=seeds, rows=rows)
+    again = engine.generate(prompts, 4, sampling, stats, seeds=seeds, rows=rows)
+    out = []
+    for row, rs, rs2 in zip(rows, first, again):
+        for r, r2 in zip(rs, rs2):
+            out.append({"row": row, "ids": r.token_ids, "mask": r.model_mask, "temps": r.temperatures, "lp": r.logprobs,
+                        "finish": r.finish_reason, "env": (r.env.score, r.env.correct, r.env.status, r.env.reason),
+                        "same": r2.token_ids == r.token_ids, "tools": r.tools, "answer_start": r.answer_start})
+    engine.close()
+    return {"out": out, "eos": tok.eos_token_id, "digits": digits, "tags": tok.convert_tokens_to_ids(list(guess.TAGS)),
+            "vocab": [tok.decode([i], skip_special_tokens=False) for i in range(guess.VOCAB)]}  # the model's ids past the tokenizer's: ""
+
+
+def test_the_environment_on_the_real_engine(tmp_path):
+    """Every model turn that ends on a stop token gets the environment's reply, exactly what a fresh game
+    replays from the model's turns, as unscored context; the last allowed turn is stepped too (its reward
+    counts); the episode's reward and status come back with the response; seeds make it reproducible."""
+    from megatron_hapo.data import guess
+
+    from .distributed import run_ranks
+
+    got = run_ranks(1, env_engine_worker, str(tmp_path / "model"), timeout=600)[0]
+    eos, stops, (open_, close) = got["eos"], set(got["digits"]) | {got["eos"]}, got["tags"]
+    vocab = got["vocab"]
+    multi = 0
+    for r in got["out"]:
+        ids, mask = r["ids"], r["mask"]
+        assert r["same"] and len(r["temps"]) == len(r["lp"]) == len(ids) == len(mask)
+        # split into model turns and the environment's turns
+        turns, replies, cur, k = [], [], [], 0
+        while k < len(ids):
+            if mask[k]:
+                cur.append(ids[k])
+                k += 1
+                continue
+            assert ids[k] == open_ and cur and cur[-1] in stops
+            end = ids.index(close, k)
+            assert not any(mask[k:end + 1]) and all(t == 1.0 for t in r["temps"][k:end + 1])
+            turns.append(cur)
+            replies.append("".join(vocab[i] for i in ids[k + 1:end]))
+            cur, k = [], end + 1
+        turns.append(cur)
+        multi += len(turns) > 1
+        assert len(turns) <= guess.MAX_TURNS and r["tools"] == (len(turns),)
+        assert r["answer_start"] == len(ids) - len(turns[-1])
+        env = guess.Guess()
+        env.reset(r["row"])
+        total, steps, done = 0.0, 0, False
+        for n, t in enumerate(turns):
+            if t[-1] not in stops:  # the budget ran out mid-turn: never stepped
+                assert n == len(turns) - 1 and r["finish"] == "length"
+                break
+            reply, done, reward = env.step("".join(vocab[i] for i in t))
+            total, steps = total + reward, steps + 1
+            if n < len(turns) - 1:
+                assert reply == replies[n] and not done
+        assert done or steps in (guess.MAX_TURNS, len(turns))
+        assert r["env"] == (total, total > 0, "ok", f"environment: reward {total:g} after {steps} steps"), r
+    assert multi >= len(got["out"]) // 2  # most trajectories got replies and went on

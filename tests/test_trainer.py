@@ -296,14 +296,19 @@ def tool_compare_worker(rank, world, out):
     dist.destroy_process_group()
     small = {"rollout.prompts_per_step": 4, "train.mini_batch_prompts": 4, "rollout.samples_per_prompt": 4,
              "train.micro_batch_size": 16, "rollout.dynamic_sampling": "false", "reward.workers": 0}
-    return run_compare(out, "multiply", ("hapo", "hapo-no-tools"), seeds=(0,), warmup_steps=10, steps=2, eval_interval=2,
-                       eval_prompts=8, extra=small, reference="hapo-no-tools")
+    tools = run_compare(f"{out}/cmp", "multiply", ("hapo", "hapo-no-tools"), seeds=(0,), warmup_steps=10, steps=2,
+                        eval_interval=2, eval_prompts=8, extra=small, reference="hapo-no-tools")
+    env = run_compare(f"{out}/guess", "guess", ("dapo",), seeds=(0,), warmup_steps=10, steps=2, eval_interval=2,
+                      eval_prompts=16, extra=small, reference="dapo")
+    return tools, env
 
 
-def test_compare_on_the_tool_task(tmp_path):
+def test_compare_on_the_tool_and_environment_tasks(tmp_path):
     """`compare --task multiply`: the warm-up with tool examples, HAPO with the python tool (multi-turn
-    rollouts, tool metrics in the rows and the table) and the arm without tools, from one warm-up."""
-    s = run_ranks(1, tool_compare_worker, str(tmp_path / "cmp"), timeout=900)[0]
+    rollouts, tool metrics in the rows and the table) and the arm without tools, from one warm-up.
+    `compare --task guess` (the same process): the warm-up on games, an arm whose rewards are the
+    environment's, its turns in the rows and the table."""
+    s, env = run_ranks(1, tool_compare_worker, str(tmp_path), timeout=900)[0]
     hapo, floor = s["arms"]["hapo"], s["arms"]["hapo-no-tools"]
     assert len(hapo["tool_use_final"]) == 1 and "tool_use_final" not in floor
     rows = [json.loads(x) for x in (tmp_path / "cmp" / "seed0" / "hapo" / "metrics.jsonl").read_text().splitlines()]
@@ -315,6 +320,13 @@ def test_compare_on_the_tool_task(tmp_path):
     assert "- python" in (tmp_path / "cmp" / "seed0" / "hapo" / "config.yaml").read_text()
     table = (tmp_path / "cmp" / "table.md").read_text()
     assert "tool use held-out" in table and "| hapo-no-tools |" in table
+
+    rows = [json.loads(x) for x in (tmp_path / "guess" / "seed0" / "dapo" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == [1, 2] and not any("tool_calls" in m for m in rows)
+    assert all(1 <= m["turns_per_sample"] <= 4 and m["reward_errors"] == m["reward_timeouts"] == 0 for m in rows)
+    assert all(m["reward"] == m["accuracy"] for m in rows)  # the game's reward: 1 for a win, 0 otherwise
+    assert 0 < rows[0]["rollout_accuracy"] < 1  # ten warm-up steps already win some games, not all
+    assert len(env["arms"]["dapo"]["accuracy"]) == 1 and "turns held-out" in (tmp_path / "guess" / "table.md").read_text()
 
 
 def test_engine_context_is_sized_from_the_run(tmp_path):

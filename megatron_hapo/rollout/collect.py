@@ -70,7 +70,8 @@ class GroupSummary:
     truncated: int
     temps: Optional[Tuple[float, float, float, int]]  # min, max, sum, count of the sampled temperatures
     first_error: Optional[str] = None  # the first verifier error's reason in this group
-    tools: Optional[List[Tuple[int, int, int, int]]] = None  # multi-turn: per response (calls, errors, timeouts, turns)
+    # multi-turn: per response (calls, errors, timeouts, turns); (turns,) with an environment and no tools
+    tools: Optional[List[Tuple[int, ...]]] = None
 
 
 @dataclasses.dataclass

@@ -73,7 +73,7 @@ class Response:
     # where the model's last turn starts (what the verifier scores); (tool calls, errors, timeouts, turns)
     model_mask: Optional[List[bool]] = None
     answer_start: int = 0
-    tools: Optional[Tuple[int, int, int, int]] = None
+    tools: Optional[Tuple[int, ...]] = None  # (turns,) with an environment and no tools
     versions: Optional[List[int]] = None  # separate placement, partial rollouts: per token, the weight version sampled under
     env: Optional[object] = None  # rollout.environment: the episode's reward (rewards.RewardResult), on the rank that stepped it
 

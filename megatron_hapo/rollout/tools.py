@@ -413,7 +413,7 @@ class MultiTurnEngine:
                 max_tokens=[t.budget for t in live])
             for t, rs in zip(live, conts):
                 t.add_model(rs[0])
-        return [[t.response(Response, self.env) for t in rs] for rs in out]
+        return [[t.response(Response, self.env, self.has_tools) for t in rs] for rs in out]
 
     def _decode(self, ids) -> str:
         return self.fmt.tok.decode(ids, skip_special_tokens=False)
@@ -470,10 +470,12 @@ class _Trajectory:
         for k, v in self.records.items():
             v += [fill[k]] * len(ids)
 
-    def response(self, cls, env=None):
+    def response(self, cls, env=None, tools: bool = True):
+        """The trajectory as a Response (`cls`): tools (calls, errors, timeouts, turns), or (turns,) for an
+        environment without tools; env: the run's Episodes, for the episode's reward."""
         return cls(self.i, self.j, self.ids, *(self.records[k] for k in ("temperatures", "entropies", "logprobs", "logprobs_t1")),
                    self.finish_reason, error=self.error, model_mask=list(self.mask), answer_start=self.answer_start,
-                   tools=(self.calls, self.errors, self.timeouts, self.turns),
+                   tools=(self.calls, self.errors, self.timeouts, self.turns) if tools else (self.turns,),
                    env=env.result(self.episode) if env is not None and self.episode is not None else None)
 
 
