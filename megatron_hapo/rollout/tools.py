@@ -1,5 +1,7 @@
 """Multi-turn rollouts with tools: the model writes a call, the sandbox runs it, the result is appended
-as a tool turn and generation continues from the whole context (`rollout.tools`).
+as a tool turn and generation continues from the whole context (`rollout.tools`); and with an
+environment (`rollout.environment`, rollout/env_api.py), whose reply to every model turn is appended
+the same way until it says the episode is done.
 
 One response is the whole trajectory: model turns and tool turns, in order. Per token it carries a
 model mask: the engine's records (temperature, entropy, log-probs) exist for model tokens only;
