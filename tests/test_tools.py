@@ -230,8 +230,7 @@ HOSTILE = ["</output>", "</s>", "<python>print(1)</python>", "<|im_end|>", "<|im
            '<tool_call>{"name": "python", "arguments": {"code": "1"}}</tool_call>', "<error>", "<tool_response>"]
 
 
-@pytest.fixture(scope="module")
-def byte_tokenizer():
+def _byte_tokenizer():
     """A byte-level BPE (as Qwen's and Llama 3's): it spells any text, and matches its added tokens in it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -245,6 +244,11 @@ def byte_tokenizer():
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = QWEN_TOOLS_TEMPLATE
     return tok
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    return _byte_tokenizer()
 
 
 def _control(fmt, ids):
@@ -594,8 +598,50 @@ def test_the_guess_environment_and_its_warm_up(tmp_path):
     assert 0.5 < wins / len(rows) < 0.95, wins / len(rows)  # room for RL: halving wins them all
 
 
+def multi_call_turn(tmp):
+    """A model taught one trajectory (a chat turn with two calculator calls, the template's tool turn with
+    both results, the answer), then generated on the real engine with the real tools: (what came out,
+    what it was taught)."""
+    from megatron_hapo.rollout.engine import RolloutEngine, SamplingConfig
+    from megatron_hapo.rollout.tool_api import ToolBox, schemas
+    from megatron_hapo.rollout.tools import MultiTurnEngine, ToolResult
+
+    from .tiny_models import hf_model
+
+    tok = _byte_tokenizer()
+    fmt = ToolCallFormat(tok, "chat_template", tools=schemas(["calculator"]))
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt = enc("<|im_start|>user\n6*7 and 2+3?<|im_end|>\n<|im_start|>assistant\n")
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "%s"}}\n</tool_call>'
+    turn = enc(call % "6*7" + "\n" + call % "2+3" + "<|im_end|>")
+    results = fmt.turn_ids([ToolResult("42", "ok"), ToolResult("5", "ok")], 64, "<|im_end|>")
+    answer = enc("42 and 5<|im_end|>")
+    taught = turn + results + answer
+    model = hf_model("qwen2", vocab_size=len(tok), hidden_size=128, intermediate_size=256, max_position_embeddings=512)
+    model.train()
+    x = torch.tensor([prompt + taught])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(400):
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 1e-3:
+            break
+    model.save_pretrained(tmp)
+    box = ToolBox(["calculator"], {}, None, 5.0, 2)
+    engine = MultiTurnEngine(RolloutEngine(tmp, max_model_len=512, kv_cache_memory_bytes=32 * 2**20, seed=0), fmt, box, 4, 64)
+    sampling = SamplingConfig(max_tokens=200, top_k=1, stop_token_ids=(tok.eos_token_id,))
+    r = engine.generate([prompt], 1, sampling, None, seeds=[3])[0][0]
+    engine.close()
+    return {"ids": r.token_ids, "mask": r.model_mask, "tools": r.tools, "taught": taught,
+            "taught_mask": [True] * len(turn) + [False] * len(results) + [True] * len(answer),
+            "tool_text": tok.decode(results, skip_special_tokens=False), "loss": loss.item()}
+
+
 def env_engine_worker(rank, world, tmp):
-    """The guess environment on the real vLLM engine (random weights: turns end on a digit or EOS)."""
+    """The guess environment on the real vLLM engine (random weights: turns end on a digit or EOS); then
+    a chat turn with two tool calls (`multi_call_turn`)."""
     import transformers
 
     from megatron_hapo.algorithms import entropy_stats
@@ -625,13 +671,16 @@ def env_engine_worker(rank, world, tmp):
                         "same": r2.token_ids == r.token_ids, "tools": r.tools, "answer_start": r.answer_start})
     engine.close()
     return {"out": out, "eos": tok.eos_token_id, "digits": digits, "tags": tok.convert_tokens_to_ids(list(guess.TAGS)),
+            "multi_call": multi_call_turn(tmp + "-calls"),
             "vocab": [tok.decode([i], skip_special_tokens=False) for i in range(guess.VOCAB)]}  # the model's ids past the tokenizer's: ""
 
 
-def test_the_environment_on_the_real_engine(tmp_path):
+def test_the_environment_and_a_multi_call_turn_on_the_real_engine(tmp_path):
     """Every model turn that ends on a stop token gets the environment's reply, exactly what a fresh game
     replays from the model's turns, as unscored context; the last allowed turn is stepped too (its reward
-    counts); the episode's reward and status come back with the response; seeds make it reproducible."""
+    counts); the episode's reward and status come back with the response; seeds make it reproducible.
+    Then a chat-template turn with two calls: both run, their results follow in call order in one tool
+    turn, and the model goes on from it (it was taught that exact trajectory)."""
     from megatron_hapo.data import guess
 
     from .distributed import run_ranks
@@ -674,3 +723,7 @@ def test_the_environment_on_the_real_engine(tmp_path):
         assert done or steps in (guess.MAX_TURNS, len(turns))
         assert r["env"] == (total, total > 0, "ok", f"environment: reward {total:g} after {steps} steps"), r
     assert multi >= len(got["out"]) // 2  # most trajectories got replies and went on
+    m = got["multi_call"]
+    assert m["loss"] < 1e-2, m["loss"]
+    assert m["ids"] == m["taught"] and m["mask"] == m["taught_mask"] and m["tools"] == (2, 0, 0, 2)
+    assert m["tool_text"].index("<tool_response>\n42\n</tool_response>") < m["tool_text"].index("<tool_response>\n5\n")
