@@ -39,11 +39,12 @@ def build_tokenizer(out_dir: str):
     return task_tokenizer(out_dir, [f"{a}+{b}={a + b}" for a, b in pairs("train")], "addition")
 
 
-def task_tokenizer(out_dir: str, lines, task: str, vocab: int = VOCAB):
-    """An embedded task's tokenizer: sentencepiece BPE on its text, <pad>/<s>/</s> at 0/1/2, at most `vocab` pieces."""
+def task_tokenizer(out_dir: str, lines, task: str, vocab: int = VOCAB, pieces: int = 24, **options):
+    """An embedded task's tokenizer: sentencepiece BPE on its text (`pieces` asked for, `options` to
+    `train_sentencepiece`), <pad>/<s>/</s> at 0/1/2, at most `vocab` tokens."""
     from .tokenizers import train_sentencepiece
 
-    tok = train_sentencepiece(out_dir, lines, 24, CHAT_TEMPLATE)
+    tok = train_sentencepiece(out_dir, lines, pieces, CHAT_TEMPLATE, **options)
     if len(tok) > vocab or (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) != (BOS, EOS, PAD):
         raise RuntimeError(f"{task} tokenizer: unexpected vocabulary ({len(tok)} pieces, special ids "
                            f"{tok.bos_token_id}/{tok.eos_token_id}/{tok.pad_token_id})")

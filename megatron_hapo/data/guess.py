@@ -24,7 +24,7 @@ import re
 from typing import Dict, List, Tuple
 
 from ..rollout.env_api import Environment
-from .addition import CHAT_TEMPLATE, EOS, qwen2_config, save_model_dir
+from .addition import EOS, save_model_dir, task_tokenizer
 
 VOCAB = 48
 LOW, HIGHS, MAX_TURNS = 1, range(8, 16), 4
@@ -103,9 +103,6 @@ def warmup_target(prompt: str, answer: str, k: int, tokenizer, fmt) -> Tuple[Lis
 
 def build_tokenizer(out_dir: str):
     """Sentencepiece BPE on games' text: digits one piece each, the replies and tags whole."""
-    from .addition import BOS, PAD
-    from .tokenizers import train_sentencepiece
-
     rng, lines = random.Random(5), []
     for hi, x in pairs() * 4:
         game = "".join(f"{g}{TAGS[0]}{r}{TAGS[1]}" for g, r in play(hi, x, rng))
@@ -113,15 +110,16 @@ def build_tokenizer(out_dir: str):
     # digits one piece each (a guess of 12 is two tokens and the end of sequence); the replies are plain
     # text the environment sends, whole pieces by merges (never added tokens, which tool and environment
     # text may not produce: tools.TextFormat.plain_ids)
-    tok = train_sentencepiece(out_dir, lines, 44, CHAT_TEMPLATE, special_pieces=TAGS)
-    if len(tok) > VOCAB or (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) != (BOS, EOS, PAD):
-        raise RuntimeError(f"guess tokenizer: unexpected vocabulary ({len(tok)} pieces)")
-    return tok
+    return task_tokenizer(out_dir, lines, "guess", VOCAB, 44, special_pieces=TAGS)
 
 
 def tiny_model_config():
-    """A Qwen2-shaped model: 4 layers, hidden 128, 4 heads of 32: 0.8 M parameters."""
-    return qwen2_config(hidden=128, intermediate=384, layers=4, max_positions=64, vocab=VOCAB)
+    """multiply's model (Qwen2-shaped, 4 layers, hidden 128: 0.8 M parameters) with this vocabulary and 64 positions."""
+    from . import multiply
+
+    config = multiply.tiny_model_config()
+    config.vocab_size, config.max_position_embeddings = VOCAB, 64
+    return config
 
 
 def build_model_dir(out_dir: str, seed: int = 0) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from typing import Dict, List, Tuple
 
-from .addition import CHAT_TEMPLATE, EOS, qwen2_config, save_model_dir
+from .addition import EOS, qwen2_config, save_model_dir, task_tokenizer
 
 VOCAB = 32
 TAGS = ("<python>", "</python>", "<output>", "</output>")
@@ -71,20 +71,14 @@ def warmup_target(prompt: str, answer: str, k: int, tokenizer, fmt) -> Tuple[Lis
 
 def build_tokenizer(out_dir: str):
     """Sentencepiece BPE on the task's text (digits one piece each; the tags and `print(` whole)."""
-    from .addition import BOS, PAD
-    from .tokenizers import train_sentencepiece
-
     lines = []
     for r in rows("train")[:5000]:
         lines.append(r["prompt"] + call_text(r["prompt"]) + TAGS[2] + r["answer"] + TAGS[3] + r["answer"])
     from ..rollout.tools import ERROR_TOKEN
 
     # <error>: the tool's errors ("Error: timed out ...") are letters this vocabulary cannot spell
-    tok = train_sentencepiece(out_dir, lines, 28, CHAT_TEMPLATE, special_pieces=TAGS + ("print(",),
-                              added_tokens=(ERROR_TOKEN,))
-    if len(tok) > VOCAB or (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) != (BOS, EOS, PAD):
-        raise RuntimeError(f"multiply tokenizer: unexpected vocabulary ({len(tok)} pieces)")
-    return tok
+    return task_tokenizer(out_dir, lines, "multiply", VOCAB, 28, special_pieces=TAGS + ("print(",),
+                          added_tokens=(ERROR_TOKEN,))
 
 
 def tiny_model_config():

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import importlib
 import inspect
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -61,15 +60,9 @@ class Environment:
 
 def resolve(spec: str):
     """The Environment class `rollout.environment` names: a built-in name or `module:Class`."""
-    path = BUILTIN.get(spec, spec)
-    module, sep, attr = path.partition(":")
-    if not sep or not module or not attr:
-        raise ValueError(f"rollout.environment: {spec!r} is neither a built-in environment {sorted(BUILTIN)} nor an "
-                         f"import path 'module:Class'")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"rollout.environment: cannot import {spec!r} ({type(exc).__name__}: {exc})") from None
+    from .tool_api import import_object
+
+    cls = import_object(spec, BUILTIN, "rollout.environment", "environment")
     if not inspect.isclass(cls) or not issubclass(cls, Environment):
         raise ValueError(f"rollout.environment: {spec!r} is not a subclass of "
                          f"megatron_hapo.rollout.env_api.Environment")

@@ -88,19 +88,25 @@ def tool(fn: Optional[Callable] = None, *, name: Optional[str] = None, descripti
     return wrap(fn) if fn is not None else wrap
 
 
-def resolve(spec: str):
-    """The Tool class (or instance) a `rollout.tools` entry names: a built-in name or `module:Attribute`."""
-    path = BUILTIN.get(spec, spec)
+def import_object(spec: str, builtin: Dict[str, str], setting: str, kind: str):
+    """What a config entry names: one of `builtin`'s names or an import path `module:Attribute` (or
+    `module.Attribute`); a bad one is a ValueError that names `setting`."""
+    path = builtin.get(spec, spec)
     module, sep, attr = path.partition(":")
     if not sep:
         module, _, attr = path.rpartition(".")
     if not module or not attr:
-        raise ValueError(f"rollout.tools: {spec!r} is neither a built-in tool {sorted(BUILTIN)} nor an import path "
+        raise ValueError(f"{setting}: {spec!r} is neither a built-in {kind} {sorted(builtin)} nor an import path "
                          f"'module:Class'")
     try:
-        obj = getattr(importlib.import_module(module), attr)
+        return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"rollout.tools: cannot import {spec!r} ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{setting}: cannot import {spec!r} ({type(exc).__name__}: {exc})") from None
+
+
+def resolve(spec: str):
+    """The Tool class (or instance) a `rollout.tools` entry names: a built-in name or `module:Attribute`."""
+    obj = import_object(spec, BUILTIN, "rollout.tools", "tool")
     cls = obj if inspect.isclass(obj) else type(obj)
     if not issubclass(cls, Tool) or not getattr(obj, "name", ""):
         raise ValueError(f"rollout.tools: {spec!r} is not a megatron_hapo Tool with a name (subclass "
