@@ -191,9 +191,6 @@ class RolloutConfig:
         _need(not (self.partial and (self.tools or self.environment or self.routing_replay)), "rollout.partial",
               "not with rollout.tools, rollout.environment or rollout.routing_replay yet (a continued request would "
               "split a tool or environment turn or the routing record)")
-        _need(not ((self.tools or self.environment) and self.routing_replay), "rollout.tools",
-              "not supported with rollout.routing_replay (the engine records routing per request, a multi-turn "
-              "response is several requests)")
 
 
 @dataclasses.dataclass

@@ -40,7 +40,8 @@ from megatron_hapo.config import Config, ConfigError, OptimConfig
     (("rollout.environment=guess", "rollout.environment_settings.max_guesess=3"),
      "rollout.environment_settings: 'guess' does not take \\['max_guesess'\\]"),
     ("rollout.environment_settings.size=3", "rollout.environment_settings: set without rollout.environment"),
-    (("rollout.environment=guess", "rollout.routing_replay=true"), "rollout.tools: not supported with rollout.routing_replay"),
+    (("rollout.environment=guess", "rollout.routing_replay=true", "rollout.placement=separate", "rollout.engine_ranks=1",
+      "rollout.max_staleness=1", "rollout.partial=true"), "rollout.partial: not with rollout.tools, rollout.environment"),
     ("reward.type=environment", "reward.type=environment: the run has no rollout.environment"),
     ("data.train=guess", "data.train=guess is the environment task: set rollout.environment=guess"),
 ])
@@ -53,8 +54,7 @@ def test_tool_settings_take_lists_from_yaml_or_the_command_line():
     assert Config.load(None, ["rollout.tools=python"]).rollout.tools == ["python"]
     assert Config.load(None, ["rollout.tools=[python]"]).rollout.tools == ["python"]
     assert Config.load(None, ["rollout.tools=[]"]).rollout.tools == []
-    with pytest.raises(ConfigError, match="rollout.tools: not supported with rollout.routing_replay"):
-        Config.load(None, ["rollout.tools=python", "rollout.routing_replay=true"])
+    assert Config.load(None, ["rollout.tools=python", "rollout.routing_replay=true"]).rollout.routing_replay  # turns merged
 
 
 def test_values_take_their_fields_type():

@@ -497,12 +497,76 @@ def replay_worker(rank, world, tmp):
             stale_routing_mismatch=stale,
             stale_logp_own_vs_replayed=(new_own[:, :-1] - new_replayed[:, :-1]).abs()[m].max().item())
         engine.update_weights(list(unfuse_hf_experts(hf.float().state_dict()).items()))  # untouched for the next layout
+    engine.close()
+    out["multi_turn"] = multi_turn_replay(f"{tmp}/guess")
     ps.destroy_model_parallel()
     return out
 
 
+def multi_turn_replay(tmp):
+    """Routing replay over multi-turn trajectories (the guess environment; random weights, turns ending on
+    a digit or EOS): the trajectory's record covers prompt + response − 1 positions, keeps the first
+    turn's record as it was, and replays to the trainer's own routes with the engine's log-probs."""
+    import numpy as np
+
+    from megatron_hapo.algorithms import AlgorithmConfig
+    from megatron_hapo.data import guess
+    from megatron_hapo.models.hf_config import ModelSpec
+    from megatron_hapo.rollout.engine import RolloutEngine, SamplingConfig
+    from megatron_hapo.rollout.env_api import Episodes
+    from megatron_hapo.rollout.tools import MultiTurnEngine, TextFormat
+    from megatron_hapo.training.policy import MegatronPolicy, PolicyBatch, PolicyConfig
+
+    from .tiny_models import hf_model
+
+    hf = hf_model("qwen3_moe", vocab_size=guess.VOCAB, max_position_embeddings=64)
+    hf.save_pretrained(tmp)
+    tok = guess.build_tokenizer(tmp)
+    base = RolloutEngine(tmp, max_model_len=64, kv_cache_memory_bytes=32 * 2**20, seed=0, record_routing=True)
+    engine = MultiTurnEngine(base, TextFormat(tok), None, guess.MAX_TURNS, 4, env=Episodes("guess", {}, 5.0, 2))
+    rows = guess.rows("train")[:4]
+    prompts = [tok(r["prompt"])["input_ids"] for r in rows]
+    stops = (tok.eos_token_id,) + tuple(tok.convert_tokens_to_ids(str(d)) for d in range(10))
+    sampling = SamplingConfig(max_tokens=24, stop_token_ids=stops)
+    res = [r for rs in engine.generate(prompts, 2, sampling, None, seeds=[5, 6, 7, 8], rows=rows) for r in rs]
+    first = [r for rs in base.generate(prompts, 2, sampling, None, seeds=[5, 6, 7, 8]) for r in rs]  # each one's first turn
+    policy = MegatronPolicy(ModelSpec.from_hf(hf.config), PolicyConfig(routing_replay=True, micro_batch_size=2, lr=1e-3,
+                                                                       lr_warmup_steps=0), AlgorithmConfig.preset("dapo"))
+    policy.load_hf_state_dict(hf.state_dict())
+    rows_ = [(prompts[k // 2], r) for k, r in enumerate(res)]
+    width = max(len(p) + len(r.token_ids) for p, r in rows_) + 1
+    layers, _, k = res[0].routing.shape
+    ids = torch.zeros(len(res), width, dtype=torch.long)
+    mask = torch.zeros(len(res), width, dtype=torch.bool)
+    routing = torch.full((len(res), width, layers, k), -1, dtype=torch.int16)
+    engine_lp = torch.zeros(len(res), width)
+    shapes, kept = [], []
+    for i, ((p, r), f) in enumerate(zip(rows_, first)):
+        seq = p + r.token_ids
+        ids[i, :len(seq)] = torch.tensor(seq)
+        model = torch.tensor(r.model_mask)
+        mask[i, len(p) - 1:len(seq) - 1] = model
+        engine_lp[i, len(p) - 1:len(seq) - 1][model] = torch.tensor(r.logprobs_t1)[model]
+        routing[i, :len(seq) - 1] = torch.from_numpy(r.routing).permute(1, 0, 2)
+        shapes.append(r.routing.shape[1] == len(seq) - 1)
+        kept.append(bool(np.array_equal(r.routing[:, :f.routing.shape[1]], f.routing)) and f.token_ids == r.token_ids[:len(f.token_ids)])
+    replayed, _ = policy.compute_logprobs(PolicyBatch(ids, mask, routing=routing))
+    mismatch = policy.take_routing_mismatch()
+    m = mask[:, :-1]
+    engine.close()
+    return {"turns": [r.tools[-1] for r in res], "shapes": shapes, "first_turn_kept": kept, "mismatch": mismatch,
+            "engine_vs_replayed": (replayed[:, :-1] - engine_lp[:, :-1]).abs()[m].max().item()}
+
+
 def test_routing_replay_records_the_engines_experts_and_replays_them(tmp_path):
+    """Single-turn: the engine's records are the trainer's routes; replayed experts are what routes; a
+    stale record differs. Multi-turn (an environment's replies between the model's turns): one record per
+    trajectory, each position's as first computed, replayed to the same routes and log-probs."""
     out = run_ranks(1, replay_worker, str(tmp_path), timeout=600)[0]
+    mt = out.pop("multi_turn")
+    print(f"routing replay, multi-turn: {mt}")
+    assert max(mt["turns"]) > 1 and all(mt["shapes"]) and all(mt["first_turn_kept"]), mt
+    assert mt["mismatch"] == 0.0 and mt["engine_vs_replayed"] < 1e-4, mt
     for pack, r in out.items():
         print(f"routing replay (pack {pack}): {r}")
         assert r["engine_vs_own"] < 1e-4 and r["engine_vs_replayed"] < 1e-4, r  # the same routes: the same numbers

@@ -435,6 +435,7 @@ class _Trajectory:
         self.calls = self.errors = self.timeouts = self.turns = 0
         self.answer_start, self.error, self.last_turn = 0, first.error, []
         self.episode, self.env_over = None, False  # environment: this trajectory's episode; it has ended
+        self.routing = None  # routing replay: experts [layers, positions fed so far, k], each as first computed
         self.add_model(first)
 
     @property
@@ -458,6 +459,22 @@ class _Trajectory:
             v += list(getattr(r, k))
         self.last_turn, self.finish_reason = list(r.token_ids), r.finish_reason
         self.error = self.error or r.error
+        self._add_routing(getattr(r, "routing", None))
+
+    def _add_routing(self, record) -> None:
+        """Routing replay: a turn's request records every position it fed (the whole context, the prefix
+        cache being off); the positions an earlier turn recorded keep that record (each sampled token's
+        experts are the ones it was sampled with), the new ones (the tool or environment tokens and this
+        turn's) come from this one. A turn without a record (a failed request) leaves none for the response."""
+        if record is None or (self.routing is None and self.turns > 1):
+            self.routing = None
+            return
+        if self.routing is None:
+            self.routing = record
+            return
+        import numpy as np
+
+        self.routing = np.concatenate([self.routing, record[:, self.routing.shape[1]:]], axis=1)
 
     def ended_on_stop(self) -> bool:
         return not self.error and self.finish_reason == "stop" and bool(self.last_turn)
@@ -478,7 +495,8 @@ class _Trajectory:
         return cls(self.i, self.j, self.ids, *(self.records[k] for k in ("temperatures", "entropies", "logprobs", "logprobs_t1")),
                    self.finish_reason, error=self.error, model_mask=list(self.mask), answer_start=self.answer_start,
                    tools=(self.calls, self.errors, self.timeouts, self.turns) if tools else (self.turns,),
-                   env=env.result(self.episode) if env is not None and self.episode is not None else None)
+                   env=env.result(self.episode) if env is not None and self.episode is not None else None,
+                   routing=self.routing)
 
 
 def tools_for_run(cfg, engine, tokenizer, limits: SandboxLimits):
