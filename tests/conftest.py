@@ -19,7 +19,7 @@ if os.environ.get("MEGATRON_HAPO_TEST_SPAWN") != "1":
 # The slowest files first (seconds alone, measured): under `make test`'s two workers (pytest-xdist, one file
 # per worker at a time, in collection order) they start at once instead of ending the run one after the other.
 SLOW_FILES = {"test_crash_resume.py": 480, "test_trainer.py": 420, "test_async.py": 400, "test_gpu_path.py": 280,
-              "test_moe.py": 150, "test_checkpoint.py": 110, "test_tools.py": 90, "test_multinode.py": 70,
+              "test_moe.py": 150, "test_checkpoint.py": 110, "test_tools.py": 90, "test_multinode.py": 130,
               "test_policy_layouts.py": 60, "test_reward_failures.py": 45}
 
 

@@ -94,6 +94,10 @@ def init_roles(engine_ranks: int, timeout_s: int = 1800, control_timeout_s: int 
     dev.set_current()
     store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world,
                                        timeout=datetime.timedelta(seconds=timeout_s)))
+    # torchrun --max-restarts: the agent's store outlives an attempt, with the addresses the dead attempt's
+    # groups published; each attempt's groups live under their own prefix, or the restarted ranks would
+    # connect to those
+    store = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
     trainers = world - engine_ranks
     role = "trainer" if rank < trainers else "engine"
     role_rank, role_world = (rank, trainers) if role == "trainer" else (rank - trainers, engine_ranks)
