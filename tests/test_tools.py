@@ -540,6 +540,13 @@ def test_environment_replies_are_plain_text_turns(byte_tokenizer, tmp_path):
         assert f"12{h}34" in tok.decode(ids, skip_special_tokens=False), h
     cut = tok.decode(fmt.reply_ids("x" * 100, 8, "<|im_end|>"))
     assert "x" * 100 not in cut and "…" in cut
+    # the prompt is the environment's first message, rendered with the run's tools listed
+    from megatron_hapo.data.datasets import DataOptions, Renderer
+    from megatron_hapo.rollout.tool_api import schemas
+
+    opts = DataOptions(tools=schemas(["calculator"]), environment=("tests.user_tools:Echo", {}))
+    text, answer = Renderer(tok, opts).text({"level": 2, "answer": "x"})
+    assert "Level 2: say win." in text and '"name": "calculator"' in text and (answer.answer, answer.row["level"]) == ("x", 2)
     gtok = guess.build_tokenizer(str(tmp_path))
     tags = TextFormat(gtok)  # the task's template marks no turns: the result tags
     assert tags.kind == "tags"

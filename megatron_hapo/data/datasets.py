@@ -150,10 +150,14 @@ class Renderer:
             raise BadRow("empty answer")
         if not isinstance(answer, (str, dict, list)):
             raise BadRow(f"answer of type {type(answer).__name__}")
+        return self._render(messages, answer, isinstance(row[self.opts.prompt_key], str))
+
+    def _render(self, messages: List[Dict[str, str]], answer, one_string: bool) -> Tuple[str, Any]:
+        """The prompt's text: the chat template (with the run's tools), or the one string prompt as it is."""
         if self.opts.apply_chat_template:
             extra = {"tools": self.opts.tools} if self.opts.tools else {}
             return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra), answer
-        if len(messages) != 1 or not isinstance(row[self.opts.prompt_key], str):
+        if len(messages) != 1 or not one_string:
             raise BadRow("chat messages need data.apply_chat_template=true")
         return messages[0]["content"], answer
 
@@ -168,10 +172,7 @@ class Renderer:
             answer = _answer(row, self.opts.answer_key)
         except BadRow:
             answer = None
-        if self.opts.apply_chat_template:
-            return self.tok.apply_chat_template([{"role": "user", "content": first}], tokenize=False,
-                                                add_generation_prompt=True), _WithRow(answer, row)
-        return first, _WithRow(answer, row)
+        return self._render([{"role": "user", "content": first}], _WithRow(answer, row), True)
 
     def _encode(self, texts: List[str]) -> List[List[int]]:
         """Token ids of each text: a chat-rendered prompt holds its special tokens already; raw text gets

@@ -327,11 +327,11 @@ class RolloutCollector:
         if not self.layout.engine_leader:
             return []
         flat = [x for responses in outs for x in responses]
-        texts = self.decode([x.token_ids[getattr(x, 'answer_start', 0):] for x in flat])  # multi-turn: the model's last turn
         stop.mark("scoring")
         if self.reward_name == "environment":  # each episode's own reward (rollout/env_api.py)
             results = [x.env or RewardResult(self.failure_reward, "no environment result", status="error") for x in flat]
         else:
+            texts = self.decode([x.token_ids[getattr(x, 'answer_start', 0):] for x in flat])  # multi-turn: the last turn
             try:
                 results = self.rewards.score(texts, [g for g, responses in zip(truths, outs) for _ in responses])
             except RewardWorkersError as exc:  # a re-spawn failed: every response errors, and the check stops the run
@@ -356,13 +356,14 @@ class RolloutCollector:
         if not errors or errors < limit * len(statuses):
             return
         first = next((g.first_error for g in groups if g.first_error), "(no reason recorded)")
-        check = ("Check the environment's reset(row) and step(turn) by hand (megatron_hapo.rollout.env_api.make(...))"
-                 if self.reward_name == "environment" else
-                 f"Check reward.type={self.reward_name!r} on one response by hand "
-                 f"(megatron_hapo.rewards.build_verifier(...).score(text, answer))")
-        raise RuntimeError(f"reward: the {'environment' if self.reward_name == 'environment' else 'verifier'} failed "
-                           f"on {errors} of {len(statuses)} responses of a batch (reward.max_error_fraction={limit:g}); "
-                           f"the first error:\n    {first}\n{check}.")
+        if self.reward_name == "environment":
+            what, check = "environment", ("Check the environment's reset(row) and step(turn) by hand "
+                                          "(megatron_hapo.rollout.env_api.make(...))")
+        else:
+            what, check = "verifier", (f"Check reward.type={self.reward_name!r} on one response by hand "
+                                       f"(megatron_hapo.rewards.build_verifier(...).score(text, answer))")
+        raise RuntimeError(f"reward: the {what} failed on {errors} of {len(statuses)} responses of a batch "
+                           f"(reward.max_error_fraction={limit:g}); the first error:\n    {first}\n{check}.")
 
     # ---- a training step's rollouts ---------------------------------------------------------------
 

@@ -141,11 +141,17 @@ class TextFormat:
         """The tokens after a model turn that an environment answered: its reply as plain text, cut to
         max_tokens (marked), as the template's next user turn up to the assistant header (turn_end: the
         text of the model's last token, which the context holds already) or between the result tags."""
-        ids = self.plain_ids(text)
-        if len(ids) > max_tokens:
-            ids = ids[:max_tokens] + self.plain_ids(TRUNCATED)
         before, after = (self.result_open, self.result_close) if self.kind == "tags" else self._user_turn(turn_end)
-        return self._enc(before) + ids + self._enc(after)
+        return self._enc(before) + self._body_ids(text, max_tokens) + self._enc(after)
+
+    def _body_ids(self, text: str, max_tokens: int, error: Optional[str] = None) -> List[int]:
+        """`text` as plain text cut to max_tokens (marked), then the error, if any, whatever the cut: the
+        text gives way to it (the error itself cut to max_tokens, its start "Error:" first)."""
+        err = self.error_ids(error, "\n" if text else "")[:max_tokens] if error else []
+        ids, room = self.plain_ids(text), max(0, max_tokens - len(err))
+        if len(ids) > room:
+            ids = ids[:room] + self.plain_ids(TRUNCATED)
+        return ids + err
 
     def _user_turn(self, turn_end: str) -> Tuple[str, str]:
         """(head, tail) of the template's user turn after an assistant turn: [user, assistant, user]
@@ -160,9 +166,7 @@ class TextFormat:
             except Exception:  # noqa: BLE001 - no template, or one without these roles (jinja's own errors)
                 self._turns["user"] = ("", "")
         head, tail = self._turns["user"]
-        if turn_end and head.startswith(turn_end):
-            head = head[len(turn_end):]
-        return head, tail
+        return head.removeprefix(turn_end), tail
 
 
 class ToolCallFormat(TextFormat):
@@ -265,14 +269,7 @@ class ToolCallFormat(TextFormat):
         after it the error, if any, whatever the cut: the output gives way to it (the error itself is
         cut to max_tokens, its start "Error:" first)."""
         before, after = (self.result_open, self.result_close) if self.kind == "tags" else self._around(1, "")[::2]
-        return self._enc(before) + self._body_ids(ToolResult(output, "", error), max_tokens) + self._enc(after)
-
-    def _body_ids(self, res: "ToolResult", max_tokens: int) -> List[int]:
-        err = self.error_ids(res.error, "\n" if res.text else "")[:max_tokens] if res.error else []
-        ids, room = self.plain_ids(res.text), max(0, max_tokens - len(err))
-        if len(ids) > room:
-            ids = ids[:room] + self.plain_ids(TRUNCATED)
-        return ids + err
+        return self._enc(before) + self._body_ids(output, max_tokens, error) + self._enc(after)
 
     def turn_ids(self, results: Sequence["ToolResult"], max_tokens: int, turn_end: str = "") -> List[int]:
         """The tokens after a model turn that called tools: each result (`result_ids`' rules, max_tokens
@@ -284,7 +281,7 @@ class ToolCallFormat(TextFormat):
         head, sep, tail = self._around(len(results), turn_end)
         ids = self._enc(head)
         for k, res in enumerate(results):
-            ids += (self._enc(sep) if k else []) + self._body_ids(res, max_tokens)
+            ids += (self._enc(sep) if k else []) + self._body_ids(res.text, max_tokens, res.error)
         return ids + self._enc(tail)
 
     def _around(self, n: int, turn_end: str) -> Tuple[str, str, str]:
@@ -303,9 +300,7 @@ class ToolCallFormat(TextFormat):
             sep = text[at[0] + len(marks[0]):at[1]] if n > 1 else ""
             self._turns[n] = (head, sep, text[at[-1] + len(marks[-1]):])
         head, sep, tail = self._turns[n]
-        if turn_end and head.startswith(turn_end):
-            head = head[len(turn_end):]
-        return head, sep, tail
+        return head.removeprefix(turn_end), sep, tail
 
 
 @dataclasses.dataclass
